@@ -1,0 +1,350 @@
+//! Weight files: Hugging Face safetensors (single or sharded) and GGUF.
+//!
+//! The transformer asks for tensors by their canonical name, which is llama.cpp's GGUF naming
+//! (`token_embd`, `blk.{i}.attn_q`, ...). GGUF files need no translation; an HF checkpoint
+//! goes through its family's name table. Shapes are checked here so that a config that does
+//! not match its weights fails at load with the tensor's name.
+
+use crate::error::{ModelError, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A 2-D weight used as the right-hand side of a matmul: dense f32, or quantized blocks.
+#[derive(Clone)]
+pub enum Matrix {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+enum Source {
+    Safetensors {
+        files: candle_core::safetensors::MmapedSafetensors,
+        /// Canonical name pattern (without `.weight`/`.bias`) → checkpoint pattern.
+        names: HashMap<&'static str, &'static str>,
+    },
+    Gguf {
+        content: gguf_file::Content,
+        file: memmap2::Mmap,
+    },
+}
+
+pub struct WeightStore {
+    source: Source,
+    path: PathBuf,
+    device: Device,
+}
+
+/// Splits `blk.7.attn_q.weight` into (`blk.{i}.attn_q`, Some(7), `weight`).
+fn split_canonical(name: &str) -> (String, Option<usize>, &str) {
+    let (base, suffix) = name.rsplit_once('.').unwrap_or((name, ""));
+    let parts: Vec<&str> = base.split('.').collect();
+    if parts.len() >= 2 && parts[0] == "blk" {
+        if let Ok(i) = parts[1].parse::<usize>() {
+            let rest = parts[2..].join(".");
+            return (format!("blk.{{i}}.{rest}"), Some(i), suffix);
+        }
+    }
+    (base.to_string(), None, suffix)
+}
+
+impl WeightStore {
+    /// Memory-maps every safetensors file of an HF directory (the index file's shards, or all
+    /// `*.safetensors` files).
+    pub fn open_safetensors(
+        dir: &Path,
+        names: &'static [(&'static str, &'static str)],
+        device: &Device,
+    ) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let mut files: Vec<PathBuf> = Vec::new();
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::format(&index, format!("invalid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::format(&index, "missing \"weight_map\""))?;
+            for f in map.values() {
+                let f = f.as_str().ok_or_else(|| {
+                    ModelError::format(&index, "weight_map values must be strings")
+                })?;
+                let p = dir.join(f);
+                if !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+        } else {
+            let entries = std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))?;
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "safetensors") {
+                    files.push(p);
+                }
+            }
+            files.sort();
+        }
+        if files.is_empty() {
+            return Err(ModelError::format(
+                dir,
+                "no *.safetensors weight files found",
+            ));
+        }
+        for f in &files {
+            check_safetensors_header(f)?;
+        }
+        // SAFETY: the files are mapped read-only; a file truncated underneath a running
+        // process is outside what any mmap-based loader can defend against.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| ModelError::format(&files[0], e.to_string()))?;
+        Ok(Self {
+            source: Source::Safetensors {
+                files: st,
+                names: names.iter().copied().collect(),
+            },
+            path: dir.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    pub fn open_gguf(
+        path: &Path,
+        device: &Device,
+    ) -> Result<(Self, HashMap<String, gguf_file::Value>)> {
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: read-only mapping of a file we only read.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let mut cursor = std::io::Cursor::new(&mmap[..]);
+        let mut content = gguf_file::Content::read(&mut cursor)
+            .map_err(|e| ModelError::format(path, format!("not a valid GGUF file: {e}")))?;
+        let metadata = std::mem::take(&mut content.metadata);
+        // Every tensor must lie inside the file: catch truncation before any work starts.
+        let len = mmap.len() as u64;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let start = content.tensor_data_offset.saturating_add(info.offset);
+            if elems % block != 0 || start.saturating_add(bytes) > len {
+                return Err(ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    message: format!(
+                        "needs {bytes} bytes at offset {start} but the file has {len} bytes (truncated?)"
+                    ),
+                });
+            }
+        }
+        Ok((
+            Self {
+                source: Source::Gguf {
+                    content,
+                    file: mmap,
+                },
+                path: path.to_path_buf(),
+                device: device.clone(),
+            },
+            metadata,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, Source::Gguf { .. })
+    }
+
+    fn checkpoint_name(&self, canonical: &str) -> Option<String> {
+        match &self.source {
+            Source::Gguf { .. } => Some(canonical.to_string()),
+            Source::Safetensors { names, .. } => {
+                let (pattern, layer, suffix) = split_canonical(canonical);
+                let mapped = names.get(pattern.as_str())?;
+                let mapped = match layer {
+                    Some(i) => mapped.replace("{i}", &i.to_string()),
+                    None => mapped.to_string(),
+                };
+                Some(if suffix.is_empty() {
+                    mapped
+                } else {
+                    format!("{mapped}.{suffix}")
+                })
+            }
+        }
+    }
+
+    pub fn contains(&self, canonical: &str) -> bool {
+        let Some(name) = self.checkpoint_name(canonical) else {
+            return false;
+        };
+        match &self.source {
+            Source::Gguf { content, .. } => content.tensor_infos.contains_key(&name),
+            Source::Safetensors { files, .. } => files.get(&name).is_ok(),
+        }
+    }
+
+    fn err(&self, canonical: &str, message: impl Into<String>) -> ModelError {
+        ModelError::Tensor {
+            path: self.path.clone(),
+            name: self
+                .checkpoint_name(canonical)
+                .unwrap_or_else(|| canonical.to_string()),
+            message: message.into(),
+        }
+    }
+
+    fn check_shape(&self, canonical: &str, got: &[usize], want: &[usize]) -> Result<()> {
+        if got != want {
+            return Err(self.err(
+                canonical,
+                format!("has shape {got:?}, but the config implies {want:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn qtensor(&self, canonical: &str) -> Result<QTensor> {
+        let Source::Gguf { content, file } = &self.source else {
+            return Err(self.err(canonical, "is not in a GGUF file"));
+        };
+        let mut cursor = std::io::Cursor::new(&file[..]);
+        content
+            .tensor(&mut cursor, canonical, &self.device)
+            .map_err(|e| self.err(canonical, e.to_string()))
+    }
+
+    /// A float tensor converted to f32, with its shape checked.
+    pub fn dense(&self, canonical: &str, shape: &[usize]) -> Result<Tensor> {
+        let name = self
+            .checkpoint_name(canonical)
+            .ok_or_else(|| self.err(canonical, "has no name in this family's tensor map"))?;
+        let t = match &self.source {
+            Source::Safetensors { files, .. } => {
+                if files.get(&name).is_err() {
+                    return Err(self.err(canonical, "is missing from the checkpoint"));
+                }
+                files
+                    .load(&name, &self.device)
+                    .map_err(|e| self.err(canonical, e.to_string()))?
+            }
+            Source::Gguf { content, .. } => {
+                if !content.tensor_infos.contains_key(&name) {
+                    return Err(self.err(canonical, "is missing from the checkpoint"));
+                }
+                self.qtensor(canonical)?.dequantize(&self.device)?
+            }
+        };
+        self.check_shape(canonical, t.dims(), shape)?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    pub fn optional_dense(&self, canonical: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(canonical) {
+            self.dense(canonical, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A matmul weight `[out, in]`: quantized GGUF blocks stay quantized, floats become f32.
+    pub fn matrix(&self, canonical: &str, shape: &[usize]) -> Result<Matrix> {
+        if let Source::Gguf { content, .. } = &self.source {
+            if let Some(info) = content.tensor_infos.get(canonical) {
+                if !matches!(
+                    info.ggml_dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) {
+                    let q = self.qtensor(canonical)?;
+                    self.check_shape(canonical, q.shape().dims(), shape)?;
+                    return Ok(Matrix::Quantized(Arc::new(q)));
+                }
+            }
+        }
+        self.dense(canonical, shape).map(Matrix::Dense)
+    }
+}
+
+impl Matrix {
+    pub fn out_dim(&self) -> usize {
+        match self {
+            Matrix::Dense(t) => t.dims()[0],
+            Matrix::Quantized(q) => q.shape().dims()[0],
+        }
+    }
+
+    pub fn to_qmatmul(&self) -> Result<QMatMul> {
+        Ok(match self {
+            Matrix::Dense(t) => QMatMul::Tensor(t.clone()),
+            Matrix::Quantized(q) => QMatMul::from_arc(q.clone())?,
+        })
+    }
+
+    /// Rows `[start, start+len)` as a dense f32 tensor (used to split fused projections).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Matrix> {
+        match self {
+            Matrix::Dense(t) => Ok(Matrix::Dense(t.narrow(0, start, len)?.contiguous()?)),
+            Matrix::Quantized(q) => Ok(Matrix::Dense(
+                q.dequantize(&q.device())?
+                    .narrow(0, start, len)?
+                    .contiguous()?,
+            )),
+        }
+    }
+}
+
+/// Reads a safetensors header and checks every tensor's byte range against the file size, so a
+/// truncated download is reported with its file name instead of failing later.
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let len = f.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| ModelError::format(path, "truncated safetensors file (no header)"))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > 100_000_000 || 8 + header_len > len {
+        return Err(ModelError::format(
+            path,
+            format!("safetensors header claims {header_len} bytes but the file has {len} (truncated or not safetensors)"),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| ModelError::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| ModelError::format(path, format!("safetensors header is not JSON: {e}")))?;
+    let data_len = len - 8 - header_len;
+    if let Some(obj) = json.as_object() {
+        for (name, info) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let end = info
+                .get("data_offsets")
+                .and_then(|o| o.get(1))
+                .and_then(|e| e.as_u64())
+                .ok_or_else(|| {
+                    ModelError::format(path, format!("tensor \"{name}\" has no data_offsets"))
+                })?;
+            if end > data_len {
+                return Err(ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    message: format!(
+                        "ends at byte {end} of the data section, but the file holds only {data_len} (truncated?)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The family registry. A family is data: how to read its `config.json` (and GGUF metadata)
+//! into an [`ArchSpec`], and how its checkpoint names its tensors. The README's
+//! supported-models table is generated from [`FAMILIES`].
+
+use crate::config::HfConfig;
+use crate::error::{ModelError, Result};
+use crate::spec::{ArchSpec, RopeScaling};
+use candle_core::quantized::gguf_file::Value;
+use std::collections::HashMap;
+use std::path::Path;
+
+mod baichuan;
+mod llama;
+mod mistral;
+mod qwen2;
+
+pub type GgufMeta = HashMap<String, Value>;
+
+pub struct Family {
+    /// Registry name, also written into [`ArchSpec::family`].
+    pub name: &'static str,
+    /// How people know it, for the README table.
+    pub title: &'static str,
+    /// Checkpoints of this family people have.
+    pub checkpoints: &'static str,
+    /// `model_type` values in `config.json`.
+    pub model_types: &'static [&'static str],
+    /// `general.architecture` values in GGUF files.
+    pub gguf_archs: &'static [&'static str],
+    pub from_config: fn(&HfConfig) -> Result<ArchSpec>,
+    pub from_gguf: Option<fn(&GgufReader) -> Result<ArchSpec>>,
+    /// Canonical (GGUF-style) tensor name → the name in HF checkpoints, without the
+    /// `.weight` / `.bias` suffix; `{i}` is the layer index.
+    pub hf_tensor_names: &'static [(&'static str, &'static str)],
+}
+
+pub static FAMILIES: &[&Family] = &[
+    &llama::LLAMA,
+    &mistral::MISTRAL,
+    &qwen2::QWEN2,
+    &baichuan::BAICHUAN,
+];
+
+pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.model_types.contains(&model_type))
+}
+
+pub fn by_gguf_arch(arch: &str) -> Option<&'static Family> {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.gguf_archs.contains(&arch))
+}
+
+pub fn known_model_types() -> String {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.model_types.iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The tensor names of LLaMA-layout checkpoints, shared by the families that kept them.
+pub const LLAMA_TENSOR_NAMES: &[(&str, &str)] = &[
+    ("token_embd", "model.embed_tokens"),
+    ("blk.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
+    ("blk.{i}.attn_q", "model.layers.{i}.self_attn.q_proj"),
+    ("blk.{i}.attn_k", "model.layers.{i}.self_attn.k_proj"),
+    ("blk.{i}.attn_v", "model.layers.{i}.self_attn.v_proj"),
+    ("blk.{i}.attn_output", "model.layers.{i}.self_attn.o_proj"),
+    (
+        "blk.{i}.ffn_norm",
+        "model.layers.{i}.post_attention_layernorm",
+    ),
+    ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj"),
+    ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj"),
+    ("blk.{i}.ffn_down", "model.layers.{i}.mlp.down_proj"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// The shared reading of a LLaMA-style `config.json` (LLaMA, Mistral, Qwen2 and their kin).
+pub fn llama_style_config(cfg: &HfConfig, family: &str) -> Result<ArchSpec> {
+    let mut s = ArchSpec::llama_like(family);
+    s.vocab_size = cfg.usize("vocab_size")?;
+    s.hidden = cfg.usize("hidden_size")?;
+    s.layers = cfg.usize("num_hidden_layers")?;
+    s.mlp.hidden = cfg.usize("intermediate_size")?;
+    s.max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+    s.norm.eps = cfg.f64_or("rms_norm_eps", 1e-6)?;
+    let a = &mut s.attention;
+    a.heads = cfg.usize("num_attention_heads")?;
+    a.kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(a.heads);
+    if a.heads == 0 || s.hidden % a.heads != 0 && cfg.get("head_dim").is_none() {
+        return Err(cfg.err(format!(
+            "hidden_size {} is not divisible by num_attention_heads {}",
+            s.hidden, a.heads
+        )));
+    }
+    a.head_dim = cfg.opt_usize("head_dim")?.unwrap_or(s.hidden / a.heads);
+    a.qkv_bias = cfg.bool_or("attention_bias", false)?;
+    a.out_bias = a.qkv_bias;
+    s.mlp.bias = cfg.bool_or("mlp_bias", false)?;
+    s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
+    let act = cfg.opt_str("hidden_act").unwrap_or("silu");
+    if act != "silu" && act != "swish" {
+        return Err(cfg.err(format!(
+            "hidden_act \"{act}\" is not supported for a gated LLaMA-style MLP (expected silu)"
+        )));
+    }
+    if let crate::spec::Positions::Rotary(r) = &mut s.positions {
+        r.theta = match cfg.opt_f64("rope_theta")? {
+            Some(t) => t,
+            None => cfg
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0),
+        };
+        r.fraction = cfg.f64_or("partial_rotary_factor", 1.0)?;
+        r.scaling = rope_scaling(cfg, s.max_positions)?;
+        // Dynamic NTK exists to run past the trained length: the window grows by its factor.
+        if let RopeScaling::DynamicNtk { factor, .. } = r.scaling {
+            s.max_positions = (s.max_positions as f64 * factor.max(1.0)) as usize;
+        }
+    }
+    Ok(s)
+}
+
+/// Reads `rope_scaling` (or transformers 5's `rope_parameters`) into a [`RopeScaling`].
+pub fn rope_scaling(cfg: &HfConfig, max_positions: usize) -> Result<RopeScaling> {
+    let Some(rs) = cfg
+        .get("rope_scaling")
+        .or_else(|| cfg.get("rope_parameters"))
+    else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = rs
+        .get("rope_type")
+        .or_else(|| rs.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| rs.get(k).and_then(|v| v.as_f64());
+    let factor = || {
+        num("factor").ok_or_else(|| cfg.err(format!("rope scaling \"{kind}\" needs \"factor\"")))
+    };
+    let original = num("original_max_position_embeddings")
+        .map(|v| v as usize)
+        .unwrap_or(max_positions);
+    Ok(match kind {
+        "default" | "none" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "dynamic" => RopeScaling::DynamicNtk {
+            factor: factor()?,
+            max_positions: original,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: factor()?,
+            low_freq_factor: num("low_freq_factor").unwrap_or(1.0),
+            high_freq_factor: num("high_freq_factor").unwrap_or(4.0),
+            original_max_positions: original,
+        },
+        "yarn" => {
+            let mut attention_factor = num("attention_factor");
+            if attention_factor.is_none() {
+                if let (Some(m), Some(mad)) = (num("mscale"), num("mscale_all_dim")) {
+                    let f = factor()?;
+                    let get = |scale: f64, m: f64| {
+                        if scale <= 1.0 {
+                            1.0
+                        } else {
+                            0.1 * m * scale.ln() + 1.0
+                        }
+                    };
+                    attention_factor = Some(get(f, m) / get(f, mad));
+                }
+            }
+            RopeScaling::Yarn {
+                factor: factor()?,
+                original_max_positions: original,
+                beta_fast: num("beta_fast").unwrap_or(32.0),
+                beta_slow: num("beta_slow").unwrap_or(1.0),
+                attention_factor,
+                truncate: rs.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
+            }
+        }
+        other => {
+            return Err(cfg.err(format!(
+                "rope scaling type \"{other}\" is not supported (linear, dynamic, llama3, yarn are)"
+            )))
+        }
+    })
+}
+
+/// Typed access to GGUF metadata with errors naming the file and key.
+pub struct GgufReader<'a> {
+    pub meta: &'a GgufMeta,
+    pub path: &'a Path,
+    pub arch: String,
+}
+
+impl<'a> GgufReader<'a> {
+    pub fn new(meta: &'a GgufMeta, path: &'a Path) -> Result<Self> {
+        let arch = meta
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| ModelError::format(path, "GGUF metadata has no general.architecture"))?;
+        Ok(Self { meta, path, arch })
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    pub fn opt_u64(&self, k: &str) -> Option<u64> {
+        self.meta.get(&self.key(k)).and_then(|v| {
+            v.to_u64()
+                .ok()
+                .or_else(|| v.to_u32().ok().map(u64::from))
+                .or_else(|| v.to_i32().ok().map(|x| x as u64))
+        })
+    }
+
+    pub fn u64(&self, k: &str) -> Result<u64> {
+        self.opt_u64(k).ok_or_else(|| {
+            ModelError::format(self.path, format!("GGUF metadata lacks {}", self.key(k)))
+        })
+    }
+
+    pub fn opt_f64(&self, k: &str) -> Option<f64> {
+        self.meta
+            .get(&self.key(k))
+            .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+    }
+
+    pub fn opt_str(&self, k: &str) -> Option<&str> {
+        self.meta
+            .get(&self.key(k))
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+    }
+
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.opt_u64("vocab_size").map(|v| v as usize).or_else(|| {
+            self.meta
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok())
+                .map(Vec::len)
+        })
+    }
+}
+
+/// The shared reading of llama.cpp's metadata keys for LLaMA-style architectures. llama.cpp
+/// stores LLaMA's q/k rows permuted for pair-wise (interleaved) rotary, which the spec records.
+pub fn llama_style_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
+    let mut s = ArchSpec::llama_like(family);
+    s.hidden = g.u64("embedding_length")? as usize;
+    s.layers = g.u64("block_count")? as usize;
+    s.mlp.hidden = g.u64("feed_forward_length")? as usize;
+    s.max_positions = g.opt_u64("context_length").unwrap_or(2048) as usize;
+    s.norm.eps = g
+        .opt_f64("attention.layer_norm_rms_epsilon")
+        .unwrap_or(1e-5);
+    s.vocab_size = g
+        .vocab_size()
+        .ok_or_else(|| ModelError::format(g.path, "GGUF metadata gives no vocabulary size"))?;
+    let a = &mut s.attention;
+    a.heads = g.u64("attention.head_count")? as usize;
+    a.kv_heads = g
+        .opt_u64("attention.head_count_kv")
+        .unwrap_or(a.heads as u64) as usize;
+    if a.heads == 0 {
+        return Err(ModelError::format(g.path, "attention.head_count is 0"));
+    }
+    a.head_dim = g
+        .opt_u64("attention.key_length")
+        .map(|v| v as usize)
+        .unwrap_or(s.hidden / a.heads);
+    a.sliding_window = g.opt_u64("attention.sliding_window").map(|v| v as usize);
+    if let crate::spec::Positions::Rotary(r) = &mut s.positions {
+        r.theta = g.opt_f64("rope.freq_base").unwrap_or(10000.0);
+        r.interleaved = true;
+        if let Some(d) = g.opt_u64("rope.dimension_count") {
+            r.fraction = d as f64 / a.head_dim as f64;
+        }
+        let factor = g.opt_f64("rope.scaling.factor");
+        r.scaling = match (g.opt_str("rope.scaling.type"), factor) {
+            (Some("linear"), Some(f)) => RopeScaling::Linear { factor: f },
+            (Some("yarn"), Some(f)) => RopeScaling::Yarn {
+                factor: f,
+                original_max_positions: g
+                    .opt_u64("rope.scaling.original_context_length")
+                    .unwrap_or(s.max_positions as u64)
+                    as usize,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: None,
+                truncate: true,
+            },
+            (None | Some("none"), _) => RopeScaling::None,
+            (Some(other), _) => {
+                return Err(ModelError::format(
+                    g.path,
+                    format!("GGUF rope scaling \"{other}\" is not supported"),
+                ))
+            }
+        };
+    }
+    Ok(s)
+}

@@ -1,0 +1,245 @@
+//! Loading a whole model from disk: an HF directory or one GGUF file becomes a [`Model`]
+//! (spec + transformer + tokenizer + chat template + stop ids).
+
+use crate::chat_template::ChatTemplate;
+use crate::checkpoint::WeightStore;
+use crate::config::HfConfig;
+use crate::error::{ModelError, Result};
+use crate::families::{self, GgufReader};
+use crate::tokenizer::Tokenizer;
+use crate::transformer::Transformer;
+use candle_core::Device;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub struct Model {
+    pub name: String,
+    pub path: PathBuf,
+    pub transformer: Transformer,
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: ChatTemplate,
+    /// Ids that end generation (the tokenizer's EOS plus the generation config's).
+    pub eos_ids: Vec<u32>,
+}
+
+impl Model {
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            load_hf_dir(path, device)
+        } else if path.is_file() {
+            load_gguf(path, device)
+        } else {
+            Err(ModelError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ))
+        }
+    }
+
+    pub fn spec(&self) -> &crate::spec::ArchSpec {
+        self.transformer.spec()
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            ModelError::tokenizer(
+                &self.path,
+                "the model has no tokenizer (no tokenizer.json, tokenizer.model or GGUF vocabulary); pass token ids instead",
+            )
+        })
+    }
+}
+
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn ids_of(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))
+}
+
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(ModelError::config(
+            dir,
+            "not a model directory: config.json is missing",
+        ));
+    }
+    let cfg = HfConfig::read(&config_path)?;
+    let model_type = cfg
+        .model_type()
+        .ok_or_else(|| cfg.err("missing \"model_type\""))?
+        .to_string();
+    let family = families::by_model_type(&model_type).ok_or_else(|| ModelError::UnknownFamily {
+        path: config_path.clone(),
+        model_type: model_type.clone(),
+        known: families::known_model_types(),
+    })?;
+    let spec = (family.from_config)(&cfg)?;
+    let store = WeightStore::open_safetensors(dir, family.hf_tensor_names, device)?;
+    let transformer = Transformer::load(spec, &store)?;
+
+    let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
+    let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?;
+    let mut tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_hf_file(&dir.join("tokenizer.json"))?)
+    } else if dir.join("tokenizer.model").exists() {
+        Some(Tokenizer::from_sentencepiece_file(
+            &dir.join("tokenizer.model"),
+        )?)
+    } else {
+        None
+    };
+
+    let tc = tok_cfg.as_ref();
+    let bos_text = token_text(tc.and_then(|t| t.get("bos_token")));
+    let eos_text = token_text(tc.and_then(|t| t.get("eos_token")));
+    let mut eos_ids = ids_of(gen_cfg.as_ref().and_then(|g| g.get("eos_token_id")));
+    eos_ids.extend(ids_of(cfg.get("eos_token_id")));
+    if let Some(tok) = tokenizer.as_mut() {
+        let bos = bos_text
+            .as_deref()
+            .and_then(|t| tok.token_to_id(t))
+            .or(tok.bos_id);
+        if let Some(e) = eos_text.as_deref().and_then(|t| tok.token_to_id(t)) {
+            eos_ids.push(e);
+        }
+        eos_ids.extend(tok.eos_ids.iter().copied());
+        let add_bos = tc
+            .and_then(|t| t.get("add_bos_token"))
+            .and_then(Value::as_bool)
+            .unwrap_or(tok.add_bos);
+        let eos = dedup(eos_ids.clone());
+        tok.set_special(bos, eos, add_bos);
+    }
+    let template_src = tc
+        .and_then(|t| t.get("chat_template"))
+        .and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            // Newer files list named templates; "default" is the chat one.
+            Value::Array(list) => list
+                .iter()
+                .find(|e| e.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|e| e.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        });
+    let template_src = match template_src {
+        Some(s) => Some(s),
+        None => {
+            let jinja = dir.join("chat_template.jinja");
+            if jinja.exists() {
+                Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
+            } else {
+                None
+            }
+        }
+    };
+    let chat_template = ChatTemplate::new(
+        template_src,
+        bos_text.as_deref().unwrap_or(""),
+        eos_text.as_deref().unwrap_or(""),
+    )?;
+    Ok(Model {
+        name: display_name(dir),
+        path: dir.to_path_buf(),
+        transformer,
+        tokenizer,
+        chat_template,
+        eos_ids: dedup(eos_ids),
+    })
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<Model> {
+    let (store, meta) = WeightStore::open_gguf(path, device)?;
+    let reader = GgufReader::new(&meta, path)?;
+    let family = families::by_gguf_arch(&reader.arch)
+        .filter(|f| f.from_gguf.is_some())
+        .ok_or_else(|| ModelError::UnknownFamily {
+            path: path.to_path_buf(),
+            model_type: reader.arch.clone(),
+            known: families::FAMILIES
+                .iter()
+                .flat_map(|f| f.gguf_archs.iter().copied())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let from_gguf = family
+        .from_gguf
+        .ok_or_else(|| ModelError::format(path, "family has no GGUF reader"))?;
+    let spec = from_gguf(&reader)?;
+    let transformer = Transformer::load(spec, &store)?;
+    let tokenizer = if meta.contains_key("tokenizer.ggml.tokens") {
+        Some(Tokenizer::from_gguf_metadata(&meta, path)?)
+    } else {
+        None
+    };
+    let template_src = meta
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    let (bos_text, eos_text) = match &tokenizer {
+        Some(t) => (
+            t.bos_id.and_then(|i| t.id_to_token(i)).unwrap_or_default(),
+            t.eos_ids
+                .first()
+                .and_then(|&i| t.id_to_token(i))
+                .unwrap_or_default(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let chat_template = ChatTemplate::new(template_src, &bos_text, &eos_text)?;
+    let mut eos_ids: Vec<u32> = tokenizer
+        .as_ref()
+        .map(|t| t.eos_ids.clone())
+        .unwrap_or_default();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = meta.get(key).and_then(|v| v.to_u32().ok()) {
+            eos_ids.push(id);
+        }
+    }
+    Ok(Model {
+        name: display_name(path),
+        path: path.to_path_buf(),
+        transformer,
+        tokenizer,
+        chat_template,
+        eos_ids: dedup(eos_ids),
+    })
+}
+
+fn dedup(mut v: Vec<u32>) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|x| seen.insert(*x));
+    v
+}
+
+fn display_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}

@@ -1,0 +1,300 @@
+//! The normalized architecture spec: every decoder family is one value of [`ArchSpec`].
+//!
+//! A family file translates its `config.json` (or GGUF metadata) into this struct; the shared
+//! transformer in [`crate::transformer`] reads nothing else. When a new family seems to need
+//! its own forward code, the missing piece is a field here.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormKind {
+    LayerNorm,
+    RmsNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NormSpec {
+    pub kind: NormKind,
+    pub eps: f64,
+    /// LayerNorm has a learned bias in most families; RMSNorm never does.
+    pub bias: bool,
+}
+
+impl NormSpec {
+    pub fn rms(eps: f64) -> Self {
+        Self {
+            kind: NormKind::RmsNorm,
+            eps,
+            bias: false,
+        }
+    }
+    pub fn layer(eps: f64) -> Self {
+        Self {
+            kind: NormKind::LayerNorm,
+            eps,
+            bias: true,
+        }
+    }
+}
+
+/// Where the per-block norms sit relative to the residual connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormPlacement {
+    /// `x + f(norm(x))` (GPT-2, LLaMA and nearly everything since).
+    Pre,
+    /// `norm(x + f(x))` (original transformer, BERT, OPT-350m).
+    Post,
+}
+
+/// How the rotary frequencies are stretched for contexts longer than training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (transformers' `linear`).
+    Linear {
+        factor: f64,
+    },
+    /// Base grows once the sequence passes `max_positions` (transformers' `dynamic`).
+    DynamicNtk {
+        factor: f64,
+        max_positions: usize,
+    },
+    /// LLaMA-3.1 frequency bands.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: usize,
+    },
+    /// YaRN: blended interpolation plus an attention temperature on cos/sin.
+    Yarn {
+        factor: f64,
+        original_max_positions: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Multiplier applied to cos and sin; `None` means `0.1 ln(factor) + 1`.
+        attention_factor: Option<f64>,
+        truncate: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotarySpec {
+    pub theta: f64,
+    /// Share of each head's dimensions that rotate (GPT-NeoX `rotary_pct`, GPT-J `rotary_dim`).
+    pub fraction: f64,
+    /// `true`: rotate adjacent pairs (GPT-J, GGUF LLaMA); `false`: rotate the two halves
+    /// (HF LLaMA, GPT-NeoX).
+    pub interleaved: bool,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Positions {
+    /// Learned absolute embeddings; OPT stores them shifted by `offset` (2).
+    Learned {
+        offset: usize,
+    },
+    Rotary(RotarySpec),
+    /// Linear biases on attention scores (BLOOM, MPT).
+    Alibi {
+        max_bias: f64,
+    },
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QkvLayout {
+    /// Separate q, k and v projections.
+    Split,
+    /// One projection whose output rows are `[q | k | v]`. Families whose checkpoints
+    /// interleave per head are reordered into this layout at load.
+    Fused,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    /// Equal to `heads` for MHA, 1 for MQA, in between for GQA.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub out_bias: bool,
+    pub qkv_layout: QkvLayout,
+    /// Multiplier on `q·k`; `None` means `1/sqrt(head_dim)`.
+    pub softmax_scale: Option<f64>,
+    /// Each token sees at most this many tokens (itself included).
+    pub sliding_window: Option<usize>,
+}
+
+impl AttentionSpec {
+    pub fn scale(&self) -> f64 {
+        self.softmax_scale
+            .unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// `down(silu(gate(x)) * up(x))`.
+    SwiGlu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// tanh-approximated GELU (GPT-2's `gelu_new`).
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn is_gated(self) -> bool {
+        matches!(self, Activation::SwiGlu)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MlpSpec {
+    pub hidden: usize,
+    pub activation: Activation,
+    pub bias: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Residual {
+    /// `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`.
+    Sequential,
+    /// `x = x + attn(norm1(x)) + mlp(norm(x))` with one shared norm (GPT-J, Falcon-7B) or two.
+    Parallel { shared_norm: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchSpec {
+    /// Registry name of the family that produced this spec.
+    pub family: String,
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub max_positions: usize,
+    pub norm: NormSpec,
+    pub norm_placement: NormPlacement,
+    pub positions: Positions,
+    pub attention: AttentionSpec,
+    pub mlp: MlpSpec,
+    pub residual: Residual,
+    pub final_norm: bool,
+    /// The output head reuses the token embedding matrix.
+    pub tied_head: bool,
+    pub head_bias: bool,
+}
+
+impl ArchSpec {
+    /// A LLaMA-shaped spec; families start here and change what differs.
+    pub fn llama_like(family: &str) -> Self {
+        Self {
+            family: family.to_string(),
+            vocab_size: 32000,
+            hidden: 4096,
+            layers: 32,
+            max_positions: 2048,
+            norm: NormSpec::rms(1e-6),
+            norm_placement: NormPlacement::Pre,
+            positions: Positions::Rotary(RotarySpec {
+                theta: 10000.0,
+                fraction: 1.0,
+                interleaved: false,
+                scaling: RopeScaling::None,
+            }),
+            attention: AttentionSpec {
+                heads: 32,
+                kv_heads: 32,
+                head_dim: 128,
+                qkv_bias: false,
+                out_bias: false,
+                qkv_layout: QkvLayout::Split,
+                softmax_scale: None,
+                sliding_window: None,
+            },
+            mlp: MlpSpec {
+                hidden: 11008,
+                activation: Activation::SwiGlu,
+                bias: false,
+            },
+            residual: Residual::Sequential,
+            final_norm: true,
+            tied_head: false,
+            head_bias: false,
+        }
+    }
+
+    /// Checks the invariants the transformer relies on, so a bad config fails at load with a
+    /// message instead of a shape error deep in a forward pass.
+    pub fn validate(&self) -> Result<(), String> {
+        let a = &self.attention;
+        if self.vocab_size == 0 || self.hidden == 0 || self.layers == 0 {
+            return Err("vocab_size, hidden size and layer count must be positive".into());
+        }
+        if a.heads == 0 || a.kv_heads == 0 || a.head_dim == 0 {
+            return Err("attention heads, kv heads and head dim must be positive".into());
+        }
+        if a.heads % a.kv_heads != 0 {
+            return Err(format!(
+                "{} attention heads are not a multiple of {} kv heads",
+                a.heads, a.kv_heads
+            ));
+        }
+        if let Positions::Rotary(r) = &self.positions {
+            let rot = self.rotary_dims(r);
+            if rot == 0 || rot % 2 != 0 || rot > a.head_dim {
+                return Err(format!(
+                    "rotary dimensions {rot} must be even and at most head dim {}",
+                    a.head_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn rotary_dims(&self, r: &RotarySpec) -> usize {
+        let d = (self.attention.head_dim as f64 * r.fraction).round() as usize;
+        d - d % 2
+    }
+
+    /// Parameter count implied by the spec (embeddings and head counted once when tied).
+    pub fn parameter_count(&self) -> u64 {
+        let h = self.hidden as u64;
+        let a = &self.attention;
+        let q = (a.heads * a.head_dim) as u64;
+        let kv = (a.kv_heads * a.head_dim) as u64;
+        let mut attn = h * (q + 2 * kv) + q * h;
+        if a.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if a.out_bias {
+            attn += h;
+        }
+        let f = self.mlp.hidden as u64;
+        let mats = if self.mlp.activation.is_gated() { 3 } else { 2 };
+        let mut mlp = mats * h * f;
+        if self.mlp.bias {
+            mlp += f * (mats - 1) + h;
+        }
+        let norm_params = if self.norm.bias { 2 * h } else { h };
+        let norms_per_layer = match self.residual {
+            Residual::Parallel { shared_norm: true } => 1,
+            _ => 2,
+        };
+        let per_layer = attn + mlp + norms_per_layer * norm_params;
+        let v = self.vocab_size as u64;
+        let mut total = per_layer * self.layers as u64 + v * h;
+        if !self.tied_head {
+            total += v * h;
+        }
+        if self.final_norm {
+            total += norm_params;
+        }
+        if let Positions::Learned { offset } = self.positions {
+            total += (self.max_positions + offset) as u64 * h;
+        }
+        total
+    }
+}

@@ -1,0 +1,528 @@
+//! The one decoder-only transformer. Every family runs through this file; what differs between
+//! them is an [`ArchSpec`] value and a tensor-name table, never a copy of this code.
+//!
+//! Shapes: activations are `[batch, seq, hidden]`; attention works on
+//! `[batch, heads, seq, head_dim]`. Keys and values live in a [`KvStore`] owned by the engine.
+
+use crate::checkpoint::{Matrix, WeightStore};
+use crate::error::{ModelError, Result};
+use crate::rope::Rope;
+use crate::spec::{Activation, ArchSpec, NormKind, NormPlacement, Positions, QkvLayout, Residual};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+/// Where attention keys and values are kept between forward passes (the engine decides how:
+/// one contiguous buffer per sequence, or pages).
+pub trait KvStore {
+    /// Number of positions already stored: the position of the next token.
+    fn seq_len(&self) -> usize;
+    /// Stores this step's keys and values for `layer` (`[batch, kv_heads, new, head_dim]`)
+    /// and returns all of them so far (`[batch, kv_heads, seq_len + new, head_dim]`).
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(store: &WeightStore, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = store
+            .matrix(&format!("{name}.weight"), &[out, inp])?
+            .to_qmatmul()?;
+        let bias = if bias {
+            Some(store.dense(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    fn from_matrix(m: &Matrix, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight: m.to_qmatmul()?,
+            bias,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Norm {
+    kind: NormKind,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(store: &WeightStore, name: &str, spec: &ArchSpec) -> Result<Self> {
+        let h = spec.hidden;
+        let weight = store.dense(&format!("{name}.weight"), &[h])?;
+        let bias = if spec.norm.bias {
+            store.dense(&format!("{name}.bias"), &[h])?
+        } else {
+            Tensor::zeros(h, DType::F32, store.device())?
+        };
+        Ok(Self {
+            kind: spec.norm.kind,
+            weight,
+            bias,
+            eps: spec.norm.eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        match self.kind {
+            NormKind::RmsNorm => candle_nn::ops::rms_norm(&x, &self.weight, self.eps),
+            NormKind::LayerNorm => {
+                candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)
+            }
+        }
+    }
+}
+
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+struct Attention {
+    qkv: Qkv,
+    out: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+struct Mlp {
+    gate: Option<Linear>,
+    up: Linear,
+    down: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let up = self.up.forward(x)?;
+        let h = match (&self.gate, self.activation) {
+            (Some(gate), _) => (candle_nn::ops::silu(&gate.forward(x)?)? * up)?,
+            (None, Activation::Gelu) => up.gelu_erf()?,
+            (None, Activation::GeluTanh) => up.gelu()?,
+            (None, Activation::Relu) => up.relu()?,
+            (None, Activation::Silu | Activation::SwiGlu) => candle_nn::ops::silu(&up)?,
+        };
+        self.down.forward(&h)
+    }
+}
+
+struct Block {
+    attn_norm: Norm,
+    /// Absent when a parallel block shares one norm.
+    mlp_norm: Option<Norm>,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(w) => {
+                let (b, t) = ids.dims2()?;
+                let h = w.dim(1)?;
+                w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))
+            }
+            Embedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
+
+pub struct Transformer {
+    spec: ArchSpec,
+    embed: Embedding,
+    position_embed: Option<Tensor>,
+    embed_norm: Option<Norm>,
+    blocks: Vec<Block>,
+    final_norm: Option<Norm>,
+    head: Linear,
+    rope: Option<Rope>,
+    /// Per-head ALiBi slopes, `[heads]`.
+    alibi_slopes: Option<Tensor>,
+    device: Device,
+}
+
+/// BLOOM's ALiBi slopes, including head counts that are not a power of two.
+pub fn alibi_slopes(heads: usize, max_bias: f64) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let slopes_for = |n: usize| -> Vec<f64> {
+        let base = 2f64.powf(-(max_bias / n as f64));
+        (1..=n).map(|i| base.powi(i as i32)).collect()
+    };
+    let mut slopes = slopes_for(closest);
+    if closest != heads {
+        let extra = slopes_for(2 * closest);
+        slopes.extend(extra.into_iter().step_by(2).take(heads - closest));
+    }
+    slopes.into_iter().map(|s| s as f32).collect()
+}
+
+impl Transformer {
+    pub fn load(spec: ArchSpec, store: &WeightStore) -> Result<Self> {
+        spec.validate()
+            .map_err(|m| ModelError::config(store.path(), m))?;
+        let device = store.device().clone();
+        let h = spec.hidden;
+        let v = spec.vocab_size;
+        let a = &spec.attention;
+        let (q_dim, kv_dim) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+
+        let embed = match store.matrix("token_embd.weight", &[v, h])? {
+            Matrix::Dense(t) => Embedding::Dense(t),
+            Matrix::Quantized(q) => Embedding::Quantized(q),
+        };
+        let position_embed = match spec.positions {
+            Positions::Learned { offset } => {
+                Some(store.dense("position_embd.weight", &[spec.max_positions + offset, h])?)
+            }
+            _ => None,
+        };
+        let embed_norm = if store.contains("token_embd_norm.weight") {
+            Some(Norm::load(store, "token_embd_norm", &spec)?)
+        } else {
+            None
+        };
+
+        let mut blocks = Vec::with_capacity(spec.layers);
+        for i in 0..spec.layers {
+            let p = format!("blk.{i}");
+            let qkv = match a.qkv_layout {
+                QkvLayout::Split => Qkv::Split {
+                    q: Linear::load(store, &format!("{p}.attn_q"), q_dim, h, a.qkv_bias)?,
+                    k: Linear::load(store, &format!("{p}.attn_k"), kv_dim, h, a.qkv_bias)?,
+                    v: Linear::load(store, &format!("{p}.attn_v"), kv_dim, h, a.qkv_bias)?,
+                },
+                QkvLayout::Fused => Qkv::Fused(Linear::load(
+                    store,
+                    &format!("{p}.attn_qkv"),
+                    q_dim + 2 * kv_dim,
+                    h,
+                    a.qkv_bias,
+                )?),
+            };
+            let attn = Attention {
+                qkv,
+                out: Linear::load(store, &format!("{p}.attn_output"), h, q_dim, a.out_bias)?,
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+                head_dim: a.head_dim,
+                scale: a.scale(),
+            };
+            let f = spec.mlp.hidden;
+            let gate = if spec.mlp.activation.is_gated() {
+                Some(Linear::load(
+                    store,
+                    &format!("{p}.ffn_gate"),
+                    f,
+                    h,
+                    spec.mlp.bias,
+                )?)
+            } else {
+                None
+            };
+            let mlp = Mlp {
+                gate,
+                up: Linear::load(store, &format!("{p}.ffn_up"), f, h, spec.mlp.bias)?,
+                down: Linear::load(store, &format!("{p}.ffn_down"), h, f, spec.mlp.bias)?,
+                activation: spec.mlp.activation,
+            };
+            let mlp_norm = match spec.residual {
+                Residual::Parallel { shared_norm: true } => None,
+                _ => Some(Norm::load(store, &format!("{p}.ffn_norm"), &spec)?),
+            };
+            blocks.push(Block {
+                attn_norm: Norm::load(store, &format!("{p}.attn_norm"), &spec)?,
+                mlp_norm,
+                attn,
+                mlp,
+            });
+        }
+
+        let final_norm = if spec.final_norm {
+            Some(Norm::load(store, "output_norm", &spec)?)
+        } else {
+            None
+        };
+        let head_bias = if spec.head_bias {
+            Some(store.dense("output.bias", &[v])?)
+        } else {
+            None
+        };
+        // GGUF files of tied models often omit `output`; the embedding then serves as head.
+        let head = if spec.tied_head || !store.contains("output.weight") {
+            let m = match &embed {
+                Embedding::Dense(t) => Matrix::Dense(t.clone()),
+                Embedding::Quantized(q) => Matrix::Quantized(q.clone()),
+            };
+            Linear::from_matrix(&m, head_bias)?
+        } else {
+            Linear::load(store, "output", v, h, spec.head_bias)?
+        };
+
+        let rope = match &spec.positions {
+            Positions::Rotary(r) => Some(Rope::new(r, spec.rotary_dims(r))),
+            _ => None,
+        };
+        let alibi_slopes = match spec.positions {
+            Positions::Alibi { max_bias } => Some(Tensor::new(
+                alibi_slopes(a.heads, max_bias).as_slice(),
+                &device,
+            )?),
+            _ => None,
+        };
+        Ok(Self {
+            spec,
+            embed,
+            position_embed,
+            embed_norm,
+            blocks,
+            final_norm,
+            head,
+            rope,
+            alibi_slopes,
+            device,
+        })
+    }
+
+    pub fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `ids` (`[batch, seq]`, u32) after the positions already in `cache`.
+    /// Returns logits `[batch, seq, vocab]` when `all_logits`, else `[batch, 1, vocab]` for the
+    /// last position only (prefill needs no more, and the head is the largest matmul).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut dyn KvStore,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let start = cache.seq_len();
+        if start + t > self.spec.max_positions {
+            return Err(ModelError::Input(format!(
+                "{} tokens exceed the model's context window of {} positions",
+                start + t,
+                self.spec.max_positions
+            )));
+        }
+        let vocab = self.spec.vocab_size as u32;
+        if let Some(bad) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&i| i >= vocab)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+
+        let mut x = self.embed.forward(ids)?;
+        if let (Some(pe), Positions::Learned { offset }) =
+            (&self.position_embed, &self.spec.positions)
+        {
+            x = x.broadcast_add(&pe.narrow(0, start + offset, t)?)?;
+        }
+        if let Some(n) = &self.embed_norm {
+            x = n.forward(&x)?;
+        }
+        let rotary = match &self.rope {
+            Some(r) => Some(r.cos_sin(start, t, &self.device)?),
+            None => None,
+        };
+        let mask = self.attention_mask(start, t)?;
+        let alibi = match &self.alibi_slopes {
+            Some(s) => {
+                let keys =
+                    Tensor::arange(0u32, (start + t) as u32, &self.device)?.to_dtype(DType::F32)?;
+                Some(s.unsqueeze(1)?.broadcast_mul(&keys.unsqueeze(0)?)?)
+            }
+            None => None,
+        };
+
+        for (i, block) in self.blocks.iter().enumerate() {
+            let ctx = AttnContext {
+                layer: i,
+                rotary: rotary.as_ref(),
+                mask: mask.as_ref(),
+                alibi: alibi.as_ref(),
+            };
+            x = self.block_forward(block, &x, &ctx, cache)?;
+        }
+
+        if !all_logits && t > 1 {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        if let Some(n) = &self.final_norm {
+            x = n.forward(&x)?;
+        }
+        Ok(self.head.forward(&x)?)
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        ctx: &AttnContext,
+        cache: &mut dyn KvStore,
+    ) -> Result<Tensor> {
+        let mlp_norm = |x: &Tensor| -> candle_core::Result<Tensor> {
+            match &block.mlp_norm {
+                Some(n) => n.forward(x),
+                None => block.attn_norm.forward(x),
+            }
+        };
+        Ok(match (self.spec.norm_placement, self.spec.residual) {
+            (NormPlacement::Pre, Residual::Sequential) => {
+                let h =
+                    (x + self.attention(&block.attn, &block.attn_norm.forward(x)?, ctx, cache)?)?;
+                let m = block.mlp.forward(&mlp_norm(&h)?)?;
+                (h + m)?
+            }
+            (NormPlacement::Pre, Residual::Parallel { shared_norm }) => {
+                let n = block.attn_norm.forward(x)?;
+                let a = self.attention(&block.attn, &n, ctx, cache)?;
+                let m = if shared_norm {
+                    block.mlp.forward(&n)?
+                } else {
+                    block.mlp.forward(&mlp_norm(x)?)?
+                };
+                ((x + a)? + m)?
+            }
+            (NormPlacement::Post, Residual::Sequential) => {
+                let h = block
+                    .attn_norm
+                    .forward(&(x + self.attention(&block.attn, x, ctx, cache)?)?)?;
+                mlp_norm(&(&h + block.mlp.forward(&h)?)?)?
+            }
+            (NormPlacement::Post, Residual::Parallel { .. }) => {
+                let a = self.attention(&block.attn, x, ctx, cache)?;
+                let m = block.mlp.forward(x)?;
+                block.attn_norm.forward(&((x + a)? + m)?)?
+            }
+        })
+    }
+
+    /// Additive mask `[new, total]`: causal, and limited to the sliding window when there is one.
+    /// `None` when every new token may see every key (single-token decode without a window).
+    fn attention_mask(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
+        let window = self.spec.attention.sliding_window;
+        let total = start + t;
+        if t == 1 && window.is_none_or(|w| w >= total) {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * total];
+        for i in 0..t {
+            let q = start + i;
+            for j in 0..total {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if !visible {
+                    m[i * total + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (t, total), &self.device)?))
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        ctx: &AttnContext,
+        cache: &mut dyn KvStore,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
+        let (q, k, v) = match &attn.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(l) => {
+                let qkv = l.forward(x)?;
+                (
+                    qkv.narrow(2, 0, nh * hd)?,
+                    qkv.narrow(2, nh * hd, nkv * hd)?,
+                    qkv.narrow(2, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match (&self.rope, ctx.rotary) {
+            (Some(rope), Some((cos, sin))) => {
+                (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
+            }
+            _ => (q, k),
+        };
+        let (k, v) = cache.append(ctx.layer, &k, &v)?;
+        let s = k.dim(2)?;
+
+        // Group query heads by the kv head they share instead of copying keys per head.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * attn.scale)?;
+        let mut scores = scores.reshape((b, nkv, rep, t, s))?;
+        if let Some(mask) = ctx.mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        if let Some(alibi) = ctx.alibi {
+            scores = scores.broadcast_add(&alibi.reshape((nkv, rep, 1, s))?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        let out = probs
+            .reshape((b, nkv, rep * t, s))?
+            .matmul(&v.contiguous()?)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        Ok(attn.out.forward(&out)?)
+    }
+}
+
+struct AttnContext<'a> {
+    layer: usize,
+    rotary: Option<&'a (Tensor, Tensor)>,
+    mask: Option<&'a Tensor>,
+    alibi: Option<&'a Tensor>,
+}
+
+/// Softmax over the last dimension in f64 for reporting log-probabilities.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
