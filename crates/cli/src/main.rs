@@ -1,1 +1,185 @@
-fn main() {}
+//! The `camelid` command line. It parses arguments, resolves `-m` to a model on disk (pulling
+//! catalog models on first use) and hands off to the engine; it holds no model logic itself.
+
+mod commands;
+mod resolve;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "camelid",
+    version,
+    about = "Run, chat with and benchmark open large language models",
+    long_about = "camelid loads Hugging Face model directories and GGUF files of the open LLM \
+families, tokenizes, generates, chats and benchmarks.\n\nWith no -m, the default model \
+(smollm2-135m-instruct) is used and downloaded on first use into $CAMELID_HOME \
+(default: ~/.cache/camelid)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a catalog name (see `camelid list`), an HF model directory, or a .gguf file
+    #[arg(short, long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Compute device: cpu or auto
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: String,
+    /// CPU threads (default: all cores)
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate
+    #[arg(short = 'n', long, default_value_t = 256, value_name = "N")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.8, value_name = "T")]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0: off)
+    #[arg(long, default_value_t = 40, value_name = "K")]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1: off)
+    #[arg(long, default_value_t = 0.95, value_name = "P")]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0: off)
+    #[arg(long, default_value_t = 0.05, value_name = "P")]
+    pub min_p: f32,
+    /// Penalty for tokens among the last 64 (1: off)
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub repeat_penalty: f32,
+    /// Subtracted once from any token already generated
+    #[arg(long, default_value_t = 0.0, value_name = "X")]
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence of a token already generated
+    #[arg(long, default_value_t = 0.0, value_name = "X")]
+    pub frequency_penalty: f32,
+    /// Random seed: the same seed gives the same text
+    #[arg(long, default_value_t = 42, value_name = "N")]
+    pub seed: u64,
+    /// Stop before this text (repeatable)
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Keep generating past the model's end-of-sequence token
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print prompt and generation speed to stderr at the end
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Complete a prompt, streaming the continuation to stdout
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Read the prompt from this file
+        #[arg(short, long, value_name = "FILE", conflicts_with = "prompt")]
+        file: Option<PathBuf>,
+        /// The prompt (read from stdin when neither it nor --file is given)
+        prompt: Option<String>,
+    },
+    /// Chat with the model using its chat template (one user turn per line when piped)
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// System prompt
+        #[arg(long, value_name = "TEXT")]
+        system: Option<String>,
+    },
+    /// Print logits for token ids as JSON: {"ids":[...],"logits":[[...],...]}
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids
+        #[arg(long, value_name = "IDS", required = true)]
+        ids: String,
+    },
+    /// Print token ids for text as JSON {"ids":[...]}, or decode ids with --decode
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Add the model's special tokens (BOS) as generation would
+        #[arg(long)]
+        add_special: bool,
+        /// Comma-separated ids to turn back into text
+        #[arg(long, value_name = "IDS", conflicts_with = "text")]
+        decode: Option<String>,
+        /// Text to tokenize (stdin when not given)
+        text: Option<String>,
+    },
+    /// Download a catalog model into the cache
+    Pull {
+        /// Catalog name (see `camelid list`)
+        name: String,
+    },
+    /// List catalog models and whether they are downloaded
+    List,
+    /// Measure prompt processing and generation speed (llama-bench style)
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt tokens processed in one pass
+        #[arg(short = 'p', long, default_value_t = 512, value_name = "N")]
+        prompt_tokens: usize,
+        /// Tokens generated one at a time
+        #[arg(short = 'n', long, default_value_t = 128, value_name = "N")]
+        gen_tokens: usize,
+        /// Repetitions per test
+        #[arg(short = 'r', long, default_value_t = 3, value_name = "N")]
+        reps: usize,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            model,
+            sampling,
+            file,
+            prompt,
+        } => commands::run(&model, &sampling, file.as_deref(), prompt),
+        Command::Chat {
+            model,
+            sampling,
+            system,
+        } => commands::chat(&model, &sampling, system),
+        Command::Logits { model, ids } => commands::logits(&model, &ids),
+        Command::Tokenize {
+            model,
+            add_special,
+            decode,
+            text,
+        } => commands::tokenize(&model, add_special, decode.as_deref(), text),
+        Command::Pull { name } => commands::pull(&name),
+        Command::List => commands::list(),
+        Command::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            json,
+        } => commands::bench(&model, prompt_tokens, gen_tokens, reps, json),
+    };
+    if let Err(e) = result {
+        // One line: every layer's message joined, no backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

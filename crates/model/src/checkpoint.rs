@@ -5,7 +5,7 @@
 //! goes through its family's name table. Shapes are checked here so that a config that does
 //! not match its weights fails at load with the tensor's name.
 
-use crate::error::{ModelError, Result};
+use crate::error::{first_line, ModelError, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -99,7 +99,7 @@ impl WeightStore {
         // SAFETY: the files are mapped read-only; a file truncated underneath a running
         // process is outside what any mmap-based loader can defend against.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .map_err(|e| ModelError::format(&files[0], e.to_string()))?;
+            .map_err(|e| ModelError::format(&files[0], first_line(&e)))?;
         Ok(Self {
             source: Source::Safetensors {
                 files: st,
@@ -119,7 +119,7 @@ impl WeightStore {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
         let mut cursor = std::io::Cursor::new(&mmap[..]);
         let mut content = gguf_file::Content::read(&mut cursor)
-            .map_err(|e| ModelError::format(path, format!("not a valid GGUF file: {e}")))?;
+            .map_err(|e| ModelError::format(path, format!("not a valid GGUF file: {}", first_line(&e))))?;
         let metadata = std::mem::take(&mut content.metadata);
         // Every tensor must lie inside the file: catch truncation before any work starts.
         let len = mmap.len() as u64;
@@ -219,7 +219,7 @@ impl WeightStore {
         let mut cursor = std::io::Cursor::new(&file[..]);
         content
             .tensor(&mut cursor, canonical, &self.device)
-            .map_err(|e| self.err(canonical, e.to_string()))
+            .map_err(|e| self.err(canonical, first_line(&e)))
     }
 
     /// A float tensor converted to f32, with its shape checked.
@@ -234,7 +234,7 @@ impl WeightStore {
                 }
                 files
                     .load(&name, &self.device)
-                    .map_err(|e| self.err(canonical, e.to_string()))?
+                    .map_err(|e| self.err(canonical, first_line(&e)))?
             }
             Source::Gguf { content, .. } => {
                 if !content.tensor_infos.contains_key(&name) {

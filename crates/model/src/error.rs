@@ -36,7 +36,7 @@ pub enum ModelError {
     /// Input that the model cannot take (over-long prompt, out-of-vocabulary id, ...).
     #[error("{0}")]
     Input(String),
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", first_line(.0))]
     Compute(#[from] candle_core::Error),
 }
 
@@ -68,3 +68,9 @@ impl ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// candle appends a backtrace to its messages when `RUST_BACKTRACE` is set; errors here are
+/// one line.
+pub fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}

@@ -187,7 +187,7 @@ pub fn alibi_slopes(heads: usize, max_bias: f64) -> Vec<f32> {
 }
 
 impl Transformer {
-    pub fn load(spec: ArchSpec, store: &WeightStore) -> Result<Self> {
+    pub fn load(mut spec: ArchSpec, store: &WeightStore) -> Result<Self> {
         spec.validate()
             .map_err(|m| ModelError::config(store.path(), m))?;
         let device = store.device().clone();
@@ -277,8 +277,11 @@ impl Transformer {
         } else {
             None
         };
-        // GGUF files of tied models often omit `output`; the embedding then serves as head.
-        let head = if spec.tied_head || !store.contains("output.weight") {
+        // GGUF files of tied models omit `output`; the embedding then serves as head.
+        if !store.contains("output.weight") {
+            spec.tied_head = true;
+        }
+        let head = if spec.tied_head {
             let m = match &embed {
                 Embedding::Dense(t) => Matrix::Dense(t.clone()),
                 Embedding::Quantized(q) => Matrix::Quantized(q.clone()),

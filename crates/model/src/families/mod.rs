@@ -312,3 +312,32 @@ pub fn llama_style_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
     }
     Ok(s)
 }
+
+/// The README's supported-models table, generated from [`FAMILIES`] so it cannot drift.
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| Family | Checkpoints | `config.json` model_type | GGUF architecture |\n| --- | --- | --- | --- |\n",
+    );
+    for f in FAMILIES {
+        let list = |v: &[&str]| {
+            if v.is_empty() {
+                "—".to_string()
+            } else {
+                v.iter().map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", ")
+            }
+        };
+        let gguf: Vec<&str> = if f.from_gguf.is_some() {
+            f.gguf_archs.to_vec()
+        } else {
+            Vec::new()
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            f.title,
+            f.checkpoints,
+            list(f.model_types),
+            list(&gguf)
+        ));
+    }
+    out
+}

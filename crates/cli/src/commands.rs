@@ -1,0 +1,281 @@
+//! One function per subcommand.
+
+use crate::resolve;
+use crate::{ModelArgs, SamplingArgs};
+use anyhow::{bail, Context, Result};
+use camelid_engine::bench;
+use camelid_engine::generate::{all_logits, generate, GenerateOptions, Generation};
+use camelid_engine::SamplingParams;
+use camelid_model::catalog;
+use camelid_model::chat_template::Message;
+use camelid_model::Model;
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::Path;
+
+fn options(s: &SamplingArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: s.max_tokens,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: 64,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            seed: s.seed,
+        },
+        stop: s.stop.clone(),
+        stop_at_eos: !s.ignore_eos,
+    }
+}
+
+fn read_text(source: &str, bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{source}: not valid UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn read_stdin() -> Result<String> {
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .context("reading stdin")?;
+    read_text("stdin", buf)
+}
+
+fn parse_ids(list: &str) -> Result<Vec<u32>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--ids: \"{s}\" is not a token id (expected comma-separated non-negative integers)"))
+        })
+        .collect()
+}
+
+/// Writes one line to stdout; a reader that went away (`| head`) is not an error.
+fn emit(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+fn print_stats(g: &Generation) {
+    let pp = g.prompt_tokens as f64 / g.prefill_time.as_secs_f64().max(1e-9);
+    let tg = g.tokens.len() as f64 / g.decode_time.as_secs_f64().max(1e-9);
+    eprintln!(
+        "\n[prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | finish: {:?}]",
+        g.prompt_tokens,
+        pp,
+        g.tokens.len(),
+        tg,
+        g.finish
+    );
+}
+
+fn stream_to_stdout(
+    model: &Model,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<Generation> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let g = generate(model, prompt, opts, &mut |text| {
+        // A closed pipe (e.g. `| head`) ends generation quietly.
+        out.write_all(text.as_bytes()).is_ok() && out.flush().is_ok()
+    })?;
+    Ok(g)
+}
+
+pub fn run(
+    margs: &ModelArgs,
+    sargs: &SamplingArgs,
+    file: Option<&Path>,
+    prompt: Option<String>,
+) -> Result<()> {
+    let prompt = match (prompt, file) {
+        (Some(p), _) => p,
+        (None, Some(f)) => {
+            let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
+            read_text(&f.display().to_string(), bytes)?
+        }
+        (None, None) => read_stdin()?,
+    };
+    let model = resolve::load(margs)?;
+    let tok = model.tokenizer()?;
+    let ids = tok.encode(&prompt, true)?;
+    let opts = options(sargs);
+    let g = stream_to_stdout(&model, &ids, &opts)?;
+    println!();
+    if sargs.stats {
+        print_stats(&g);
+    }
+    Ok(())
+}
+
+pub fn chat(margs: &ModelArgs, sargs: &SamplingArgs, system: Option<String>) -> Result<()> {
+    let model = resolve::load(margs)?;
+    let tok = model.tokenizer()?;
+    let interactive = std::io::stdin().is_terminal();
+    let mut messages: Vec<Message> = Vec::new();
+    if let Some(s) = system {
+        messages.push(Message::new("system", &s));
+    }
+    if interactive {
+        eprintln!(
+            "camelid chat with {} — type a message, Enter to send, Ctrl-D to quit.",
+            model.name
+        );
+    }
+    let opts = options(sargs);
+    let bos_text = tok.bos_id.and_then(|b| tok.id_to_token(b));
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush().ok();
+        }
+        let mut buf = Vec::new();
+        if lines.read_until(b'\n', &mut buf).context("reading stdin")? == 0 {
+            break;
+        }
+        let line = read_text("stdin", buf)?;
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(Message::new("user", line));
+        let text = model.chat_template.render(&messages, true)?;
+        let mut ids = tok.encode(&text, false)?;
+        // Templates usually write the BOS text themselves; add the id only when they do not.
+        if tok.add_bos && !bos_text.as_deref().is_some_and(|b| text.starts_with(b)) {
+            if let Some(b) = tok.bos_id {
+                ids.insert(0, b);
+            }
+        }
+        let g = stream_to_stdout(&model, &ids, &opts)?;
+        println!();
+        if sargs.stats {
+            print_stats(&g);
+        }
+        messages.push(Message::new("assistant", g.text.trim()));
+    }
+    Ok(())
+}
+
+pub fn logits(margs: &ModelArgs, ids: &str) -> Result<()> {
+    let ids = parse_ids(ids)?;
+    if ids.is_empty() {
+        bail!("--ids: no token ids given");
+    }
+    let model = resolve::load(margs)?;
+    let rows = all_logits(&model, &ids)?;
+    let out = serde_json::json!({ "ids": ids, "logits": rows });
+    emit(&out.to_string())
+}
+
+pub fn tokenize(
+    margs: &ModelArgs,
+    add_special: bool,
+    decode: Option<&str>,
+    text: Option<String>,
+) -> Result<()> {
+    if let Some(list) = decode {
+        let ids = parse_ids(list)?;
+        let model = resolve::load(margs)?;
+        let tok = model.tokenizer()?;
+        let vocab = tok.vocab_size() as u32;
+        if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+            bail!("--decode: token id {bad} is outside the vocabulary (size {vocab})");
+        }
+        return emit(&tok.decode(&ids, false)?);
+    }
+    let text = match text {
+        Some(t) => t,
+        None => read_stdin()?,
+    };
+    let model = resolve::load(margs)?;
+    let ids = model.tokenizer()?.encode(&text, add_special)?;
+    emit(&serde_json::json!({ "ids": ids }).to_string())
+}
+
+pub fn pull(name: &str) -> Result<()> {
+    let Some(entry) = catalog::find(name) else {
+        bail!("{name}: not in the catalog (see `camelid list`)");
+    };
+    let path = catalog::pull(entry, &mut |line| eprintln!("camelid: {line}"))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+pub fn list() -> Result<()> {
+    println!("{:<24} {:<10} DESCRIPTION", "NAME", "STATUS");
+    for e in catalog::CATALOG {
+        let status = if catalog::is_pulled(e) {
+            "pulled"
+        } else {
+            "-"
+        };
+        let default = if e.name == catalog::DEFAULT_MODEL {
+            " (default)"
+        } else {
+            ""
+        };
+        println!("{:<24} {:<10} {}{}", e.name, status, e.description, default);
+    }
+    println!("\nModels are cached in {}", catalog::home().display());
+    Ok(())
+}
+
+pub fn bench(
+    margs: &ModelArgs,
+    pp: usize,
+    tg: usize,
+    reps: usize,
+    json: bool,
+) -> Result<()> {
+    if reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let model = resolve::load(margs)?;
+    let mut results = Vec::new();
+    if pp > 0 {
+        results.push(bench::prompt_processing(&model, pp, reps)?);
+    }
+    if tg > 0 {
+        results.push(bench::text_generation(&model, tg, reps)?);
+    }
+    if json {
+        return emit(&serde_json::to_string(&results)?);
+    }
+    let size = std::fs::metadata(&model.path)
+        .map(|m| m.len())
+        .unwrap_or(0) as f64
+        / (1u64 << 20) as f64;
+    let params = model.spec().parameter_count() as f64 / 1e6;
+    println!(
+        "| model | size | params | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | ---: | --- | ---: |"
+    );
+    for r in &results {
+        println!(
+            "| {} | {:.2} MiB | {:.2} M | CPU | {} | {} | {:.2} ± {:.2} |",
+            model.name,
+            size,
+            params,
+            resolve::threads_in_use(),
+            r.test,
+            r.tokens_per_s,
+            r.stddev
+        );
+    }
+    Ok(())
+}
