@@ -81,11 +81,7 @@ fn print_stats(g: &Generation) {
     );
 }
 
-fn stream_to_stdout(
-    model: &Model,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-) -> Result<Generation> {
+fn stream_to_stdout(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Result<Generation> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let g = generate(model, prompt, opts, &mut |text| {
@@ -220,11 +216,7 @@ pub fn pull(name: &str) -> Result<()> {
 pub fn list() -> Result<()> {
     println!("{:<24} {:<10} DESCRIPTION", "NAME", "STATUS");
     for e in catalog::CATALOG {
-        let status = if catalog::is_pulled(e) {
-            "pulled"
-        } else {
-            "-"
-        };
+        let status = if catalog::is_pulled(e) { "pulled" } else { "-" };
         let default = if e.name == catalog::DEFAULT_MODEL {
             " (default)"
         } else {
@@ -236,13 +228,7 @@ pub fn list() -> Result<()> {
     Ok(())
 }
 
-pub fn bench(
-    margs: &ModelArgs,
-    pp: usize,
-    tg: usize,
-    reps: usize,
-    json: bool,
-) -> Result<()> {
+pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -> Result<()> {
     if reps == 0 {
         bail!("--reps must be at least 1");
     }
@@ -257,10 +243,8 @@ pub fn bench(
     if json {
         return emit(&serde_json::to_string(&results)?);
     }
-    let size = std::fs::metadata(&model.path)
-        .map(|m| m.len())
-        .unwrap_or(0) as f64
-        / (1u64 << 20) as f64;
+    let size =
+        std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0) as f64 / (1u64 << 20) as f64;
     let params = model.spec().parameter_count() as f64 / 1e6;
     println!(
         "| model | size | params | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | ---: | --- | ---: |"

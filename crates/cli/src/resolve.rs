@@ -44,9 +44,7 @@ pub fn model_path(arg: Option<&str>) -> Result<PathBuf> {
             .with_context(|| format!("pulling {name}"))?;
         return Ok(path);
     }
-    bail!(
-        "{name}: no such file or directory, and not a catalog model (see `camelid list`)"
-    )
+    bail!("{name}: no such file or directory, and not a catalog model (see `camelid list`)")
 }
 
 pub fn load(args: &ModelArgs) -> Result<Model> {

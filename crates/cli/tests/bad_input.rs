@@ -57,7 +57,10 @@ fn truncated_safetensors() {
     let dir = copy_fixture("llama_mha_f32", "truncated");
     let f = dir.join("model.safetensors");
     let len = std::fs::metadata(&f).expect("size").len();
-    let file = std::fs::OpenOptions::new().write(true).open(&f).expect("open");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .expect("open");
     file.set_len(len / 2).expect("truncate");
     let out = camelid(&["logits", "-m", dir.to_str().unwrap(), "--ids", "1,2"]);
     expect_error(&out, &["model.safetensors", "truncated"]);
@@ -121,7 +124,11 @@ fn missing_tokenizer_only_matters_for_text() {
     expect_error(&out, &["llama_mha_f32", "no tokenizer"]);
     // Token ids need no tokenizer.
     let out = camelid(&["logits", "-m", d, "--ids", "1,2,3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(json["ids"], serde_json::json!([1, 2, 3]));
     assert_eq!(json["logits"].as_array().map(Vec::len), Some(3));
@@ -178,4 +185,3 @@ fn malformed_ids() {
     let out = camelid(&["logits", "-m", "x", "--ids", "1,two"]);
     expect_error(&out, &["\"two\" is not a token id"]);
 }
-

@@ -59,7 +59,10 @@ fn tokenization_matches_llama_cpp() {
     for p in reference().prompts {
         let ids = tok.encode(&p.text, true).expect("encode");
         if ids != p.ids {
-            bad.push(format!("{}: camelid {:?}\n  llama.cpp {:?}", p.name, ids, p.ids));
+            bad.push(format!(
+                "{}: camelid {:?}\n  llama.cpp {:?}",
+                p.name, ids, p.ids
+            ));
         }
     }
     assert!(bad.is_empty(), "tokenization differs:\n{}", bad.join("\n"));
@@ -76,7 +79,10 @@ fn next_token_top5_matches_llama_cpp() {
         let lp = log_softmax(last);
         let top1 = camelid_engine::sampling::argmax(last);
         if top1 != p.top5[0].id {
-            failures.push(format!("{}: top-1 {} vs llama.cpp {}", p.name, top1, p.top5[0].id));
+            failures.push(format!(
+                "{}: top-1 {} vs llama.cpp {}",
+                p.name, top1, p.top5[0].id
+            ));
         }
         for t in &p.top5 {
             let d = (lp[t.id as usize] - t.logprob).abs();

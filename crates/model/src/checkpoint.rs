@@ -118,8 +118,9 @@ impl WeightStore {
         // SAFETY: read-only mapping of a file we only read.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
         let mut cursor = std::io::Cursor::new(&mmap[..]);
-        let mut content = gguf_file::Content::read(&mut cursor)
-            .map_err(|e| ModelError::format(path, format!("not a valid GGUF file: {}", first_line(&e))))?;
+        let mut content = gguf_file::Content::read(&mut cursor).map_err(|e| {
+            ModelError::format(path, format!("not a valid GGUF file: {}", first_line(&e)))
+        })?;
         let metadata = std::mem::take(&mut content.metadata);
         // Every tensor must lie inside the file: catch truncation before any work starts.
         let len = mmap.len() as u64;

@@ -31,7 +31,7 @@ fn vocab(name: &str) -> &'static Tokenizer {
         return t;
     }
     let tok: &'static Tokenizer = Box::leak(Box::new(gguf_tokenizer(&common::vocab_gguf(name))));
-    *map.lock()
+    map.lock()
         .unwrap_or_else(|e| e.into_inner())
         .entry(name.to_string())
         .or_insert(tok)
@@ -231,22 +231,32 @@ fn special_tokens_and_bos() {
     let spm = vocab("llama-spm");
     assert_eq!(spm.bos_id, Some(1));
     assert!(spm.add_bos);
-    assert_eq!(spm.encode("Hello world", true).unwrap(), vec![1, 15043, 3186]);
+    assert_eq!(
+        spm.encode("Hello world", true).unwrap(),
+        vec![1, 15043, 3186]
+    );
     assert_eq!(spm.id_to_token(15043).as_deref(), Some("▁Hello"));
     assert_eq!(spm.token_to_id("<0x0A>"), Some(13));
 
     let l3 = vocab("llama-bpe");
-    let bot = l3.token_to_id("<|begin_of_text|>").expect("<|begin_of_text|>");
+    let bot = l3
+        .token_to_id("<|begin_of_text|>")
+        .expect("<|begin_of_text|>");
     assert_eq!(l3.bos_id, Some(bot));
     assert!(l3.add_bos);
     let eot = l3.token_to_id("<|eot_id|>").expect("<|eot_id|>");
     assert!(l3.eos_ids.contains(&eot));
-    let ids = l3.encode("<|start_header_id|>user<|end_header_id|>", true).unwrap();
+    let ids = l3
+        .encode("<|start_header_id|>user<|end_header_id|>", true)
+        .unwrap();
     assert_eq!(ids.len(), 4, "{ids:?}");
     assert_eq!(ids[0], bot);
     assert!(l3.encode_plain("<|eot_id|>").unwrap().len() > 1);
     assert_eq!(l3.decode(&[bot, 9906], true).unwrap(), "Hello");
-    assert_eq!(l3.decode(&[bot, 9906], false).unwrap(), "<|begin_of_text|>Hello");
+    assert_eq!(
+        l3.decode(&[bot, 9906], false).unwrap(),
+        "<|begin_of_text|>Hello"
+    );
 
     let q = vocab("qwen2");
     let ims = q.token_to_id("<|im_start|>").expect("<|im_start|>");
@@ -260,7 +270,7 @@ fn special_tokens_and_bos() {
     // An id past the vocabulary is an error, not a panic.
     assert!(q.decode(&[u32::MAX], false).is_err());
     let mut s = DecodeStream::new();
-    assert!(s.push(&q, u32::MAX).is_err());
+    assert!(s.push(q, u32::MAX).is_err());
 }
 
 #[test]
@@ -312,9 +322,18 @@ fn hf_tokenizer_json() {
         tok.encode(text, false).unwrap(),
         vec![13959, 1566, 12, 2968, 10, 37, 629, 19, 1627, 5]
     );
-    assert_eq!(tok.encode_plain("</s>").unwrap().len() > 1, true);
+    assert!(tok.encode_plain("</s>").unwrap().len() > 1);
     assert_eq!(tok.encode("</s>", false).unwrap(), vec![1]);
-    assert_eq!(tok.decode(&tok.encode(text, true).unwrap(), true).unwrap(), text);
+    assert_eq!(
+        tok.decode(&tok.encode(text, true).unwrap(), true).unwrap(),
+        text
+    );
+
+    // Streaming through the file's Metaspace decoder.
+    let ids = tok.encode(text, true).unwrap();
+    let deltas = check_stream(&tok, &ids, true, "t5");
+    assert_eq!(deltas.concat(), text);
+    assert_eq!(deltas[0], "translate");
 
     let missing = Tokenizer::from_hf_file(Path::new("/nonexistent/tokenizer.json"));
     assert!(missing.is_err());
@@ -326,17 +345,30 @@ fn bad_gguf_metadata_is_an_error() {
     let path = Path::new("bad.gguf");
     let mut meta = std::collections::HashMap::new();
     assert!(Tokenizer::from_gguf_metadata(&meta, path).is_err());
-    meta.insert("tokenizer.ggml.model".to_string(), Value::String("rwkv".into()));
+    meta.insert(
+        "tokenizer.ggml.model".to_string(),
+        Value::String("rwkv".into()),
+    );
     meta.insert(
         "tokenizer.ggml.tokens".to_string(),
         Value::Array(vec![Value::String("a".into())]),
     );
-    let e = Tokenizer::from_gguf_metadata(&meta, path).unwrap_err().to_string();
+    let e = Tokenizer::from_gguf_metadata(&meta, path)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unsupported") && e.contains("bad.gguf"), "{e}");
-    meta.insert("tokenizer.ggml.model".to_string(), Value::String("gpt2".into()));
+    meta.insert(
+        "tokenizer.ggml.model".to_string(),
+        Value::String("gpt2".into()),
+    );
     meta.insert("tokenizer.ggml.merges".to_string(), Value::Array(vec![]));
-    meta.insert("tokenizer.ggml.pre".to_string(), Value::String("kimi-k2".into()));
-    let e = Tokenizer::from_gguf_metadata(&meta, path).unwrap_err().to_string();
+    meta.insert(
+        "tokenizer.ggml.pre".to_string(),
+        Value::String("kimi-k2".into()),
+    );
+    let e = Tokenizer::from_gguf_metadata(&meta, path)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unsupported pre-tokenizer"), "{e}");
     meta.insert("tokenizer.ggml.tokens".to_string(), Value::U32(3));
     assert!(Tokenizer::from_gguf_metadata(&meta, path).is_err());
@@ -355,7 +387,10 @@ fn check_stream(tok: &Tokenizer, ids: &[u32], skip_special: bool, what: &str) ->
     let mut deltas = Vec::new();
     for &id in ids {
         if let Some(d) = stream.push(tok, id).expect("push") {
-            assert!(!d.contains('\u{FFFD}'), "{what}: delta {d:?} holds a broken character");
+            assert!(
+                !d.contains('\u{FFFD}'),
+                "{what}: delta {d:?} holds a broken character"
+            );
             deltas.push(d);
         }
     }
@@ -379,7 +414,7 @@ fn streaming_deltas_are_whole_characters() {
     let l3 = vocab("llama-bpe");
     let q = vocab("qwen2");
     for text in texts {
-        for (tok, name) in [(&spm, "llama-spm"), (&l3, "llama-bpe"), (&q, "qwen2")] {
+        for (tok, name) in [(spm, "llama-spm"), (l3, "llama-bpe"), (q, "qwen2")] {
             let ids = tok.encode(text, true).expect("encode");
             let deltas = check_stream(tok, &ids, true, name);
             // SentencePiece: the first word loses the prefix space, later ones keep theirs.
@@ -399,26 +434,45 @@ fn streaming_deltas_are_whole_characters() {
         .count();
     assert_eq!(n_bytes, 4, "{ids:?}");
     let mut s = DecodeStream::new();
-    let outs: Vec<Option<String>> = ids.iter().map(|&i| s.push(&spm, i).unwrap()).collect();
-    assert_eq!(outs.last().cloned().flatten().as_deref(), Some("𠜎"), "{outs:?}");
-    assert!(outs[..outs.len() - 1].iter().all(Option::is_none), "{outs:?}");
+    let outs: Vec<Option<String>> = ids.iter().map(|&i| s.push(spm, i).unwrap()).collect();
+    assert_eq!(
+        outs.last().cloned().flatten().as_deref(),
+        Some("𠜎"),
+        "{outs:?}"
+    );
+    assert!(
+        outs[..outs.len() - 1].iter().all(Option::is_none),
+        "{outs:?}"
+    );
     // A dangling partial character is released by flush.
     let mut s = DecodeStream::new();
     for &i in &ids[..ids.len() - 1] {
-        assert_eq!(s.push(&spm, i).unwrap(), None);
+        assert_eq!(s.push(spm, i).unwrap(), None);
     }
-    assert!(s.flush(&spm).unwrap().is_some_and(|t| t.ends_with('\u{FFFD}')));
-    assert_eq!(s.flush(&spm).unwrap(), None);
+    assert!(s
+        .flush(spm)
+        .unwrap()
+        .is_some_and(|t| t.ends_with('\u{FFFD}')));
+    assert_eq!(s.flush(spm).unwrap(), None);
     // The same with byte-level BPE: an emoji split over tokens.
     let ids = l3.encode_plain("🦙").unwrap();
     assert!(ids.len() > 1, "{ids:?}");
     let mut s = DecodeStream::new();
-    let outs: Vec<Option<String>> = ids.iter().map(|&i| s.push(&l3, i).unwrap()).collect();
-    assert_eq!(outs.last().cloned().flatten().as_deref(), Some("🦙"), "{outs:?}");
+    let outs: Vec<Option<String>> = ids.iter().map(|&i| s.push(l3, i).unwrap()).collect();
+    assert_eq!(
+        outs.last().cloned().flatten().as_deref(),
+        Some("🦙"),
+        "{outs:?}"
+    );
     // SentencePiece spaces between words survive streaming.
     let ids = spm.encode("Hello world again", true).unwrap();
-    let deltas = check_stream(&spm, &ids, true, "spm words");
+    let deltas = check_stream(spm, &ids, true, "spm words");
     assert_eq!(deltas, vec!["Hello", " world", " again"]);
 }
 
-
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<DecodeStream>();
+}

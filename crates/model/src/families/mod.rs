@@ -323,7 +323,10 @@ pub fn markdown_table() -> String {
             if v.is_empty() {
                 "—".to_string()
             } else {
-                v.iter().map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", ")
+                v.iter()
+                    .map(|x| format!("`{x}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         };
         let gguf: Vec<&str> = if f.from_gguf.is_some() {

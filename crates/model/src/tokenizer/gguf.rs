@@ -67,9 +67,7 @@ fn get_id(meta: &Meta, key: &str, n: usize, path: &Path) -> Result<Option<Option
                     format!("{key} should be an integer, found {:?}", v.value_type()),
                 )
             })?;
-            Ok(Some(
-                u32::try_from(x).ok().filter(|&i| (i as usize) < n),
-            ))
+            Ok(Some(u32::try_from(x).ok().filter(|&i| (i as usize) < n)))
         }
     }
 }
@@ -92,7 +90,10 @@ fn strings(arr: &[Value], key: &str, path: &Path) -> Result<Vec<String>> {
             Value::String(s) => Ok(s.clone()),
             other => Err(ModelError::tokenizer(
                 path,
-                format!("{key}[{i}] should be a string, found {:?}", other.value_type()),
+                format!(
+                    "{key}[{i}] should be a string, found {:?}",
+                    other.value_type()
+                ),
             )),
         })
         .collect()
@@ -100,9 +101,8 @@ fn strings(arr: &[Value], key: &str, path: &Path) -> Result<Vec<String>> {
 
 /// Reads the vocabulary described by `tokenizer.ggml.*`.
 pub(crate) fn read(meta: &Meta, path: &Path) -> Result<LlamaVocab> {
-    let model = get_str(meta, "tokenizer.ggml.model", path)?.ok_or_else(|| {
-        ModelError::tokenizer(path, "tokenizer.ggml.model is missing")
-    })?;
+    let model = get_str(meta, "tokenizer.ggml.model", path)?
+        .ok_or_else(|| ModelError::tokenizer(path, "tokenizer.ggml.model is missing"))?;
     let pre = get_str(meta, "tokenizer.ggml.pre", path)?.unwrap_or("default");
 
     let tokens_v = get_array(meta, "tokenizer.ggml.tokens", path)?
@@ -121,7 +121,10 @@ pub(crate) fn read(meta: &Meta, path: &Path) -> Result<LlamaVocab> {
             if a.len() < n {
                 return Err(ModelError::tokenizer(
                     path,
-                    format!("tokenizer.ggml.scores has {} entries for {n} tokens", a.len()),
+                    format!(
+                        "tokenizer.ggml.scores has {} entries for {n} tokens",
+                        a.len()
+                    ),
                 ));
             }
             a.iter()
@@ -144,7 +147,10 @@ pub(crate) fn read(meta: &Meta, path: &Path) -> Result<LlamaVocab> {
             if a.len() < n {
                 return Err(ModelError::tokenizer(
                     path,
-                    format!("tokenizer.ggml.token_type has {} entries for {n} tokens", a.len()),
+                    format!(
+                        "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                        a.len()
+                    ),
                 ));
             }
             a.iter()

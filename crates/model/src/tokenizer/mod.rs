@@ -47,7 +47,7 @@ enum Kind {
     /// A `tokenizer.json`: its own added tokens and post-processor.
     Hf {
         /// A copy that treats special-token text as plain text (for `encode_plain`).
-        plain: OnceLock<tokenizers::Tokenizer>,
+        plain: Box<OnceLock<tokenizers::Tokenizer>>,
         /// Whether the post-processor puts `bos_id` first by itself.
         post_adds_bos: bool,
     },
@@ -93,8 +93,14 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| ModelError::tokenizer(path, format!("cannot parse: {e}")))?;
+        // Some files carry a training-time truncation/padding setting; a prompt must never be
+        // cut or padded silently.
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::tokenizer(path, e.to_string()))?;
+        inner.with_padding(None);
         // Best guesses; the loader overrides them from tokenizer_config.json.
         let bos_id = HF_BOS_TEXTS.iter().find_map(|t| inner.token_to_id(t));
         let eos_ids: Vec<u32> = HF_EOS_TEXTS
@@ -111,7 +117,7 @@ impl Tokenizer {
             source: path.to_path_buf(),
             n_ids,
             kind: Kind::Hf {
-                plain: OnceLock::new(),
+                plain: Box::new(OnceLock::new()),
                 post_adds_bos: false,
             },
         };
@@ -180,7 +186,10 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         match &self.kind {
             Kind::Hf { post_adds_bos, .. } => {
-                let enc = self.inner.encode(text, add_special).map_err(|e| self.err(e))?;
+                let enc = self
+                    .inner
+                    .encode(text, add_special)
+                    .map_err(|e| self.err(e))?;
                 let mut ids = enc.get_ids().to_vec();
                 if add_special && self.add_bos && !post_adds_bos {
                     if let Some(b) = self.bos_id {
@@ -268,7 +277,9 @@ impl Tokenizer {
         if ids.is_empty() {
             return Ok(String::new());
         }
-        self.inner.decode(ids, skip_special).map_err(|e| self.err(e))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| self.err(e))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

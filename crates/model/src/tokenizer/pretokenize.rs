@@ -16,8 +16,7 @@ pub(crate) struct PreTokenizer {
     pub add_bos: Option<bool>,
 }
 
-const GPT2: &[&str] =
-    &[r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"];
+const GPT2: &[&str] = &[r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"];
 
 const DEFAULT: &[&str] = &[
     r"[\p{P}\$\+<=>\^~\|]+",
@@ -78,7 +77,10 @@ const QWEN35: &[&str] = &[
 
 const PORO: &[&str] = &[" ?[^(\\s|.,!?\u{2026}\u{3002}\u{ff0c}\u{3001}\u{964}\u{6d4}\u{60c})]+"];
 
-const VIKING: &[&str] = &[" ?[^(\\s|.,!?\u{2026}\u{3002}\u{ff0c}\u{3001}\u{964}\u{6d4}\u{60c})]+", r"\p{N}"];
+const VIKING: &[&str] = &[
+    " ?[^(\\s|.,!?\u{2026}\u{3002}\u{ff0c}\u{3001}\u{964}\u{6d4}\u{60c})]+",
+    r"\p{N}",
+];
 
 const TEKKEN: &[&str] = &[
     r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
@@ -101,9 +103,8 @@ const MINICPM5: &[&str] = &[
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 ];
 
-const UFAKZEKA: &[&str] = &[
-    r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-];
+const UFAKZEKA: &[&str] =
+    &[r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"];
 
 fn plain(regexes: &'static [&'static str]) -> PreTokenizer {
     PreTokenizer {
@@ -170,9 +171,28 @@ mod tests {
     #[test]
     fn every_regex_compiles() {
         let names = [
-            "default", "llama3", "minicpm5", "dbrx", "jais-2", "deepseek-llm", "deepseek-coder",
-            "deepseek-v3", "falcon", "smollm", "gpt-2", "qwen2", "qwen35", "bloom", "chatglm-bpe",
-            "glm4", "viking", "tekken", "gpt-4o", "bailingmoe", "seed-coder", "ufakzeka",
+            "default",
+            "llama3",
+            "minicpm5",
+            "dbrx",
+            "jais-2",
+            "deepseek-llm",
+            "deepseek-coder",
+            "deepseek-v3",
+            "falcon",
+            "smollm",
+            "gpt-2",
+            "qwen2",
+            "qwen35",
+            "bloom",
+            "chatglm-bpe",
+            "glm4",
+            "viking",
+            "tekken",
+            "gpt-4o",
+            "bailingmoe",
+            "seed-coder",
+            "ufakzeka",
         ];
         for name in names {
             let p = lookup(name).expect("known");

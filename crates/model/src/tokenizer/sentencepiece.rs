@@ -255,9 +255,11 @@ fn parse_model(bytes: &[u8]) -> Result<SentencePieceModel, String> {
     match trainer.model_type {
         2 => {}
         1 => {
-            return Err("unsupported SentencePiece model type UNIGRAM (camelid reads BPE models, \
+            return Err(
+                "unsupported SentencePiece model type UNIGRAM (camelid reads BPE models, \
                         as used by LLaMA-1/2, Mistral and Gemma)"
-                .into())
+                    .into(),
+            )
         }
         3 => return Err("unsupported SentencePiece model type WORD".into()),
         4 => return Err("unsupported SentencePiece model type CHAR".into()),

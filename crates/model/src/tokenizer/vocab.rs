@@ -70,7 +70,10 @@ pub(crate) enum VocabModel {
     Bpe { merges: Vec<String>, pre: String },
     /// WordPiece ("bert"), llama.cpp's conversion: word-initial pieces start with "▁",
     /// continuation pieces carry no "##".
-    Wpm { lowercase: bool, strip_accents: bool },
+    Wpm {
+        lowercase: bool,
+        strip_accents: bool,
+    },
 }
 
 /// A vocabulary as llama.cpp describes it.
@@ -220,7 +223,7 @@ impl LlamaVocab {
         // text it is given as plain text.
         inner.set_encode_special_tokens(true);
         // llama.cpp: longest first (a stable sort keeps id order among equal lengths).
-        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.text.len()));
 
         Ok(Built {
             inner,
@@ -299,7 +302,12 @@ impl LlamaVocab {
         Ok(tok)
     }
 
-    fn build_bpe(&self, merges: &[String], pre: &str, path: &Path) -> Result<tokenizers::Tokenizer> {
+    fn build_bpe(
+        &self,
+        merges: &[String],
+        pre: &str,
+        path: &Path,
+    ) -> Result<tokenizers::Tokenizer> {
         // Gemma 4: BPE over raw UTF-8 with "▁" for spaces and <0xXX> byte fallback, the text
         // split only into runs of newlines and runs of anything else.
         let spm_style = pre == "gemma4";

