@@ -231,7 +231,7 @@ mod tests {
             ..SamplingParams::default()
         });
         for _ in 0..10 {
-            assert_eq!(s.sample(&mut vec![0.0, 1.0, 0.5], &[], 0), 1);
+            assert_eq!(s.sample(&mut [0.0, 1.0, 0.5], &[], 0), 1);
         }
     }
 
@@ -246,7 +246,7 @@ mod tests {
         });
         // Token 0 holds ~88% of the mass: top-p 0.5 keeps it alone.
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut vec![4.0, 2.0, 1.0, 0.0], &[], 0), 0);
+            assert_eq!(s.sample(&mut [4.0, 2.0, 1.0, 0.0], &[], 0), 0);
         }
         let mut s = Sampler::new(SamplingParams {
             temperature: 1.0,
@@ -256,7 +256,7 @@ mod tests {
             ..SamplingParams::default()
         });
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut vec![4.0, 2.0, 1.0, 0.0], &[], 0), 0);
+            assert_eq!(s.sample(&mut [4.0, 2.0, 1.0, 0.0], &[], 0), 0);
         }
     }
 
@@ -268,7 +268,7 @@ mod tests {
             ..SamplingParams::default()
         });
         // Token 1 was seen: 3.0 / 2 = 1.5 < 2.0.
-        assert_eq!(s.sample(&mut vec![2.0, 3.0], &[1], 0), 0);
+        assert_eq!(s.sample(&mut [2.0, 3.0], &[1], 0), 0);
         let mut s = Sampler::new(SamplingParams {
             temperature: 0.0,
             presence_penalty: 0.5,
@@ -276,7 +276,7 @@ mod tests {
             ..SamplingParams::default()
         });
         // Token 1 generated twice: 3.0 - 0.5 - 1.0 = 1.5 < 2.0; prompt tokens do not count.
-        assert_eq!(s.sample(&mut vec![2.0, 3.0], &[1, 1], 2), 0);
-        assert_eq!(s.sample(&mut vec![2.0, 3.0], &[1, 1], 0), 1);
+        assert_eq!(s.sample(&mut [2.0, 3.0], &[1, 1], 2), 0);
+        assert_eq!(s.sample(&mut [2.0, 3.0], &[1, 1], 0), 1);
     }
 }

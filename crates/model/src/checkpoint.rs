@@ -35,6 +35,8 @@ pub struct WeightStore {
     source: Source,
     path: PathBuf,
     device: Device,
+    /// Expand quantized GGUF tensors to f32 at load (exact-math reference runs).
+    dequantize: bool,
 }
 
 /// Splits `blk.7.attn_q.weight` into (`blk.{i}.attn_q`, Some(7), `weight`).
@@ -107,6 +109,7 @@ impl WeightStore {
             },
             path: dir.to_path_buf(),
             device: device.clone(),
+            dequantize: false,
         })
     }
 
@@ -147,9 +150,16 @@ impl WeightStore {
                 },
                 path: path.to_path_buf(),
                 device: device.clone(),
+                dequantize: false,
             },
             metadata,
         ))
+    }
+
+    /// Every quantized tensor is expanded to f32 at load: slower and larger, but computes the
+    /// file's weights exactly (no 8-bit rounding of activations in the matmuls).
+    pub fn set_dequantize(&mut self, yes: bool) {
+        self.dequantize = yes;
     }
 
     pub fn path(&self) -> &Path {
@@ -258,7 +268,7 @@ impl WeightStore {
 
     /// A matmul weight `[out, in]`: quantized GGUF blocks stay quantized, floats become f32.
     pub fn matrix(&self, canonical: &str, shape: &[usize]) -> Result<Matrix> {
-        if let Source::Gguf { content, .. } = &self.source {
+        if let (Source::Gguf { content, .. }, false) = (&self.source, self.dequantize) {
             if let Some(info) = content.tensor_infos.get(canonical) {
                 if !matches!(
                     info.ggml_dtype,

@@ -22,12 +22,23 @@ pub struct Model {
     pub eos_ids: Vec<u32>,
 }
 
+/// Choices made at load time.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Expand quantized weights to f32 (exact math on the file's weights; for reference runs).
+    pub dequantize: bool,
+}
+
 impl Model {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(path, device, &LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
         if path.is_dir() {
             load_hf_dir(path, device)
         } else if path.is_file() {
-            load_gguf(path, device)
+            load_gguf(path, device, opts)
         } else {
             Err(ModelError::io(
                 path,
@@ -174,8 +185,9 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
     })
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<Model> {
-    let (store, meta) = WeightStore::open_gguf(path, device)?;
+fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> {
+    let (mut store, meta) = WeightStore::open_gguf(path, device)?;
+    store.set_dequantize(opts.dequantize);
     let reader = GgufReader::new(&meta, path)?;
     let family = families::by_gguf_arch(&reader.arch)
         .filter(|f| f.from_gguf.is_some())

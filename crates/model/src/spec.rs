@@ -236,7 +236,7 @@ impl ArchSpec {
         if a.heads == 0 || a.kv_heads == 0 || a.head_dim == 0 {
             return Err("attention heads, kv heads and head dim must be positive".into());
         }
-        if a.heads % a.kv_heads != 0 {
+        if !a.heads.is_multiple_of(a.kv_heads) {
             return Err(format!(
                 "{} attention heads are not a multiple of {} kv heads",
                 a.heads, a.kv_heads
@@ -244,7 +244,7 @@ impl ArchSpec {
         }
         if let Positions::Rotary(r) = &self.positions {
             let rot = self.rotary_dims(r);
-            if rot == 0 || rot % 2 != 0 || rot > a.head_dim {
+            if rot == 0 || !rot.is_multiple_of(2) || rot > a.head_dim {
                 return Err(format!(
                     "rotary dimensions {rot} must be even and at most head dim {}",
                     a.head_dim

@@ -8,7 +8,7 @@ use crate::checkpoint::{Matrix, WeightStore};
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
 use crate::spec::{Activation, ArchSpec, NormKind, NormPlacement, Positions, QkvLayout, Residual};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
@@ -27,33 +27,58 @@ pub trait KvStore {
     ) -> candle_core::Result<(Tensor, Tensor)>;
 }
 
+enum LinearWeight {
+    /// Dense f32 or a quantized type candle runs well.
+    Candle(QMatMul),
+    /// GGUF Q4_1 on the CPU: candle only has a scalar loop for it.
+    Q4_1(camelid_kernels::Q4_1Matrix),
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     fn load(store: &WeightStore, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let weight = store
-            .matrix(&format!("{name}.weight"), &[out, inp])?
-            .to_qmatmul()?;
+        let matrix = store.matrix(&format!("{name}.weight"), &[out, inp])?;
         let bias = if bias {
             Some(store.dense(&format!("{name}.bias"), &[out])?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Self::from_matrix(&matrix, bias)
     }
 
     fn from_matrix(m: &Matrix, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self {
-            weight: m.to_qmatmul()?,
-            bias,
-        })
+        let weight = match m {
+            Matrix::Quantized(q) if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() => {
+                let (rows, cols) = q.shape().dims2()?;
+                LinearWeight::Q4_1(
+                    camelid_kernels::Q4_1Matrix::from_bytes(rows, cols, &q.data()?)
+                        .map_err(|e| ModelError::Input(e.to_string()))?,
+                )
+            }
+            _ => LinearWeight::Candle(m.to_qmatmul()?),
+        };
+        Ok(Self { weight, bias })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Candle(w) => w.forward(x)?,
+            LinearWeight::Q4_1(w) => {
+                let mut dims = x.dims().to_vec();
+                dims.pop();
+                let tokens = dims.iter().product::<usize>();
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; tokens * w.rows];
+                w.matmul(&input, tokens, &mut out)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                dims.push(w.rows);
+                Tensor::from_vec(out, dims, x.device())?
+            }
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -94,7 +94,7 @@ pub fn llama_style_config(cfg: &HfConfig, family: &str) -> Result<ArchSpec> {
     let a = &mut s.attention;
     a.heads = cfg.usize("num_attention_heads")?;
     a.kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(a.heads);
-    if a.heads == 0 || s.hidden % a.heads != 0 && cfg.get("head_dim").is_none() {
+    if a.heads == 0 || !s.hidden.is_multiple_of(a.heads) && cfg.get("head_dim").is_none() {
         return Err(cfg.err(format!(
             "hidden_size {} is not divisible by num_attention_heads {}",
             s.hidden, a.heads
