@@ -24,6 +24,8 @@ enum Source {
         files: candle_core::safetensors::MmapedSafetensors,
         /// Canonical name pattern (without `.weight`/`.bias`) → checkpoint pattern.
         names: HashMap<&'static str, &'static str>,
+        /// Canonical patterns whose matrices are stored `[in, out]`.
+        transposed: &'static [&'static str],
     },
     Gguf {
         content: gguf_file::Content,
@@ -58,6 +60,7 @@ impl WeightStore {
     pub fn open_safetensors(
         dir: &Path,
         names: &'static [(&'static str, &'static str)],
+        transposed: &'static [&'static str],
         device: &Device,
     ) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
@@ -106,6 +109,7 @@ impl WeightStore {
             source: Source::Safetensors {
                 files: st,
                 names: names.iter().copied().collect(),
+                transposed,
             },
             path: dir.to_path_buf(),
             device: device.clone(),
@@ -239,13 +243,21 @@ impl WeightStore {
             .checkpoint_name(canonical)
             .ok_or_else(|| self.err(canonical, "has no name in this family's tensor map"))?;
         let t = match &self.source {
-            Source::Safetensors { files, .. } => {
+            Source::Safetensors {
+                files, transposed, ..
+            } => {
                 if files.get(&name).is_err() {
                     return Err(self.err(canonical, "is missing from the checkpoint"));
                 }
-                files
+                let t = files
                     .load(&name, &self.device)
-                    .map_err(|e| self.err(canonical, first_line(&e)))?
+                    .map_err(|e| self.err(canonical, first_line(&e)))?;
+                let (pattern, _, suffix) = split_canonical(canonical);
+                if suffix == "weight" && t.rank() == 2 && transposed.contains(&pattern.as_str()) {
+                    t.t()?.contiguous()?
+                } else {
+                    t
+                }
             }
             Source::Gguf { content, .. } => {
                 if !content.tensor_infos.contains_key(&name) {

@@ -99,8 +99,30 @@ pub enum Positions {
     /// Linear biases on attention scores (BLOOM, MPT).
     Alibi {
         max_bias: f64,
+        slopes: AlibiSlopes,
     },
     None,
+}
+
+/// How a fused QKV checkpoint orders its output rows. The loader reorders them into
+/// `[q | k | v]`, the only layout the transformer knows.
+/// The two published ways to extend ALiBi slopes to head counts that are not a power of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlibiSlopes {
+    /// BLOOM: the next power's odd-indexed slopes appended.
+    Bloom,
+    /// MPT: the next power's slopes, odd then even indices, truncated.
+    Mpt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QkvPacking {
+    /// `[q | k | v]` (GPT-2, Baichuan, Falcon-7B, MPT).
+    Sequential,
+    /// `[q₀ k₀ v₀ | q₁ k₁ v₁ | ...]`, one triple per head (GPT-NeoX, BLOOM).
+    PerHead,
+    /// Per kv group: the group's query heads, then its key and value (Falcon-40B).
+    PerKvGroup,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +147,13 @@ pub struct AttentionSpec {
     pub softmax_scale: Option<f64>,
     /// Each token sees at most this many tokens (itself included).
     pub sliding_window: Option<usize>,
+    /// Which layers use the window (GPT-Neo alternates); `None`: all of them.
+    pub window_layers: Option<Vec<bool>>,
+    pub qkv_packing: QkvPacking,
+    /// Clamp q, k and v to ±this (MPT `clip_qkv`).
+    pub clip_qkv: Option<f64>,
+    /// LayerNorm over the whole q and k projections (MPT `qk_ln`).
+    pub qk_norm: bool,
 }
 
 impl AttentionSpec {
@@ -185,6 +214,11 @@ pub struct ArchSpec {
     /// The output head reuses the token embedding matrix.
     pub tied_head: bool,
     pub head_bias: bool,
+    /// Token embeddings narrower than the hidden size, with `proj_in` / `proj_out`
+    /// projections around the blocks (OPT-350m `word_embed_proj_dim`).
+    pub embed_dim: Option<usize>,
+    /// A LayerNorm right after the token embedding (BLOOM).
+    pub embed_norm: bool,
 }
 
 impl ArchSpec {
@@ -213,6 +247,10 @@ impl ArchSpec {
                 qkv_layout: QkvLayout::Split,
                 softmax_scale: None,
                 sliding_window: None,
+                window_layers: None,
+                qkv_packing: QkvPacking::Sequential,
+                clip_qkv: None,
+                qk_norm: false,
             },
             mlp: MlpSpec {
                 hidden: 11008,
@@ -223,6 +261,8 @@ impl ArchSpec {
             final_norm: true,
             tied_head: false,
             head_bias: false,
+            embed_dim: None,
+            embed_norm: false,
         }
     }
 
@@ -285,9 +325,16 @@ impl ArchSpec {
         };
         let per_layer = attn + mlp + norms_per_layer * norm_params;
         let v = self.vocab_size as u64;
-        let mut total = per_layer * self.layers as u64 + v * h;
+        let e = self.embed_dim.unwrap_or(self.hidden) as u64;
+        let mut total = per_layer * self.layers as u64 + v * e;
         if !self.tied_head {
-            total += v * h;
+            total += v * e;
+        }
+        if e != h {
+            total += 2 * e * h;
+        }
+        if self.embed_norm {
+            total += norm_params;
         }
         if self.final_norm {
             total += norm_params;

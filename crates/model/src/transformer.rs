@@ -7,7 +7,10 @@
 use crate::checkpoint::{Matrix, WeightStore};
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
-use crate::spec::{Activation, ArchSpec, NormKind, NormPlacement, Positions, QkvLayout, Residual};
+use crate::spec::{
+    Activation, AlibiSlopes, ArchSpec, NormKind, NormPlacement, Positions, QkvLayout, QkvPacking,
+    Residual,
+};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -95,7 +98,10 @@ struct Norm {
 
 impl Norm {
     fn load(store: &WeightStore, name: &str, spec: &ArchSpec) -> Result<Self> {
-        let h = spec.hidden;
+        Self::load_dim(store, name, spec, spec.hidden)
+    }
+
+    fn load_dim(store: &WeightStore, name: &str, spec: &ArchSpec, h: usize) -> Result<Self> {
         let weight = store.dense(&format!("{name}.weight"), &[h])?;
         let bias = if spec.norm.bias {
             store.dense(&format!("{name}.bias"), &[h])?
@@ -133,6 +139,11 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// This layer attends within the sliding window.
+    windowed: bool,
+    clip: Option<f64>,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
 }
 
 struct Mlp {
@@ -187,6 +198,8 @@ pub struct Transformer {
     embed: Embedding,
     position_embed: Option<Tensor>,
     embed_norm: Option<Norm>,
+    proj_in: Option<Linear>,
+    proj_out: Option<Linear>,
     blocks: Vec<Block>,
     final_norm: Option<Norm>,
     head: Linear,
@@ -196,19 +209,69 @@ pub struct Transformer {
     device: Device,
 }
 
-/// BLOOM's ALiBi slopes, including head counts that are not a power of two.
-pub fn alibi_slopes(heads: usize, max_bias: f64) -> Vec<f32> {
-    let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+/// ALiBi slopes per head, including head counts that are not a power of two.
+pub fn alibi_slopes(heads: usize, max_bias: f64, kind: AlibiSlopes) -> Vec<f32> {
     let slopes_for = |n: usize| -> Vec<f64> {
         let base = 2f64.powf(-(max_bias / n as f64));
         (1..=n).map(|i| base.powi(i as i32)).collect()
     };
-    let mut slopes = slopes_for(closest);
-    if closest != heads {
-        let extra = slopes_for(2 * closest);
-        slopes.extend(extra.into_iter().step_by(2).take(heads - closest));
-    }
+    let slopes = match kind {
+        AlibiSlopes::Bloom => {
+            let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+            let mut slopes = slopes_for(closest);
+            if closest != heads {
+                let extra = slopes_for(2 * closest);
+                slopes.extend(extra.into_iter().step_by(2).take(heads - closest));
+            }
+            slopes
+        }
+        AlibiSlopes::Mpt => {
+            let next = heads.next_power_of_two();
+            let all = slopes_for(next);
+            if next == heads {
+                all
+            } else {
+                let odd = all.iter().skip(1).step_by(2);
+                let even = all.iter().step_by(2);
+                odd.chain(even).copied().take(heads).collect()
+            }
+        }
+    };
     slopes.into_iter().map(|s| s as f32).collect()
+}
+
+/// Row order that turns a fused QKV projection packed per head or per kv group into
+/// `[q | k | v]`: `order[new_row] = old_row`.
+fn qkv_row_order(packing: QkvPacking, heads: usize, kv_heads: usize, head_dim: usize) -> Vec<u32> {
+    let rep = heads / kv_heads;
+    let mut q = Vec::new();
+    let mut k = Vec::new();
+    let mut v = Vec::new();
+    let rows = |start: usize| (start..start + head_dim).map(|r| r as u32);
+    match packing {
+        QkvPacking::Sequential => return (0..((heads + 2 * kv_heads) * head_dim) as u32).collect(),
+        QkvPacking::PerHead => {
+            for h in 0..heads {
+                let base = h * 3 * head_dim;
+                q.extend(rows(base));
+                k.extend(rows(base + head_dim));
+                v.extend(rows(base + 2 * head_dim));
+            }
+        }
+        QkvPacking::PerKvGroup => {
+            for g in 0..kv_heads {
+                let base = g * (rep + 2) * head_dim;
+                for i in 0..rep {
+                    q.extend(rows(base + i * head_dim));
+                }
+                k.extend(rows(base + rep * head_dim));
+                v.extend(rows(base + (rep + 1) * head_dim));
+            }
+        }
+    }
+    q.extend(k);
+    q.extend(v);
+    q
 }
 
 impl Transformer {
@@ -221,9 +284,18 @@ impl Transformer {
         let a = &spec.attention;
         let (q_dim, kv_dim) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
 
-        let embed = match store.matrix("token_embd.weight", &[v, h])? {
+        let e = spec.embed_dim.unwrap_or(h);
+        let embed = match store.matrix("token_embd.weight", &[v, e])? {
             Matrix::Dense(t) => Embedding::Dense(t),
             Matrix::Quantized(q) => Embedding::Quantized(q),
+        };
+        let (proj_in, proj_out) = if e != h {
+            (
+                Some(Linear::load(store, "proj_in", h, e, false)?),
+                Some(Linear::load(store, "proj_out", e, h, false)?),
+            )
+        } else {
+            (None, None)
         };
         let position_embed = match spec.positions {
             Positions::Learned { offset } => {
@@ -231,7 +303,7 @@ impl Transformer {
             }
             _ => None,
         };
-        let embed_norm = if store.contains("token_embd_norm.weight") {
+        let embed_norm = if spec.embed_norm {
             Some(Norm::load(store, "token_embd_norm", &spec)?)
         } else {
             None
@@ -246,13 +318,35 @@ impl Transformer {
                     k: Linear::load(store, &format!("{p}.attn_k"), kv_dim, h, a.qkv_bias)?,
                     v: Linear::load(store, &format!("{p}.attn_v"), kv_dim, h, a.qkv_bias)?,
                 },
-                QkvLayout::Fused => Qkv::Fused(Linear::load(
-                    store,
-                    &format!("{p}.attn_qkv"),
-                    q_dim + 2 * kv_dim,
-                    h,
-                    a.qkv_bias,
-                )?),
+                QkvLayout::Fused => {
+                    let name = format!("{p}.attn_qkv");
+                    let rows = q_dim + 2 * kv_dim;
+                    if a.qkv_packing == QkvPacking::Sequential {
+                        Qkv::Fused(Linear::load(store, &name, rows, h, a.qkv_bias)?)
+                    } else {
+                        let order = Tensor::new(
+                            qkv_row_order(a.qkv_packing, a.heads, a.kv_heads, a.head_dim),
+                            &device,
+                        )?;
+                        let w = store.dense(&format!("{name}.weight"), &[rows, h])?;
+                        let b = if a.qkv_bias {
+                            Some(store.dense(&format!("{name}.bias"), &[rows])?.index_select(&order, 0)?)
+                        } else {
+                            None
+                        };
+                        Qkv::Fused(Linear::from_matrix(
+                            &Matrix::Dense(w.index_select(&order, 0)?),
+                            b,
+                        )?)
+                    }
+                }
+            };
+            let qk_norm = |name: &str, dim: usize| -> Result<Option<Norm>> {
+                if a.qk_norm {
+                    Ok(Some(Norm::load_dim(store, &format!("{p}.{name}"), &spec, dim)?))
+                } else {
+                    Ok(None)
+                }
             };
             let attn = Attention {
                 qkv,
@@ -261,6 +355,11 @@ impl Transformer {
                 kv_heads: a.kv_heads,
                 head_dim: a.head_dim,
                 scale: a.scale(),
+                windowed: a.sliding_window.is_some()
+                    && a.window_layers.as_ref().is_none_or(|w| w.get(i).copied().unwrap_or(false)),
+                clip: a.clip_qkv,
+                q_norm: qk_norm("attn_q_norm", q_dim)?,
+                k_norm: qk_norm("attn_k_norm", kv_dim)?,
             };
             let f = spec.mlp.hidden;
             let gate = if spec.mlp.activation.is_gated() {
@@ -313,7 +412,7 @@ impl Transformer {
             };
             Linear::from_matrix(&m, head_bias)?
         } else {
-            Linear::load(store, "output", v, h, spec.head_bias)?
+            Linear::load(store, "output", v, e, spec.head_bias)?
         };
 
         let rope = match &spec.positions {
@@ -321,8 +420,8 @@ impl Transformer {
             _ => None,
         };
         let alibi_slopes = match spec.positions {
-            Positions::Alibi { max_bias } => Some(Tensor::new(
-                alibi_slopes(a.heads, max_bias).as_slice(),
+            Positions::Alibi { max_bias, slopes } => Some(Tensor::new(
+                alibi_slopes(a.heads, max_bias, slopes).as_slice(),
                 &device,
             )?),
             _ => None,
@@ -332,6 +431,8 @@ impl Transformer {
             embed,
             position_embed,
             embed_norm,
+            proj_in,
+            proj_out,
             blocks,
             final_norm,
             head,
@@ -380,6 +481,9 @@ impl Transformer {
         }
 
         let mut x = self.embed.forward(ids)?;
+        if let Some(p) = &self.proj_in {
+            x = p.forward(&x)?;
+        }
         if let (Some(pe), Positions::Learned { offset }) =
             (&self.position_embed, &self.spec.positions)
         {
@@ -392,7 +496,11 @@ impl Transformer {
             Some(r) => Some(r.cos_sin(start, t, &self.device)?),
             None => None,
         };
-        let mask = self.attention_mask(start, t)?;
+        let causal = self.attention_mask(start, t, None)?;
+        let windowed = match self.spec.attention.sliding_window {
+            Some(w) => self.attention_mask(start, t, Some(w))?,
+            None => None,
+        };
         let alibi = match &self.alibi_slopes {
             Some(s) => {
                 let keys =
@@ -406,7 +514,11 @@ impl Transformer {
             let ctx = AttnContext {
                 layer: i,
                 rotary: rotary.as_ref(),
-                mask: mask.as_ref(),
+                mask: if block.attn.windowed {
+                    windowed.as_ref()
+                } else {
+                    causal.as_ref()
+                },
                 alibi: alibi.as_ref(),
             };
             x = self.block_forward(block, &x, &ctx, cache)?;
@@ -417,6 +529,9 @@ impl Transformer {
         }
         if let Some(n) = &self.final_norm {
             x = n.forward(&x)?;
+        }
+        if let Some(p) = &self.proj_out {
+            x = p.forward(&x)?;
         }
         Ok(self.head.forward(&x)?)
     }
@@ -467,8 +582,7 @@ impl Transformer {
 
     /// Additive mask `[new, total]`: causal, and limited to the sliding window when there is one.
     /// `None` when every new token may see every key (single-token decode without a window).
-    fn attention_mask(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
-        let window = self.spec.attention.sliding_window;
+    fn attention_mask(&self, start: usize, t: usize, window: Option<usize>) -> Result<Option<Tensor>> {
         let total = start + t;
         if t == 1 && window.is_none_or(|w| w >= total) {
             return Ok(None);
@@ -505,6 +619,18 @@ impl Transformer {
                     qkv.narrow(2, (nh + nkv) * hd, nkv * hd)?,
                 )
             }
+        };
+        let (q, k, v) = match attn.clip {
+            Some(c) => (q.clamp(-c, c)?, k.clamp(-c, c)?, v.clamp(-c, c)?),
+            None => (q, k, v),
+        };
+        let q = match &attn.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &attn.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
         };
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;

@@ -32,4 +32,5 @@ pub static BAICHUAN: Family = Family {
         ("output_norm", "model.norm"),
         ("output", "lm_head"),
     ],
+    hf_transposed: &[],
 };

@@ -13,4 +13,5 @@ pub static LLAMA: Family = Family {
     from_config: |cfg| llama_style_config(cfg, "llama"),
     from_gguf: Some(|g| llama_style_gguf(g, "llama")),
     hf_tensor_names: LLAMA_TENSOR_NAMES,
+    hf_transposed: &[],
 };

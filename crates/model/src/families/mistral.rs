@@ -16,4 +16,5 @@ pub static MISTRAL: Family = Family {
     // llama.cpp converts Mistral checkpoints to its `llama` architecture.
     from_gguf: None,
     hf_tensor_names: LLAMA_TENSOR_NAMES,
+    hf_transposed: &[],
 };

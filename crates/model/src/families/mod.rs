@@ -32,6 +32,9 @@ pub struct Family {
     /// Canonical (GGUF-style) tensor name → the name in HF checkpoints, without the
     /// `.weight` / `.bias` suffix; `{i}` is the layer index.
     pub hf_tensor_names: &'static [(&'static str, &'static str)],
+    /// Canonical names of matrices stored `[in, out]` in HF checkpoints (GPT-2's Conv1D);
+    /// the loader transposes them.
+    pub hf_transposed: &'static [&'static str],
 }
 
 pub static FAMILIES: &[&Family] = &[

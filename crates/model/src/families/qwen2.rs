@@ -27,4 +27,5 @@ pub static QWEN2: Family = Family {
         Ok(s)
     }),
     hf_tensor_names: LLAMA_TENSOR_NAMES,
+    hf_transposed: &[],
 };
