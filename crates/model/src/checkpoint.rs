@@ -181,18 +181,30 @@ impl WeightStore {
     fn checkpoint_name(&self, canonical: &str) -> Option<String> {
         match &self.source {
             Source::Gguf { .. } => Some(canonical.to_string()),
-            Source::Safetensors { names, .. } => {
+            Source::Safetensors { names, files, .. } => {
                 let (pattern, layer, suffix) = split_canonical(canonical);
-                let mapped = names.get(pattern.as_str())?;
-                let mapped = match layer {
-                    Some(i) => mapped.replace("{i}", &i.to_string()),
-                    None => mapped.to_string(),
-                };
-                Some(if suffix.is_empty() {
-                    mapped
-                } else {
-                    format!("{mapped}.{suffix}")
-                })
+                // `a|b`: checkpoints of one family name a tensor either way (with or without a
+                // `transformer.` prefix, say); the first one present wins.
+                let candidates: Vec<String> = names
+                    .get(pattern.as_str())?
+                    .split('|')
+                    .map(|m| {
+                        let m = match layer {
+                            Some(i) => m.replace("{i}", &i.to_string()),
+                            None => m.to_string(),
+                        };
+                        if suffix.is_empty() {
+                            m
+                        } else {
+                            format!("{m}.{suffix}")
+                        }
+                    })
+                    .collect();
+                candidates
+                    .iter()
+                    .find(|c| files.get(c).is_ok())
+                    .or(candidates.first())
+                    .cloned()
             }
         }
     }

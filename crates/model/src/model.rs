@@ -110,7 +110,8 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
         known: families::known_model_types(),
     })?;
     let spec = (family.from_config)(&cfg)?;
-    let store = WeightStore::open_safetensors(dir, family.hf_tensor_names, family.hf_transposed, device)?;
+    let store =
+        WeightStore::open_safetensors(dir, family.hf_tensor_names, family.hf_transposed, device)?;
     let transformer = Transformer::load(spec, &store)?;
 
     let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;

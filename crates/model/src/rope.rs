@@ -165,6 +165,6 @@ impl Rope {
         }
         let rotated = rotate(&x.narrow(3, 0, self.dims)?)?;
         let pass = x.narrow(3, self.dims, head_dim - self.dims)?;
-        Tensor::cat(&[&rotated, &pass], 3)
+        Tensor::cat(&[&rotated, &pass], 3)?.contiguous()
     }
 }

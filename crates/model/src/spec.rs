@@ -100,6 +100,8 @@ pub enum Positions {
     Alibi {
         max_bias: f64,
         slopes: AlibiSlopes,
+        /// The bias goes in before the softmax scale, so it is scaled too (Falcon).
+        scaled: bool,
     },
     None,
 }

@@ -330,7 +330,11 @@ impl Transformer {
                         )?;
                         let w = store.dense(&format!("{name}.weight"), &[rows, h])?;
                         let b = if a.qkv_bias {
-                            Some(store.dense(&format!("{name}.bias"), &[rows])?.index_select(&order, 0)?)
+                            Some(
+                                store
+                                    .dense(&format!("{name}.bias"), &[rows])?
+                                    .index_select(&order, 0)?,
+                            )
                         } else {
                             None
                         };
@@ -343,7 +347,12 @@ impl Transformer {
             };
             let qk_norm = |name: &str, dim: usize| -> Result<Option<Norm>> {
                 if a.qk_norm {
-                    Ok(Some(Norm::load_dim(store, &format!("{p}.{name}"), &spec, dim)?))
+                    Ok(Some(Norm::load_dim(
+                        store,
+                        &format!("{p}.{name}"),
+                        &spec,
+                        dim,
+                    )?))
                 } else {
                     Ok(None)
                 }
@@ -356,7 +365,9 @@ impl Transformer {
                 head_dim: a.head_dim,
                 scale: a.scale(),
                 windowed: a.sliding_window.is_some()
-                    && a.window_layers.as_ref().is_none_or(|w| w.get(i).copied().unwrap_or(false)),
+                    && a.window_layers
+                        .as_ref()
+                        .is_none_or(|w| w.get(i).copied().unwrap_or(false)),
                 clip: a.clip_qkv,
                 q_norm: qk_norm("attn_q_norm", q_dim)?,
                 k_norm: qk_norm("attn_k_norm", kv_dim)?,
@@ -420,8 +431,16 @@ impl Transformer {
             _ => None,
         };
         let alibi_slopes = match spec.positions {
-            Positions::Alibi { max_bias, slopes } => Some(Tensor::new(
-                alibi_slopes(a.heads, max_bias, slopes).as_slice(),
+            Positions::Alibi {
+                max_bias,
+                slopes,
+                scaled,
+            } => Some(Tensor::new(
+                alibi_slopes(a.heads, max_bias, slopes)
+                    .into_iter()
+                    .map(|x| if scaled { x * a.scale() as f32 } else { x })
+                    .collect::<Vec<_>>()
+                    .as_slice(),
                 &device,
             )?),
             _ => None,
@@ -582,7 +601,12 @@ impl Transformer {
 
     /// Additive mask `[new, total]`: causal, and limited to the sliding window when there is one.
     /// `None` when every new token may see every key (single-token decode without a window).
-    fn attention_mask(&self, start: usize, t: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+    fn attention_mask(
+        &self,
+        start: usize,
+        t: usize,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
         let total = start + t;
         if t == 1 && window.is_none_or(|w| w >= total) {
             return Ok(None);

@@ -4,14 +4,22 @@
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
-use crate::spec::{ArchSpec, RopeScaling};
+use crate::spec::{Activation, ArchSpec, RopeScaling};
 use candle_core::quantized::gguf_file::Value;
 use std::collections::HashMap;
 use std::path::Path;
 
 mod baichuan;
+mod bloom;
+mod falcon;
+mod gpt2;
+mod gpt_neo;
+mod gpt_neox;
+mod gptj;
 mod llama;
 mod mistral;
+mod mpt;
+mod opt;
 mod qwen2;
 
 pub type GgufMeta = HashMap<String, Value>;
@@ -42,6 +50,14 @@ pub static FAMILIES: &[&Family] = &[
     &mistral::MISTRAL,
     &qwen2::QWEN2,
     &baichuan::BAICHUAN,
+    &gpt2::GPT2,
+    &gpt_neo::GPT_NEO,
+    &gptj::GPTJ,
+    &gpt_neox::GPT_NEOX,
+    &opt::OPT,
+    &bloom::BLOOM,
+    &falcon::FALCON,
+    &mpt::MPT,
 ];
 
 pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
@@ -84,6 +100,22 @@ pub const LLAMA_TENSOR_NAMES: &[(&str, &str)] = &[
     ("output_norm", "model.norm"),
     ("output", "lm_head"),
 ];
+
+/// Reads an activation name as transformers spells it.
+pub fn activation(cfg: &HfConfig, key: &str, default: &str) -> Result<Activation> {
+    let name = cfg.opt_str(key).unwrap_or(default);
+    Ok(match name {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "bloom_gelu" => Activation::GeluTanh,
+        "gelu" | "gelu_exact" => Activation::Gelu,
+        "relu" => Activation::Relu,
+        "silu" | "swish" => Activation::Silu,
+        other => {
+            return Err(cfg.err(format!(
+                "{key} \"{other}\" is not supported (gelu, gelu_new, relu, silu are)"
+            )))
+        }
+    })
+}
 
 /// The shared reading of a LLaMA-style `config.json` (LLaMA, Mistral, Qwen2 and their kin).
 pub fn llama_style_config(cfg: &HfConfig, family: &str) -> Result<ArchSpec> {

@@ -214,10 +214,14 @@ impl LlamaVocab {
             });
         }
         if !special_tokens.is_empty() {
-            inner.add_special_tokens(special_tokens.clone()).map_err(|e| tok_err(path, e))?;
+            inner
+                .add_special_tokens(special_tokens.clone())
+                .map_err(|e| tok_err(path, e))?;
         }
         if !plain_tokens.is_empty() {
-            inner.add_tokens(plain_tokens.clone()).map_err(|e| tok_err(path, e))?;
+            inner
+                .add_tokens(plain_tokens.clone())
+                .map_err(|e| tok_err(path, e))?;
         }
         // camelid splits special tokens itself (`partition`), so the pipeline must treat the
         // text it is given as plain text.
@@ -297,7 +301,8 @@ impl LlamaVocab {
             decoders.push(Strip::new(' ', 1, 0).into());
         }
         let mut tok = tokenizers::Tokenizer::new(bpe);
-        tok.with_normalizer(Some(NormalizerSequence::new(normalizers))).map_err(|e| tok_err(path, e))?;
+        tok.with_normalizer(Some(NormalizerSequence::new(normalizers)))
+            .map_err(|e| tok_err(path, e))?;
         tok.with_decoder(Some(DecoderSequence::new(decoders)));
         Ok(tok)
     }
@@ -368,7 +373,8 @@ impl LlamaVocab {
         }
         let mut tok = tokenizers::Tokenizer::new(bpe);
         if spm_style {
-            tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(|e| tok_err(path, e))?)).map_err(|e| tok_err(path, e))?;
+            tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(|e| tok_err(path, e))?))
+                .map_err(|e| tok_err(path, e))?;
             tok.with_pre_tokenizer(Some(PreSequence::new(steps)));
             let decoders: Vec<DecoderWrapper> = vec![
                 Replace::new("▁", " ").map_err(|e| tok_err(path, e))?.into(),
@@ -420,7 +426,8 @@ impl LlamaVocab {
             true,
             Some(strip_accents),
             lowercase,
-        ))).map_err(|e| tok_err(path, e))?;
+        )))
+        .map_err(|e| tok_err(path, e))?;
         tok.with_pre_tokenizer(Some(BertPreTokenizer));
         tok.with_decoder(Some(WordPieceDecoder::new("##".into(), false)));
         Ok(tok)

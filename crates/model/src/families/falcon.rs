@@ -1,0 +1,95 @@
+//! Falcon: parallel attention and MLP, MQA (7B: one norm, `[q | k | v]`) or GQA with the
+//! `new_decoder_architecture` (40B: `ln_attn` + `ln_mlp`, QKV packed per kv group), rotary
+//! or an ALiBi variant whose bias is scaled with the scores.
+
+use super::{activation, Family};
+use crate::spec::{
+    AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking, Residual,
+    RopeScaling, RotarySpec,
+};
+
+pub static FALCON: Family = Family {
+    name: "falcon",
+    title: "Falcon",
+    checkpoints: "`tiiuae/falcon-7b`, `tiiuae/falcon-40b`, `tiiuae/falcon-rw-1b`",
+    model_types: &["falcon", "RefinedWeb", "RefinedWebModel"],
+    gguf_archs: &[],
+    from_config: |cfg| {
+        let mut s = ArchSpec::llama_like("falcon");
+        s.vocab_size = cfg.usize("vocab_size")?;
+        s.hidden = cfg.usize("hidden_size")?;
+        s.layers = cfg.usize_any(&["num_hidden_layers", "n_layer"])?;
+        s.max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+        s.norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
+        let new_arch = cfg.bool_or("new_decoder_architecture", false)?;
+        let multi_query = cfg.bool_or("multi_query", true)?;
+        let parallel = cfg.bool_or("parallel_attn", true)?;
+        let bias = cfg.bool_or("bias", false)?;
+        let heads = cfg.usize_any(&["num_attention_heads", "n_head"])?;
+        let a = &mut s.attention;
+        a.heads = heads;
+        a.head_dim = s.hidden / heads.max(1);
+        a.qkv_layout = QkvLayout::Fused;
+        (a.kv_heads, a.qkv_packing) = if new_arch {
+            let kv = cfg.opt_usize("num_kv_heads")?.unwrap_or(heads);
+            (kv, QkvPacking::PerKvGroup)
+        } else if multi_query {
+            (1, QkvPacking::Sequential)
+        } else {
+            (heads, QkvPacking::PerHead)
+        };
+        a.qkv_bias = bias;
+        a.out_bias = bias;
+        let two_norms = new_arch && cfg.opt_usize("num_ln_in_parallel_attn")?.unwrap_or(2) == 2;
+        s.residual = match (parallel || new_arch, two_norms) {
+            (true, two) => Residual::Parallel { shared_norm: !two },
+            (false, _) => Residual::Sequential,
+        };
+        s.positions = if cfg.bool_or("alibi", false)? {
+            Positions::Alibi {
+                max_bias: 8.0,
+                slopes: AlibiSlopes::Bloom,
+                scaled: true,
+            }
+        } else {
+            Positions::Rotary(RotarySpec {
+                theta: cfg.f64_or("rope_theta", 10000.0)?,
+                fraction: 1.0,
+                interleaved: false,
+                scaling: RopeScaling::None,
+            })
+        };
+        s.mlp = MlpSpec {
+            hidden: cfg.opt_usize("ffn_hidden_size")?.unwrap_or(4 * s.hidden),
+            activation: activation(cfg, "activation", "gelu")?,
+            bias,
+        };
+        s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
+        Ok(s)
+    },
+    from_gguf: None,
+    hf_tensor_names: &[
+        ("token_embd", "transformer.word_embeddings"),
+        (
+            "blk.{i}.attn_norm",
+            "transformer.h.{i}.input_layernorm|transformer.h.{i}.ln_attn",
+        ),
+        (
+            "blk.{i}.ffn_norm",
+            "transformer.h.{i}.ln_mlp|transformer.h.{i}.post_attention_layernorm",
+        ),
+        (
+            "blk.{i}.attn_qkv",
+            "transformer.h.{i}.self_attention.query_key_value",
+        ),
+        (
+            "blk.{i}.attn_output",
+            "transformer.h.{i}.self_attention.dense",
+        ),
+        ("blk.{i}.ffn_up", "transformer.h.{i}.mlp.dense_h_to_4h"),
+        ("blk.{i}.ffn_down", "transformer.h.{i}.mlp.dense_4h_to_h"),
+        ("output_norm", "transformer.ln_f"),
+        ("output", "lm_head"),
+    ],
+    hf_transposed: &[],
+};

@@ -1,0 +1,66 @@
+//! GPT-2 (and DistilGPT-2): pre-LayerNorm, learned positions, GELU-tanh, fused `c_attn`,
+//! tied head. Its Conv1D layers store weights `[in, out]`; the loader transposes them.
+
+use super::{activation, Family};
+use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
+
+pub static GPT2: Family = Family {
+    name: "gpt2",
+    title: "GPT-2",
+    checkpoints: "`gpt2`, `gpt2-xl`, `distilgpt2`",
+    model_types: &["gpt2"],
+    gguf_archs: &[],
+    from_config: |cfg| {
+        let mut s = ArchSpec::llama_like("gpt2");
+        s.vocab_size = cfg.usize("vocab_size")?;
+        s.hidden = cfg.usize_any(&["n_embd", "hidden_size"])?;
+        s.layers = cfg.usize_any(&["n_layer", "num_hidden_layers"])?;
+        s.max_positions = cfg.usize_any(&["n_positions", "max_position_embeddings"])?;
+        s.norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
+        s.positions = Positions::Learned { offset: 0 };
+        let a = &mut s.attention;
+        a.heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
+        a.kv_heads = a.heads;
+        a.head_dim = s.hidden / a.heads.max(1);
+        a.qkv_layout = QkvLayout::Fused;
+        a.qkv_bias = true;
+        a.out_bias = true;
+        s.mlp = MlpSpec {
+            hidden: cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
+            activation: activation(cfg, "activation_function", "gelu_new")?,
+            bias: true,
+        };
+        s.tied_head = true;
+        Ok(s)
+    },
+    from_gguf: None,
+    hf_tensor_names: &[
+        ("token_embd", "transformer.wte|wte"),
+        ("position_embd", "transformer.wpe|wpe"),
+        ("blk.{i}.attn_norm", "transformer.h.{i}.ln_1|h.{i}.ln_1"),
+        (
+            "blk.{i}.attn_qkv",
+            "transformer.h.{i}.attn.c_attn|h.{i}.attn.c_attn",
+        ),
+        (
+            "blk.{i}.attn_output",
+            "transformer.h.{i}.attn.c_proj|h.{i}.attn.c_proj",
+        ),
+        ("blk.{i}.ffn_norm", "transformer.h.{i}.ln_2|h.{i}.ln_2"),
+        (
+            "blk.{i}.ffn_up",
+            "transformer.h.{i}.mlp.c_fc|h.{i}.mlp.c_fc",
+        ),
+        (
+            "blk.{i}.ffn_down",
+            "transformer.h.{i}.mlp.c_proj|h.{i}.mlp.c_proj",
+        ),
+        ("output_norm", "transformer.ln_f|ln_f"),
+    ],
+    hf_transposed: &[
+        "blk.{i}.attn_qkv",
+        "blk.{i}.attn_output",
+        "blk.{i}.ffn_up",
+        "blk.{i}.ffn_down",
+    ],
+};

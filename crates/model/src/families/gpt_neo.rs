@@ -1,0 +1,70 @@
+//! GPT-Neo: GPT-2's layout with split q/k/v, alternating global and local (windowed)
+//! attention layers, and no 1/sqrt(d) scaling of attention scores.
+
+use super::{activation, Family};
+use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions};
+
+pub static GPT_NEO: Family = Family {
+    name: "gpt_neo",
+    title: "GPT-Neo",
+    checkpoints: "`EleutherAI/gpt-neo-125m`, `EleutherAI/gpt-neo-2.7B`",
+    model_types: &["gpt_neo"],
+    gguf_archs: &[],
+    from_config: |cfg| {
+        let mut s = ArchSpec::llama_like("gpt_neo");
+        s.vocab_size = cfg.usize("vocab_size")?;
+        s.hidden = cfg.usize("hidden_size")?;
+        s.layers = cfg.usize_any(&["num_layers", "num_hidden_layers"])?;
+        s.max_positions = cfg.usize("max_position_embeddings")?;
+        s.norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
+        s.positions = Positions::Learned { offset: 0 };
+        // `attention_layers` spells out each layer's kind: "global" or "local".
+        let kinds: Vec<bool> = cfg
+            .get("attention_layers")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| cfg.err("missing \"attention_layers\""))?
+            .iter()
+            .map(|k| k.as_str() == Some("local"))
+            .collect();
+        if kinds.len() != s.layers {
+            return Err(cfg.err(format!(
+                "attention_layers lists {} layers, num_layers is {}",
+                kinds.len(),
+                s.layers
+            )));
+        }
+        let a = &mut s.attention;
+        a.heads = cfg.usize_any(&["num_heads", "num_attention_heads"])?;
+        a.kv_heads = a.heads;
+        a.head_dim = s.hidden / a.heads.max(1);
+        a.out_bias = true;
+        a.softmax_scale = Some(1.0);
+        a.sliding_window = Some(cfg.usize("window_size")?);
+        a.window_layers = Some(kinds);
+        s.mlp = MlpSpec {
+            hidden: cfg.opt_usize("intermediate_size")?.unwrap_or(4 * s.hidden),
+            activation: activation(cfg, "activation_function", "gelu_new")?,
+            bias: true,
+        };
+        s.tied_head = true;
+        Ok(s)
+    },
+    from_gguf: None,
+    hf_tensor_names: &[
+        ("token_embd", "transformer.wte"),
+        ("position_embd", "transformer.wpe"),
+        ("blk.{i}.attn_norm", "transformer.h.{i}.ln_1"),
+        ("blk.{i}.attn_q", "transformer.h.{i}.attn.attention.q_proj"),
+        ("blk.{i}.attn_k", "transformer.h.{i}.attn.attention.k_proj"),
+        ("blk.{i}.attn_v", "transformer.h.{i}.attn.attention.v_proj"),
+        (
+            "blk.{i}.attn_output",
+            "transformer.h.{i}.attn.attention.out_proj",
+        ),
+        ("blk.{i}.ffn_norm", "transformer.h.{i}.ln_2"),
+        ("blk.{i}.ffn_up", "transformer.h.{i}.mlp.c_fc"),
+        ("blk.{i}.ffn_down", "transformer.h.{i}.mlp.c_proj"),
+        ("output_norm", "transformer.ln_f"),
+    ],
+    hf_transposed: &[],
+};

@@ -1,0 +1,54 @@
+//! GPT-J: one LayerNorm feeding attention and MLP in parallel, interleaved rotary on the first
+//! `rotary_dim` channels of each head, a biased output head.
+
+use super::{activation, Family};
+use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions, Residual, RopeScaling, RotarySpec};
+
+pub static GPTJ: Family = Family {
+    name: "gptj",
+    title: "GPT-J",
+    checkpoints: "`EleutherAI/gpt-j-6b`",
+    model_types: &["gptj"],
+    gguf_archs: &[],
+    from_config: |cfg| {
+        let mut s = ArchSpec::llama_like("gptj");
+        s.vocab_size = cfg.usize("vocab_size")?;
+        s.hidden = cfg.usize_any(&["n_embd", "hidden_size"])?;
+        s.layers = cfg.usize_any(&["n_layer", "num_hidden_layers"])?;
+        s.max_positions = cfg.usize_any(&["n_positions", "max_position_embeddings"])?;
+        s.norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
+        s.residual = Residual::Parallel { shared_norm: true };
+        let a = &mut s.attention;
+        a.heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
+        a.kv_heads = a.heads;
+        a.head_dim = s.hidden / a.heads.max(1);
+        let rotary_dim = cfg.opt_usize("rotary_dim")?.unwrap_or(a.head_dim);
+        s.positions = Positions::Rotary(RotarySpec {
+            theta: 10000.0,
+            fraction: rotary_dim as f64 / a.head_dim as f64,
+            interleaved: true,
+            scaling: RopeScaling::None,
+        });
+        s.mlp = MlpSpec {
+            hidden: cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
+            activation: activation(cfg, "activation_function", "gelu_new")?,
+            bias: true,
+        };
+        s.head_bias = true;
+        Ok(s)
+    },
+    from_gguf: None,
+    hf_tensor_names: &[
+        ("token_embd", "transformer.wte"),
+        ("blk.{i}.attn_norm", "transformer.h.{i}.ln_1"),
+        ("blk.{i}.attn_q", "transformer.h.{i}.attn.q_proj"),
+        ("blk.{i}.attn_k", "transformer.h.{i}.attn.k_proj"),
+        ("blk.{i}.attn_v", "transformer.h.{i}.attn.v_proj"),
+        ("blk.{i}.attn_output", "transformer.h.{i}.attn.out_proj"),
+        ("blk.{i}.ffn_up", "transformer.h.{i}.mlp.fc_in"),
+        ("blk.{i}.ffn_down", "transformer.h.{i}.mlp.fc_out"),
+        ("output_norm", "transformer.ln_f"),
+        ("output", "lm_head"),
+    ],
+    hf_transposed: &[],
+};

@@ -1,0 +1,65 @@
+//! MPT: ALiBi (MPT's slopes), no biases anywhere (LayerNorms included), fused `Wqkv`,
+//! optional `clip_qkv` and QK LayerNorm, tied head.
+
+use super::{activation, Family};
+use crate::spec::{AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
+
+pub static MPT: Family = Family {
+    name: "mpt",
+    title: "MPT",
+    checkpoints: "`mosaicml/mpt-7b`, `mosaicml/mpt-7b-instruct`",
+    model_types: &["mpt"],
+    gguf_archs: &[],
+    from_config: |cfg| {
+        let mut s = ArchSpec::llama_like("mpt");
+        s.vocab_size = cfg.usize("vocab_size")?;
+        s.hidden = cfg.usize("d_model")?;
+        s.layers = cfg.usize("n_layers")?;
+        s.max_positions = cfg.usize("max_seq_len")?;
+        let mut norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
+        norm.bias = !cfg.bool_or("no_bias", true)?;
+        s.norm = norm;
+        let attn = cfg.get("attn_config").cloned().unwrap_or_default();
+        let num = |k: &str| attn.get(k).and_then(|v| v.as_f64());
+        if attn.get("alibi").and_then(|v| v.as_bool()) == Some(false) {
+            return Err(cfg.err("MPT without ALiBi (learned positions) is not supported"));
+        }
+        s.positions = Positions::Alibi {
+            max_bias: num("alibi_bias_max").unwrap_or(8.0),
+            slopes: AlibiSlopes::Mpt,
+            scaled: false,
+        };
+        let a = &mut s.attention;
+        a.heads = cfg.usize("n_heads")?;
+        a.kv_heads = a.heads;
+        a.head_dim = s.hidden / a.heads.max(1);
+        a.qkv_layout = QkvLayout::Fused;
+        a.softmax_scale = num("softmax_scale");
+        a.clip_qkv = num("clip_qkv");
+        a.qk_norm = attn.get("qk_ln").and_then(|v| v.as_bool()).unwrap_or(false);
+        s.mlp = MlpSpec {
+            hidden: cfg.opt_usize("expansion_ratio")?.unwrap_or(4) * s.hidden,
+            activation: activation(cfg, "hidden_act", "gelu")?,
+            bias: false,
+        };
+        s.tied_head = true;
+        Ok(s)
+    },
+    from_gguf: None,
+    hf_tensor_names: &[
+        ("token_embd", "transformer.wte"),
+        ("blk.{i}.attn_norm", "transformer.blocks.{i}.norm_1"),
+        ("blk.{i}.attn_qkv", "transformer.blocks.{i}.attn.Wqkv"),
+        ("blk.{i}.attn_q_norm", "transformer.blocks.{i}.attn.q_ln"),
+        ("blk.{i}.attn_k_norm", "transformer.blocks.{i}.attn.k_ln"),
+        (
+            "blk.{i}.attn_output",
+            "transformer.blocks.{i}.attn.out_proj",
+        ),
+        ("blk.{i}.ffn_norm", "transformer.blocks.{i}.norm_2"),
+        ("blk.{i}.ffn_up", "transformer.blocks.{i}.ffn.up_proj"),
+        ("blk.{i}.ffn_down", "transformer.blocks.{i}.ffn.down_proj"),
+        ("output_norm", "transformer.norm_f"),
+    ],
+    hf_transposed: &[],
+};
