@@ -204,6 +204,27 @@ pub fn tokenize(
     emit(&serde_json::json!({ "ids": ids }).to_string())
 }
 
+pub fn embed(margs: &ModelArgs, texts: Vec<String>) -> Result<()> {
+    let texts = if texts.is_empty() {
+        read_stdin()?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    } else {
+        texts
+    };
+    if texts.is_empty() {
+        bail!("nothing to embed: give texts as arguments or one per line on stdin");
+    }
+    let model = resolve::load(margs)?;
+    let vectors = texts
+        .iter()
+        .map(|t| camelid_engine::embed::embed_text(&model, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    emit(&serde_json::json!({ "model": model.name, "embeddings": vectors }).to_string())
+}
+
 pub fn pull(name: &str) -> Result<()> {
     let Some(entry) = catalog::find(name) else {
         bail!("{name}: not in the catalog (see `camelid list`)");
@@ -225,6 +246,26 @@ pub fn list() -> Result<()> {
         println!("{:<24} {:<10} {}{}", e.name, status, e.description, default);
     }
     println!("\nModels are cached in {}", catalog::home().display());
+    Ok(())
+}
+
+pub fn presets() -> Result<()> {
+    println!(
+        "{:<18} {:<26} {:>12} {:>11} {:>7}  SOURCE",
+        "NAME", "DESIGN", "COMPUTED", "PUBLISHED", "DIFF"
+    );
+    for p in camelid_model::presets::PRESETS {
+        let billions = (p.build)().parameter_count() as f64 / 1e9;
+        println!(
+            "{:<18} {:<26} {:>11.2}B {:>10}B {:>+6.2}%  {}",
+            p.name,
+            p.title,
+            billions,
+            p.published_billions,
+            (billions / p.published_billions - 1.0) * 100.0,
+            p.source
+        );
+    }
     Ok(())
 }
 

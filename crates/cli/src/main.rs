@@ -120,6 +120,13 @@ enum Command {
         /// Text to tokenize (stdin when not given)
         text: Option<String>,
     },
+    /// Print sentence embeddings as JSON: {"embeddings":[[...],...]} (one per text)
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Texts to embed (one per line from stdin when none are given)
+        texts: Vec<String>,
+    },
     /// Download a catalog model into the cache
     Pull {
         /// Catalog name (see `camelid list`)
@@ -127,6 +134,8 @@ enum Command {
     },
     /// List catalog models and whether they are downloaded
     List,
+    /// List architecture presets (the surveys' designs) with their computed sizes
+    Presets,
     /// Measure prompt processing and generation speed (llama-bench style)
     Bench {
         #[command(flatten)]
@@ -167,8 +176,10 @@ fn main() {
             decode,
             text,
         } => commands::tokenize(&model, add_special, decode.as_deref(), text),
+        Command::Embed { model, texts } => commands::embed(&model, texts),
         Command::Pull { name } => commands::pull(&name),
         Command::List => commands::list(),
+        Command::Presets => commands::presets(),
         Command::Bench {
             model,
             prompt_tokens,

@@ -4,6 +4,7 @@
 //! or speaks HTTP; the server and the CLI sit on top of it.
 
 pub mod bench;
+pub mod embed;
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;

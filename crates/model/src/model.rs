@@ -20,6 +20,65 @@ pub struct Model {
     pub chat_template: ChatTemplate,
     /// Ids that end generation (the tokenizer's EOS plus the generation config's).
     pub eos_ids: Vec<u32>,
+    /// How `embed` turns hidden states into one vector.
+    pub pooling: Pooling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolingKind {
+    /// Average over the tokens.
+    Mean,
+    /// The first token's state (BERT's [CLS]).
+    Cls,
+}
+
+/// Sentence-embedding pooling, as a sentence-transformers directory declares it
+/// (`modules.json`, `1_Pooling/config.json`); mean pooling with L2 normalization otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pooling {
+    pub kind: PoolingKind,
+    pub normalize: bool,
+}
+
+impl Default for Pooling {
+    fn default() -> Self {
+        Self {
+            kind: PoolingKind::Mean,
+            normalize: true,
+        }
+    }
+}
+
+fn read_pooling(dir: &Path) -> Result<Pooling> {
+    let Some(modules) = read_json_opt(&dir.join("modules.json"))? else {
+        return Ok(Pooling::default());
+    };
+    let list = modules.as_array().cloned().unwrap_or_default();
+    let kind_of = |m: &Value| {
+        m.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let normalize = list.iter().any(|m| kind_of(m).ends_with(".Normalize"));
+    let mut kind = PoolingKind::Mean;
+    if let Some(p) = list.iter().find(|m| kind_of(m).ends_with(".Pooling")) {
+        let sub = p.get("path").and_then(Value::as_str).unwrap_or("1_Pooling");
+        if let Some(cfg) = read_json_opt(&dir.join(sub).join("config.json"))? {
+            let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
+            kind = if flag("pooling_mode_cls_token") {
+                PoolingKind::Cls
+            } else if flag("pooling_mode_mean_tokens") {
+                PoolingKind::Mean
+            } else {
+                return Err(ModelError::config(
+                    &dir.join(sub).join("config.json"),
+                    "only mean and CLS pooling are supported",
+                ));
+            };
+        }
+    }
+    Ok(Pooling { kind, normalize })
 }
 
 /// Choices made at load time.
@@ -183,6 +242,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
         tokenizer,
         chat_template,
         eos_ids: dedup(eos_ids),
+        pooling: read_pooling(dir)?,
     })
 }
 
@@ -242,6 +302,7 @@ fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> 
         tokenizer,
         chat_template,
         eos_ids: dedup(eos_ids),
+        pooling: Pooling::default(),
     })
 }
 

@@ -103,6 +103,14 @@ pub enum Positions {
         /// The bias goes in before the softmax scale, so it is scaled too (Falcon).
         scaled: bool,
     },
+    /// T5-style learned biases per head over log-spaced relative-distance buckets (LaMDA, T5).
+    RelativeBuckets {
+        buckets: usize,
+        max_distance: usize,
+    },
+    /// Transformer-XL relative attention: a per-layer projection of sinusoidal relative
+    /// positions plus two learned bias vectors (Gopher, Chinchilla).
+    RelativeXl,
     None,
 }
 
@@ -169,6 +177,8 @@ impl AttentionSpec {
 pub enum Activation {
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu,
+    /// `down(gelu(gate(x)) * up(x))` (T5 v1.1's gated-GELU, LaMDA, GLM-130B).
+    GeGlu,
     /// Exact (erf) GELU.
     Gelu,
     /// tanh-approximated GELU (GPT-2's `gelu_new`).
@@ -179,7 +189,7 @@ pub enum Activation {
 
 impl Activation {
     pub fn is_gated(self) -> bool {
-        matches!(self, Activation::SwiGlu)
+        matches!(self, Activation::SwiGlu | Activation::GeGlu)
     }
 }
 
@@ -219,8 +229,14 @@ pub struct ArchSpec {
     /// Token embeddings narrower than the hidden size, with `proj_in` / `proj_out`
     /// projections around the blocks (OPT-350m `word_embed_proj_dim`).
     pub embed_dim: Option<usize>,
-    /// A LayerNorm right after the token embedding (BLOOM).
+    /// A LayerNorm right after the token embedding (BLOOM, BERT).
     pub embed_norm: bool,
+    /// Decoders attend causally; encoders (BERT) see the whole sequence.
+    pub causal: bool,
+    /// Segment ("token type") embeddings added to the input (BERT); 0 for none.
+    pub type_vocab_size: usize,
+    /// Whether the model ends in a vocabulary head (encoders used for embeddings do not).
+    pub lm_head: bool,
 }
 
 impl ArchSpec {
@@ -265,6 +281,9 @@ impl ArchSpec {
             head_bias: false,
             embed_dim: None,
             embed_norm: false,
+            causal: true,
+            type_vocab_size: 0,
+            lm_head: true,
         }
     }
 
@@ -325,7 +344,10 @@ impl ArchSpec {
             Residual::Parallel { shared_norm: true } => 1,
             _ => 2,
         };
-        let per_layer = attn + mlp + norms_per_layer * norm_params;
+        let mut per_layer = attn + mlp + norms_per_layer * norm_params;
+        if self.positions == Positions::RelativeXl {
+            per_layer += h * q + 2 * q;
+        }
         let v = self.vocab_size as u64;
         let e = self.embed_dim.unwrap_or(self.hidden) as u64;
         let mut total = per_layer * self.layers as u64 + v * e;
@@ -338,11 +360,17 @@ impl ArchSpec {
         if self.embed_norm {
             total += norm_params;
         }
+        if !self.lm_head && !self.tied_head {
+            total -= v * e;
+        }
+        total += self.type_vocab_size as u64 * h;
         if self.final_norm {
             total += norm_params;
         }
-        if let Positions::Learned { offset } = self.positions {
-            total += (self.max_positions + offset) as u64 * h;
+        match self.positions {
+            Positions::Learned { offset } => total += (self.max_positions + offset) as u64 * h,
+            Positions::RelativeBuckets { buckets, .. } => total += (buckets * a.heads) as u64,
+            _ => {}
         }
         total
     }

@@ -157,11 +157,12 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let up = self.up.forward(x)?;
         let h = match (&self.gate, self.activation) {
+            (Some(gate), Activation::GeGlu) => (gate.forward(x)?.gelu()? * up)?,
             (Some(gate), _) => (candle_nn::ops::silu(&gate.forward(x)?)? * up)?,
             (None, Activation::Gelu) => up.gelu_erf()?,
             (None, Activation::GeluTanh) => up.gelu()?,
             (None, Activation::Relu) => up.relu()?,
-            (None, Activation::Silu | Activation::SwiGlu) => candle_nn::ops::silu(&up)?,
+            (None, _) => candle_nn::ops::silu(&up)?,
         };
         self.down.forward(&h)
     }
@@ -202,7 +203,9 @@ pub struct Transformer {
     proj_out: Option<Linear>,
     blocks: Vec<Block>,
     final_norm: Option<Norm>,
-    head: Linear,
+    /// Absent for encoders used as embedders.
+    head: Option<Linear>,
+    token_type_embed: Option<Tensor>,
     rope: Option<Rope>,
     /// Per-head ALiBi slopes, `[heads]`.
     alibi_slopes: Option<Tensor>,
@@ -278,6 +281,15 @@ impl Transformer {
     pub fn load(mut spec: ArchSpec, store: &WeightStore) -> Result<Self> {
         spec.validate()
             .map_err(|m| ModelError::config(store.path(), m))?;
+        if matches!(
+            spec.positions,
+            Positions::RelativeBuckets { .. } | Positions::RelativeXl
+        ) {
+            return Err(ModelError::config(
+                store.path(),
+                "relative-position attention (T5 buckets, Transformer-XL) is described by the spec but not yet run by the transformer",
+            ));
+        }
         let device = store.device().clone();
         let h = spec.hidden;
         let v = spec.vocab_size;
@@ -413,17 +425,24 @@ impl Transformer {
             None
         };
         // GGUF files of tied models omit `output`; the embedding then serves as head.
-        if !store.contains("output.weight") {
+        if spec.lm_head && !store.contains("output.weight") {
             spec.tied_head = true;
         }
-        let head = if spec.tied_head {
+        let head = if !spec.lm_head {
+            None
+        } else if spec.tied_head {
             let m = match &embed {
                 Embedding::Dense(t) => Matrix::Dense(t.clone()),
                 Embedding::Quantized(q) => Matrix::Quantized(q.clone()),
             };
-            Linear::from_matrix(&m, head_bias)?
+            Some(Linear::from_matrix(&m, head_bias)?)
         } else {
-            Linear::load(store, "output", v, e, spec.head_bias)?
+            Some(Linear::load(store, "output", v, e, spec.head_bias)?)
+        };
+        let token_type_embed = if spec.type_vocab_size > 0 {
+            Some(store.dense("token_types.weight", &[spec.type_vocab_size, h])?)
+        } else {
+            None
         };
 
         let rope = match &spec.positions {
@@ -455,6 +474,7 @@ impl Transformer {
             blocks,
             final_norm,
             head,
+            token_type_embed,
             rope,
             alibi_slopes,
             device,
@@ -477,6 +497,28 @@ impl Transformer {
         ids: &Tensor,
         cache: &mut dyn KvStore,
         all_logits: bool,
+    ) -> Result<Tensor> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            ModelError::Input(format!(
+                "{} is an encoder without a language-model head: use it for embeddings",
+                self.spec.family
+            ))
+        })?;
+        let mut x = self.hidden_states(ids, None, cache)?;
+        let t = x.dim(1)?;
+        if !all_logits && t > 1 {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        Ok(head.forward(&x)?)
+    }
+
+    /// The last hidden states `[batch, seq, hidden]` (after the final norm and `proj_out`):
+    /// what a vocabulary head reads, and what embedders pool.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        cache: &mut dyn KvStore,
     ) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let start = cache.seq_len();
@@ -507,6 +549,15 @@ impl Transformer {
             (&self.position_embed, &self.spec.positions)
         {
             x = x.broadcast_add(&pe.narrow(0, start + offset, t)?)?;
+        }
+        if let Some(types) = &self.token_type_embed {
+            let tt = match token_types {
+                Some(tt) => tt.clone(),
+                None => ids.zeros_like()?,
+            };
+            let (b, _) = tt.dims2()?;
+            let rows = types.index_select(&tt.flatten_all()?, 0)?;
+            x = (x + rows.reshape((b, t, types.dim(1)?))?)?;
         }
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
@@ -543,16 +594,13 @@ impl Transformer {
             x = self.block_forward(block, &x, &ctx, cache)?;
         }
 
-        if !all_logits && t > 1 {
-            x = x.narrow(1, t - 1, 1)?;
-        }
         if let Some(n) = &self.final_norm {
             x = n.forward(&x)?;
         }
         if let Some(p) = &self.proj_out {
             x = p.forward(&x)?;
         }
-        Ok(self.head.forward(&x)?)
+        Ok(x)
     }
 
     fn block_forward(
@@ -608,6 +656,9 @@ impl Transformer {
         window: Option<usize>,
     ) -> Result<Option<Tensor>> {
         let total = start + t;
+        if !self.spec.causal && window.is_none() {
+            return Ok(None);
+        }
         if t == 1 && window.is_none_or(|w| w >= total) {
             return Ok(None);
         }
@@ -615,7 +666,8 @@ impl Transformer {
         for i in 0..t {
             let q = start + i;
             for j in 0..total {
-                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                let visible =
+                    (j <= q || !self.spec.causal) && window.is_none_or(|w| q.abs_diff(j) < w);
                 if !visible {
                     m[i * total + j] = f32::NEG_INFINITY;
                 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 mod baichuan;
+mod bert;
 mod bloom;
 mod falcon;
 mod gpt2;
@@ -58,6 +59,7 @@ pub static FAMILIES: &[&Family] = &[
     &bloom::BLOOM,
     &falcon::FALCON,
     &mpt::MPT,
+    &bert::BERT,
 ];
 
 pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
