@@ -287,6 +287,20 @@ impl ArchSpec {
         }
     }
 
+    /// Sets the head counts, deriving the head size from the hidden size.
+    pub fn set_heads(&mut self, heads: usize, kv_heads: usize) -> Result<(), String> {
+        if heads == 0 || !self.hidden.is_multiple_of(heads) {
+            return Err(format!(
+                "hidden size {} is not divisible by {heads} attention heads",
+                self.hidden
+            ));
+        }
+        self.attention.heads = heads;
+        self.attention.kv_heads = kv_heads;
+        self.attention.head_dim = self.hidden / heads;
+        Ok(())
+    }
+
     /// Checks the invariants the transformer relies on, so a bad config fails at load with a
     /// message instead of a shape error deep in a forward pass.
     pub fn validate(&self) -> Result<(), String> {

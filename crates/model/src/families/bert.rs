@@ -32,10 +32,9 @@ pub static BERT: Family = Family {
         s.type_vocab_size = cfg.opt_usize("type_vocab_size")?.unwrap_or(2);
         s.final_norm = false;
         s.lm_head = false;
+        let heads = cfg.usize("num_attention_heads")?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize("num_attention_heads")?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.qkv_bias = true;
         a.out_bias = true;
         s.mlp = MlpSpec {

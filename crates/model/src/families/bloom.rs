@@ -27,10 +27,9 @@ pub static BLOOM: Family = Family {
         if cfg.bool_or("apply_residual_connection_post_layernorm", false)? {
             return Err(cfg.err("apply_residual_connection_post_layernorm = true is not supported"));
         }
+        let heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.qkv_layout = QkvLayout::Fused;
         a.qkv_packing = QkvPacking::PerHead;
         a.qkv_bias = true;

@@ -26,11 +26,7 @@ pub static FALCON: Family = Family {
         let parallel = cfg.bool_or("parallel_attn", true)?;
         let bias = cfg.bool_or("bias", false)?;
         let heads = cfg.usize_any(&["num_attention_heads", "n_head"])?;
-        let a = &mut s.attention;
-        a.heads = heads;
-        a.head_dim = s.hidden / heads.max(1);
-        a.qkv_layout = QkvLayout::Fused;
-        (a.kv_heads, a.qkv_packing) = if new_arch {
+        let (kv_heads, packing) = if new_arch {
             let kv = cfg.opt_usize("num_kv_heads")?.unwrap_or(heads);
             (kv, QkvPacking::PerKvGroup)
         } else if multi_query {
@@ -38,6 +34,10 @@ pub static FALCON: Family = Family {
         } else {
             (heads, QkvPacking::PerHead)
         };
+        s.set_heads(heads, kv_heads).map_err(|m| cfg.err(m))?;
+        let a = &mut s.attention;
+        a.qkv_layout = QkvLayout::Fused;
+        a.qkv_packing = packing;
         a.qkv_bias = bias;
         a.out_bias = bias;
         let two_norms = new_arch && cfg.opt_usize("num_ln_in_parallel_attn")?.unwrap_or(2) == 2;

@@ -18,10 +18,9 @@ pub static GPT2: Family = Family {
         s.max_positions = cfg.usize_any(&["n_positions", "max_position_embeddings"])?;
         s.norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
         s.positions = Positions::Learned { offset: 0 };
+        let heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.qkv_layout = QkvLayout::Fused;
         a.qkv_bias = true;
         a.out_bias = true;

@@ -33,10 +33,9 @@ pub static GPT_NEO: Family = Family {
                 s.layers
             )));
         }
+        let heads = cfg.usize_any(&["num_heads", "num_attention_heads"])?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize_any(&["num_heads", "num_attention_heads"])?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.out_bias = true;
         a.softmax_scale = Some(1.0);
         a.sliding_window = Some(cfg.usize("window_size")?);

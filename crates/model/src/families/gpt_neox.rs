@@ -25,10 +25,9 @@ pub static GPT_NEOX: Family = Family {
             Residual::Sequential
         };
         let bias = cfg.bool_or("attention_bias", true)?;
+        let heads = cfg.usize("num_attention_heads")?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize("num_attention_heads")?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.qkv_layout = QkvLayout::Fused;
         a.qkv_packing = QkvPacking::PerHead;
         a.qkv_bias = bias;

@@ -18,10 +18,9 @@ pub static GPTJ: Family = Family {
         s.max_positions = cfg.usize_any(&["n_positions", "max_position_embeddings"])?;
         s.norm = NormSpec::layer(cfg.f64_or("layer_norm_epsilon", 1e-5)?);
         s.residual = Residual::Parallel { shared_norm: true };
+        let heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize_any(&["n_head", "num_attention_heads"])?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         let rotary_dim = cfg.opt_usize("rotary_dim")?.unwrap_or(a.head_dim);
         s.positions = Positions::Rotary(RotarySpec {
             theta: 10000.0,

@@ -29,10 +29,9 @@ pub static MPT: Family = Family {
             slopes: AlibiSlopes::Mpt,
             scaled: false,
         };
+        let heads = cfg.usize("n_heads")?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize("n_heads")?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.qkv_layout = QkvLayout::Fused;
         a.softmax_scale = num("softmax_scale");
         a.clip_qkv = num("clip_qkv");

@@ -29,10 +29,9 @@ pub static OPT: Family = Family {
         let proj = cfg.opt_usize("word_embed_proj_dim")?.unwrap_or(s.hidden);
         s.embed_dim = (proj != s.hidden).then_some(proj);
         let bias = cfg.bool_or("enable_bias", true)?;
+        let heads = cfg.usize("num_attention_heads")?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
-        a.heads = cfg.usize("num_attention_heads")?;
-        a.kv_heads = a.heads;
-        a.head_dim = s.hidden / a.heads.max(1);
         a.qkv_bias = bias;
         a.out_bias = bias;
         s.mlp = MlpSpec {
