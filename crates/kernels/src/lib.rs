@@ -13,6 +13,31 @@ pub use q4_1::{BlockQ4_1, BlockQ8_1};
 
 use rayon::prelude::*;
 
+/// A parallel loop: run the closure over disjoint ranges covering `0..n`.
+pub type ParallelFor = dyn Fn(usize, &(dyn Fn(std::ops::Range<usize>) + Sync)) + Sync;
+
+/// The default [`ParallelFor`]: rayon's global pool, 16 rows a task.
+pub fn rayon_for(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    const ROWS_PER_TASK: usize = 16;
+    (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|c| f(c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(n)));
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must be in bounds and written by one task only.
+    unsafe fn write(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
 /// Instruction sets a kernel may use, detected once per call site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
@@ -91,6 +116,18 @@ impl Q4_1Matrix {
     /// `out[t][r] = Σ_c w[r][c] · x[t][c]` for `tokens` rows of `x` (`[tokens, cols]`),
     /// writing `[tokens, rows]`.
     pub fn matmul(&self, x: &[f32], tokens: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_on(x, tokens, out, &rayon_for)
+    }
+
+    /// [`Self::matmul`] on a caller's thread pool: `par(n, f)` must call `f` on disjoint
+    /// ranges covering `0..n`, possibly from several threads, and return when all are done.
+    pub fn matmul_on(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+        par: &ParallelFor,
+    ) -> Result<(), KernelError> {
         if x.len() != tokens * self.cols || out.len() != tokens * self.rows {
             return Err(KernelError(format!(
                 "matmul shapes: x has {} values for {tokens}×{}, out has {} for {tokens}×{}",
@@ -111,30 +148,23 @@ impl Q4_1Matrix {
             let a = &xq[t * per_row..(t + 1) * per_row];
             q4_1::dot(isa, w, a)
         };
-        // Enough rows per task to amortize scheduling, few enough to balance two cores.
-        const ROWS_PER_TASK: usize = 16;
+        // Results land row-major by weight row so each row's blocks are read once for all
+        // tokens; tasks own disjoint row ranges.
+        let mut by_row = vec![0f32; self.rows * tokens];
+        let dst = SharedOut(by_row.as_mut_ptr());
+        let work = |rows: std::ops::Range<usize>| {
+            for row in rows {
+                for t in 0..tokens {
+                    // SAFETY: `row` belongs to this task alone and `row * tokens + t` is in
+                    // bounds (`row < self.rows`, `t < tokens`).
+                    unsafe { dst.write(row * tokens + t, dot(row, t)) };
+                }
+            }
+        };
+        par(self.rows, &work);
         if tokens == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(chunk, o)| {
-                    for (i, v) in o.iter_mut().enumerate() {
-                        *v = dot(chunk * ROWS_PER_TASK + i, 0);
-                    }
-                });
+            out.copy_from_slice(&by_row);
         } else {
-            // Row-major by weight row so each row's blocks are read once for all tokens.
-            let mut by_row = vec![0f32; self.rows * tokens];
-            by_row
-                .par_chunks_mut(ROWS_PER_TASK * tokens)
-                .enumerate()
-                .for_each(|(chunk, o)| {
-                    for (i, vals) in o.chunks_mut(tokens).enumerate() {
-                        let row = chunk * ROWS_PER_TASK + i;
-                        for (t, v) in vals.iter_mut().enumerate() {
-                            *v = dot(row, t);
-                        }
-                    }
-                });
             for r in 0..self.rows {
                 for t in 0..tokens {
                     out[t * self.rows + r] = by_row[r * tokens + t];
