@@ -41,6 +41,7 @@ fn gpt(
         hidden: 4 * hidden,
         activation: Activation::Gelu,
         bias: true,
+        fused_gate_up: false,
     };
     s.tied_head = true;
     s

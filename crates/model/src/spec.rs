@@ -198,6 +198,9 @@ pub struct MlpSpec {
     pub hidden: usize,
     pub activation: Activation,
     pub bias: bool,
+    /// Gate and up projections stored as one `[2·hidden, in]` matrix, gate rows first
+    /// (ChatGLM's `dense_h_to_4h`); split at load.
+    pub fused_gate_up: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +240,8 @@ pub struct ArchSpec {
     pub type_vocab_size: usize,
     /// Whether the model ends in a vocabulary head (encoders used for embeddings do not).
     pub lm_head: bool,
+    /// Scale each head row to unit L2 norm at load (Baichuan2's NormHead).
+    pub normalize_head_rows: bool,
 }
 
 impl ArchSpec {
@@ -274,6 +279,7 @@ impl ArchSpec {
                 hidden: 11008,
                 activation: Activation::SwiGlu,
                 bias: false,
+                fused_gate_up: false,
             },
             residual: Residual::Sequential,
             final_norm: true,
@@ -284,6 +290,7 @@ impl ArchSpec {
             causal: true,
             type_vocab_size: 0,
             lm_head: true,
+            normalize_head_rows: false,
         }
     }
 

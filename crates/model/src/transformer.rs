@@ -385,20 +385,31 @@ impl Transformer {
                 k_norm: qk_norm("attn_k_norm", kv_dim)?,
             };
             let f = spec.mlp.hidden;
-            let gate = if spec.mlp.activation.is_gated() {
-                Some(Linear::load(
-                    store,
-                    &format!("{p}.ffn_gate"),
-                    f,
-                    h,
-                    spec.mlp.bias,
-                )?)
+            let (gate, up) = if spec.mlp.fused_gate_up {
+                if spec.mlp.bias {
+                    return Err(ModelError::config(
+                        store.path(),
+                        "a fused gate/up projection with biases is not supported",
+                    ));
+                }
+                let both = store.matrix(&format!("{p}.ffn_up.weight"), &[2 * f, h])?;
+                (
+                    Some(Linear::from_matrix(&both.rows(0, f)?, None)?),
+                    Linear::from_matrix(&both.rows(f, f)?, None)?,
+                )
             } else {
-                None
+                let gate = if spec.mlp.activation.is_gated() {
+                    let name = format!("{p}.ffn_gate");
+                    Some(Linear::load(store, &name, f, h, spec.mlp.bias)?)
+                } else {
+                    None
+                };
+                let name = format!("{p}.ffn_up");
+                (gate, Linear::load(store, &name, f, h, spec.mlp.bias)?)
             };
             let mlp = Mlp {
                 gate,
-                up: Linear::load(store, &format!("{p}.ffn_up"), f, h, spec.mlp.bias)?,
+                up,
                 down: Linear::load(store, &format!("{p}.ffn_down"), h, f, spec.mlp.bias)?,
                 activation: spec.mlp.activation,
             };
@@ -437,7 +448,15 @@ impl Transformer {
             };
             Some(Linear::from_matrix(&m, head_bias)?)
         } else {
-            Some(Linear::load(store, "output", v, e, spec.head_bias)?)
+            let mut m = store.matrix("output.weight", &[v, e])?;
+            if spec.normalize_head_rows {
+                let w = m.rows(0, v)?;
+                if let Matrix::Dense(w) = w {
+                    let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+                    m = Matrix::Dense(w.broadcast_div(&norms)?);
+                }
+            }
+            Some(Linear::from_matrix(&m, head_bias)?)
         };
         let token_type_embed = if spec.type_vocab_size > 0 {
             Some(store.dense("token_types.weight", &[spec.type_vocab_size, h])?)

@@ -1,31 +1,49 @@
-//! Baichuan-7B: the LLaMA layout with q, k and v fused into one `W_pack` projection.
-//! (Baichuan-13B and Baichuan2's ALiBi and NormHead variants come with the families issue.)
+//! Baichuan-7B / 13B and Baichuan2: the LLaMA layout with q, k and v fused into `W_pack`.
+//! The 13B models replace rotary with ALiBi (their configs have no `max_position_embeddings`;
+//! llama.cpp decides by the 40-layer count), and Baichuan2 normalizes the head's rows
+//! (NormHead), which camelid does at load.
 
 use super::Family;
-use crate::spec::QkvLayout;
+use crate::spec::{AlibiSlopes, Positions, QkvLayout};
+
+const ALIBI: Positions = Positions::Alibi {
+    max_bias: 8.0,
+    slopes: AlibiSlopes::Bloom,
+    scaled: false,
+};
 
 pub static BAICHUAN: Family = Family {
     name: "baichuan",
-    title: "Baichuan-7B",
-    checkpoints: "`baichuan-inc/Baichuan-7B`",
+    title: "Baichuan-7B / 13B, Baichuan2",
+    checkpoints: "`baichuan-inc/Baichuan-7B`, `baichuan-inc/Baichuan-13B-Chat`, `baichuan-inc/Baichuan2-7B-Chat`",
     model_types: &["baichuan"],
     gguf_archs: &["baichuan"],
     from_config: |cfg| {
         let mut s = super::llama_style_config(cfg, "baichuan")?;
         s.attention.qkv_layout = QkvLayout::Fused;
+        if cfg.get("max_position_embeddings").is_none() {
+            s.positions = ALIBI;
+            s.max_positions = cfg.opt_usize("model_max_length")?.unwrap_or(4096);
+        }
+        // Baichuan2 checkpoints store the head unnormalized; its config marks it with
+        // `z_loss_weight` (and a 125696-token vocabulary).
+        s.normalize_head_rows = cfg.get("z_loss_weight").is_some() || s.vocab_size == 125696;
         Ok(s)
     },
-    // llama.cpp splits W_pack into q/k/v when converting, so its files read like LLaMA's.
-    from_gguf: Some(|g| super::llama_style_gguf(g, "baichuan")),
+    // llama.cpp splits W_pack into q/k/v (and normalizes Baichuan2's head) when converting.
+    from_gguf: Some(|g| {
+        let mut s = super::llama_style_gguf(g, "baichuan")?;
+        if s.layers == 40 {
+            s.positions = ALIBI;
+        }
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "model.embed_tokens"),
         ("blk.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
         ("blk.{i}.attn_qkv", "model.layers.{i}.self_attn.W_pack"),
         ("blk.{i}.attn_output", "model.layers.{i}.self_attn.o_proj"),
-        (
-            "blk.{i}.ffn_norm",
-            "model.layers.{i}.post_attention_layernorm",
-        ),
+        ("blk.{i}.ffn_norm", "model.layers.{i}.post_attention_layernorm"),
         ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj"),
         ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj"),
         ("blk.{i}.ffn_down", "model.layers.{i}.mlp.down_proj"),

@@ -41,6 +41,7 @@ pub static BERT: Family = Family {
             hidden: cfg.usize("intermediate_size")?,
             activation: activation(cfg, "hidden_act", "gelu")?,
             bias: true,
+            fused_gate_up: false,
         };
         Ok(s)
     },

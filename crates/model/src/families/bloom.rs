@@ -38,6 +38,7 @@ pub static BLOOM: Family = Family {
             hidden: 4 * s.hidden,
             activation: activation(cfg, "hidden_act", "gelu_new")?,
             bias: true,
+            fused_gate_up: false,
         };
         s.tied_head = true;
         Ok(s)

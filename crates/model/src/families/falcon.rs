@@ -63,6 +63,7 @@ pub static FALCON: Family = Family {
             hidden: cfg.opt_usize("ffn_hidden_size")?.unwrap_or(4 * s.hidden),
             activation: activation(cfg, "activation", "gelu")?,
             bias,
+            fused_gate_up: false,
         };
         s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
         Ok(s)

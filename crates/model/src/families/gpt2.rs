@@ -28,6 +28,7 @@ pub static GPT2: Family = Family {
             hidden: cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
             activation: activation(cfg, "activation_function", "gelu_new")?,
             bias: true,
+            fused_gate_up: false,
         };
         s.tied_head = true;
         Ok(s)

@@ -44,6 +44,7 @@ pub static GPT_NEO: Family = Family {
             hidden: cfg.opt_usize("intermediate_size")?.unwrap_or(4 * s.hidden),
             activation: activation(cfg, "activation_function", "gelu_new")?,
             bias: true,
+            fused_gate_up: false,
         };
         s.tied_head = true;
         Ok(s)

@@ -46,6 +46,7 @@ pub static GPT_NEOX: Family = Family {
             hidden: cfg.usize("intermediate_size")?,
             activation: activation(cfg, "hidden_act", "gelu")?,
             bias: true,
+            fused_gate_up: false,
         };
         s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
         Ok(s)

@@ -32,6 +32,7 @@ pub static GPTJ: Family = Family {
             hidden: cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
             activation: activation(cfg, "activation_function", "gelu_new")?,
             bias: true,
+            fused_gate_up: false,
         };
         s.head_bias = true;
         Ok(s)

@@ -12,6 +12,7 @@ use std::path::Path;
 mod baichuan;
 mod bert;
 mod bloom;
+mod chatglm;
 mod falcon;
 mod gpt2;
 mod gpt_neo;
@@ -21,6 +22,7 @@ mod llama;
 mod mistral;
 mod mpt;
 mod opt;
+mod qwen;
 mod qwen2;
 
 pub type GgufMeta = HashMap<String, Value>;
@@ -59,6 +61,8 @@ pub static FAMILIES: &[&Family] = &[
     &bloom::BLOOM,
     &falcon::FALCON,
     &mpt::MPT,
+    &qwen::QWEN,
+    &chatglm::CHATGLM,
     &bert::BERT,
 ];
 

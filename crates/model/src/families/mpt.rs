@@ -40,6 +40,7 @@ pub static MPT: Family = Family {
             hidden: cfg.opt_usize("expansion_ratio")?.unwrap_or(4) * s.hidden,
             activation: activation(cfg, "hidden_act", "gelu")?,
             bias: false,
+            fused_gate_up: false,
         };
         s.tied_head = true;
         Ok(s)

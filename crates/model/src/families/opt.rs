@@ -38,6 +38,7 @@ pub static OPT: Family = Family {
             hidden: cfg.usize("ffn_dim")?,
             activation: activation(cfg, "activation_function", "relu")?,
             bias,
+            fused_gate_up: false,
         };
         s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
         Ok(s)

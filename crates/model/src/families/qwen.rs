@@ -1,0 +1,61 @@
+//! Qwen (v1, "QWen"): the LLaMA recipe with q/k/v fused into a biased `c_attn`, and the
+//! SwiGLU halves named `w1` (up) and `w2` (gate, through SiLU) at half of `intermediate_size`.
+
+use super::{llama_style_gguf, Family};
+use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RopeScaling, RotarySpec};
+
+pub static QWEN: Family = Family {
+    name: "qwen",
+    title: "Qwen (v1)",
+    checkpoints: "`Qwen/Qwen-7B`, `Qwen/Qwen-7B-Chat`",
+    model_types: &["qwen"],
+    gguf_archs: &["qwen"],
+    from_config: |cfg| {
+        let mut s = ArchSpec::llama_like("qwen");
+        s.vocab_size = cfg.usize("vocab_size")?;
+        s.hidden = cfg.usize("hidden_size")?;
+        s.layers = cfg.usize("num_hidden_layers")?;
+        s.max_positions = cfg.usize_any(&["seq_length", "max_position_embeddings"])?;
+        s.norm = NormSpec::rms(cfg.f64_or("layer_norm_epsilon", 1e-6)?);
+        let heads = cfg.usize("num_attention_heads")?;
+        s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
+        if let Some(kv) = cfg.opt_usize("kv_channels")? {
+            s.attention.head_dim = kv;
+        }
+        s.attention.qkv_layout = QkvLayout::Fused;
+        s.attention.qkv_bias = true;
+        s.positions = Positions::Rotary(RotarySpec {
+            theta: cfg.f64_or("rotary_emb_base", 10000.0)?,
+            fraction: cfg.f64_or("rotary_pct", 1.0)?,
+            interleaved: false,
+            scaling: RopeScaling::None,
+        });
+        s.mlp.hidden = cfg.usize("intermediate_size")? / 2;
+        s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
+        Ok(s)
+    },
+    from_gguf: Some(|g| {
+        let mut s = llama_style_gguf(g, "qwen")?;
+        // llama.cpp keeps Qwen's full `intermediate_size` in the metadata.
+        s.mlp.hidden /= 2;
+        s.attention.qkv_layout = QkvLayout::Fused;
+        s.attention.qkv_bias = true;
+        if let Positions::Rotary(r) = &mut s.positions {
+            r.interleaved = false;
+        }
+        Ok(s)
+    }),
+    hf_tensor_names: &[
+        ("token_embd", "transformer.wte"),
+        ("blk.{i}.attn_norm", "transformer.h.{i}.ln_1"),
+        ("blk.{i}.attn_qkv", "transformer.h.{i}.attn.c_attn"),
+        ("blk.{i}.attn_output", "transformer.h.{i}.attn.c_proj"),
+        ("blk.{i}.ffn_norm", "transformer.h.{i}.ln_2"),
+        ("blk.{i}.ffn_up", "transformer.h.{i}.mlp.w1"),
+        ("blk.{i}.ffn_gate", "transformer.h.{i}.mlp.w2"),
+        ("blk.{i}.ffn_down", "transformer.h.{i}.mlp.c_proj"),
+        ("output_norm", "transformer.ln_f"),
+        ("output", "lm_head"),
+    ],
+    hf_transposed: &[],
+};
