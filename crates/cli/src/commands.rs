@@ -218,10 +218,18 @@ pub fn embed(margs: &ModelArgs, texts: Vec<String>) -> Result<()> {
         bail!("nothing to embed: give texts as arguments or one per line on stdin");
     }
     let model = resolve::load(margs)?;
-    let vectors = texts
-        .iter()
-        .map(|t| camelid_engine::embed::embed_text(&model, t))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut vectors = Vec::with_capacity(texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        let e = camelid_engine::embed::embed_text(&model, t)?;
+        if let Some(n) = e.truncated_from {
+            eprintln!(
+                "camelid: text {}: {n} tokens cut to the model's max_seq_length of {}",
+                i + 1,
+                model.pooling.max_tokens.unwrap_or(0)
+            );
+        }
+        vectors.push(e.vector);
+    }
     emit(&serde_json::json!({ "model": model.name, "embeddings": vectors }).to_string())
 }
 

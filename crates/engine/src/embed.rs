@@ -33,9 +33,28 @@ pub fn embed_ids(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     Ok(pooled.squeeze(0)?.to_vec1()?)
 }
 
+pub struct Embedding {
+    pub vector: Vec<f32>,
+    /// Token count before the cut to the model's `max_seq_length`, when one happened.
+    pub truncated_from: Option<usize>,
+}
+
 /// Tokenizes `text` as the model's tokenizer does for single sentences (with [CLS]/[SEP] or
-/// BOS) and embeds it.
-pub fn embed_text(model: &Model, text: &str) -> Result<Vec<f32>> {
-    let ids = model.tokenizer()?.encode(text, true)?;
-    embed_ids(model, &ids)
+/// BOS) and embeds it. Texts over the model's declared `max_seq_length` are cut to it as
+/// sentence-transformers does (the final special token kept), and the cut is reported.
+pub fn embed_text(model: &Model, text: &str) -> Result<Embedding> {
+    let mut ids = model.tokenizer()?.encode(text, true)?;
+    let mut truncated_from = None;
+    if let Some(max) = model.pooling.max_tokens {
+        if ids.len() > max && max >= 2 {
+            truncated_from = Some(ids.len());
+            let last = ids[ids.len() - 1];
+            ids.truncate(max - 1);
+            ids.push(last);
+        }
+    }
+    Ok(Embedding {
+        vector: embed_ids(model, &ids)?,
+        truncated_from,
+    })
 }

@@ -38,6 +38,9 @@ pub enum PoolingKind {
 pub struct Pooling {
     pub kind: PoolingKind,
     pub normalize: bool,
+    /// sentence-transformers' `max_seq_length`: longer texts are cut to it (keeping the final
+    /// special token), as sentence-transformers does; callers are told when it happens.
+    pub max_tokens: Option<usize>,
 }
 
 impl Default for Pooling {
@@ -45,6 +48,7 @@ impl Default for Pooling {
         Self {
             kind: PoolingKind::Mean,
             normalize: true,
+            max_tokens: None,
         }
     }
 }
@@ -78,7 +82,14 @@ fn read_pooling(dir: &Path) -> Result<Pooling> {
             };
         }
     }
-    Ok(Pooling { kind, normalize })
+    let max_tokens = read_json_opt(&dir.join("sentence_bert_config.json"))?
+        .and_then(|c| c.get("max_seq_length").and_then(Value::as_u64))
+        .map(|n| n as usize);
+    Ok(Pooling {
+        kind,
+        normalize,
+        max_tokens,
+    })
 }
 
 /// Choices made at load time.
