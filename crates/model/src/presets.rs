@@ -4,6 +4,7 @@
 
 use crate::spec::{
     Activation, AlibiSlopes, ArchSpec, MlpSpec, NormPlacement, NormSpec, Positions, Residual,
+    RotarySpec,
 };
 
 pub struct Preset {
@@ -37,12 +38,7 @@ fn gpt(
     s.attention.head_dim = head_dim;
     s.attention.qkv_bias = true;
     s.attention.out_bias = true;
-    s.mlp = MlpSpec {
-        hidden: 4 * hidden,
-        activation: Activation::Gelu,
-        bias: true,
-        fused_gate_up: false,
-    };
+    s.mlp = MlpSpec::new(4 * hidden, Activation::Gelu, true);
     s.tied_head = true;
     s
 }
@@ -90,12 +86,7 @@ pub static PRESETS: &[Preset] = &[
             };
             s.attention.head_dim = 256;
             s.attention.kv_heads = 1;
-            s.positions = Positions::Rotary(crate::spec::RotarySpec {
-                theta: 10000.0,
-                fraction: 1.0,
-                interleaved: false,
-                scaling: crate::spec::RopeScaling::None,
-            });
+            s.positions = Positions::Rotary(RotarySpec::new(10000.0, 1.0, false));
             s.mlp.activation = Activation::SwiGlu;
             s.residual = Residual::Parallel { shared_norm: true };
             s
@@ -161,12 +152,7 @@ pub static PRESETS: &[Preset] = &[
         build: || {
             let mut s = gpt("glm-130b", 70, 12288, 96, 128, 150528);
             s.norm_placement = NormPlacement::Post;
-            s.positions = Positions::Rotary(crate::spec::RotarySpec {
-                theta: 10000.0,
-                fraction: 1.0,
-                interleaved: false,
-                scaling: crate::spec::RopeScaling::None,
-            });
+            s.positions = Positions::Rotary(RotarySpec::new(10000.0, 1.0, false));
             s.mlp.hidden = 32768;
             s.mlp.activation = Activation::GeGlu;
             s.tied_head = false;

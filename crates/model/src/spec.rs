@@ -89,6 +89,18 @@ pub struct RotarySpec {
     pub scaling: RopeScaling,
 }
 
+impl RotarySpec {
+    /// Unscaled rotary over `fraction` of each head.
+    pub fn new(theta: f64, fraction: f64, interleaved: bool) -> Self {
+        Self {
+            theta,
+            fraction,
+            interleaved,
+            scaling: RopeScaling::None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Positions {
     /// Learned absolute embeddings; OPT stores them shifted by `offset` (2).
@@ -203,6 +215,18 @@ pub struct MlpSpec {
     pub fused_gate_up: bool,
 }
 
+impl MlpSpec {
+    /// A plain (unfused) MLP.
+    pub fn new(hidden: usize, activation: Activation, bias: bool) -> Self {
+        Self {
+            hidden,
+            activation,
+            bias,
+            fused_gate_up: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Residual {
     /// `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`.
@@ -255,12 +279,7 @@ impl ArchSpec {
             max_positions: 2048,
             norm: NormSpec::rms(1e-6),
             norm_placement: NormPlacement::Pre,
-            positions: Positions::Rotary(RotarySpec {
-                theta: 10000.0,
-                fraction: 1.0,
-                interleaved: false,
-                scaling: RopeScaling::None,
-            }),
+            positions: Positions::Rotary(RotarySpec::new(10000.0, 1.0, false)),
             attention: AttentionSpec {
                 heads: 32,
                 kv_heads: 32,
@@ -275,12 +294,7 @@ impl ArchSpec {
                 clip_qkv: None,
                 qk_norm: false,
             },
-            mlp: MlpSpec {
-                hidden: 11008,
-                activation: Activation::SwiGlu,
-                bias: false,
-                fused_gate_up: false,
-            },
+            mlp: MlpSpec::new(11008, Activation::SwiGlu, false),
             residual: Residual::Sequential,
             final_norm: true,
             tied_head: false,

@@ -37,12 +37,7 @@ pub static BERT: Family = Family {
         let a = &mut s.attention;
         a.qkv_bias = true;
         a.out_bias = true;
-        s.mlp = MlpSpec {
-            hidden: cfg.usize("intermediate_size")?,
-            activation: activation(cfg, "hidden_act", "gelu")?,
-            bias: true,
-            fused_gate_up: false,
-        };
+        s.mlp = MlpSpec::new(cfg.usize("intermediate_size")?, activation(cfg, "hidden_act", "gelu")?, true);
         Ok(s)
     },
     from_gguf: None,

@@ -34,12 +34,11 @@ pub static BLOOM: Family = Family {
         a.qkv_packing = QkvPacking::PerHead;
         a.qkv_bias = true;
         a.out_bias = true;
-        s.mlp = MlpSpec {
-            hidden: 4 * s.hidden,
-            activation: activation(cfg, "hidden_act", "gelu_new")?,
-            bias: true,
-            fused_gate_up: false,
-        };
+        s.mlp = MlpSpec::new(
+            4 * s.hidden,
+            activation(cfg, "hidden_act", "gelu_new")?,
+            true,
+        );
         s.tied_head = true;
         Ok(s)
     },

@@ -2,7 +2,7 @@
 //! of each head in adjacent pairs, gate and up fused in `dense_h_to_4h`, RMSNorm.
 
 use super::{llama_style_gguf, Family};
-use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RopeScaling, RotarySpec};
+use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RotarySpec};
 
 pub static CHATGLM: Family = Family {
     name: "chatglm",
@@ -41,13 +41,9 @@ pub static CHATGLM: Family = Family {
         s.mlp.bias = s.attention.out_bias;
         s.mlp.hidden = cfg.usize("ffn_hidden_size")?;
         s.mlp.fused_gate_up = true;
-        s.positions = Positions::Rotary(RotarySpec {
-            // GLM-4 style configs scale the base; ChatGLM2/3 have no `rope_ratio`.
-            theta: 10000.0 * cfg.f64_or("rope_ratio", 1.0)?,
-            fraction: 0.5,
-            interleaved: true,
-            scaling: RopeScaling::None,
-        });
+        // GLM-4 style configs scale the base; ChatGLM2/3 have no `rope_ratio`.
+        let theta = 10000.0 * cfg.f64_or("rope_ratio", 1.0)?;
+        s.positions = Positions::Rotary(RotarySpec::new(theta, 0.5, true));
         s.tied_head = false;
         Ok(s)
     },

@@ -5,7 +5,7 @@
 use super::{activation, Family};
 use crate::spec::{
     AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking, Residual,
-    RopeScaling, RotarySpec,
+    RotarySpec,
 };
 
 pub static FALCON: Family = Family {
@@ -52,19 +52,17 @@ pub static FALCON: Family = Family {
                 scaled: true,
             }
         } else {
-            Positions::Rotary(RotarySpec {
-                theta: cfg.f64_or("rope_theta", 10000.0)?,
-                fraction: 1.0,
-                interleaved: false,
-                scaling: RopeScaling::None,
-            })
+            Positions::Rotary(RotarySpec::new(
+                cfg.f64_or("rope_theta", 10000.0)?,
+                1.0,
+                false,
+            ))
         };
-        s.mlp = MlpSpec {
-            hidden: cfg.opt_usize("ffn_hidden_size")?.unwrap_or(4 * s.hidden),
-            activation: activation(cfg, "activation", "gelu")?,
+        s.mlp = MlpSpec::new(
+            cfg.opt_usize("ffn_hidden_size")?.unwrap_or(4 * s.hidden),
+            activation(cfg, "activation", "gelu")?,
             bias,
-            fused_gate_up: false,
-        };
+        );
         s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
         Ok(s)
     },

@@ -24,12 +24,11 @@ pub static GPT2: Family = Family {
         a.qkv_layout = QkvLayout::Fused;
         a.qkv_bias = true;
         a.out_bias = true;
-        s.mlp = MlpSpec {
-            hidden: cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
-            activation: activation(cfg, "activation_function", "gelu_new")?,
-            bias: true,
-            fused_gate_up: false,
-        };
+        s.mlp = MlpSpec::new(
+            cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
+            activation(cfg, "activation_function", "gelu_new")?,
+            true,
+        );
         s.tied_head = true;
         Ok(s)
     },

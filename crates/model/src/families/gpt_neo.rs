@@ -40,12 +40,11 @@ pub static GPT_NEO: Family = Family {
         a.softmax_scale = Some(1.0);
         a.sliding_window = Some(cfg.usize("window_size")?);
         a.window_layers = Some(kinds);
-        s.mlp = MlpSpec {
-            hidden: cfg.opt_usize("intermediate_size")?.unwrap_or(4 * s.hidden),
-            activation: activation(cfg, "activation_function", "gelu_new")?,
-            bias: true,
-            fused_gate_up: false,
-        };
+        s.mlp = MlpSpec::new(
+            cfg.opt_usize("intermediate_size")?.unwrap_or(4 * s.hidden),
+            activation(cfg, "activation_function", "gelu_new")?,
+            true,
+        );
         s.tied_head = true;
         Ok(s)
     },

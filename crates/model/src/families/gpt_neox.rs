@@ -42,12 +42,11 @@ pub static GPT_NEOX: Family = Family {
             interleaved: false,
             scaling: rope_scaling(cfg, s.max_positions)?,
         });
-        s.mlp = MlpSpec {
-            hidden: cfg.usize("intermediate_size")?,
-            activation: activation(cfg, "hidden_act", "gelu")?,
-            bias: true,
-            fused_gate_up: false,
-        };
+        s.mlp = MlpSpec::new(
+            cfg.usize("intermediate_size")?,
+            activation(cfg, "hidden_act", "gelu")?,
+            true,
+        );
         s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
         Ok(s)
     },

@@ -2,7 +2,7 @@
 //! `rotary_dim` channels of each head, a biased output head.
 
 use super::{activation, Family};
-use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions, Residual, RopeScaling, RotarySpec};
+use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions, Residual, RotarySpec};
 
 pub static GPTJ: Family = Family {
     name: "gptj",
@@ -22,18 +22,16 @@ pub static GPTJ: Family = Family {
         s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
         let a = &mut s.attention;
         let rotary_dim = cfg.opt_usize("rotary_dim")?.unwrap_or(a.head_dim);
-        s.positions = Positions::Rotary(RotarySpec {
-            theta: 10000.0,
-            fraction: rotary_dim as f64 / a.head_dim as f64,
-            interleaved: true,
-            scaling: RopeScaling::None,
-        });
-        s.mlp = MlpSpec {
-            hidden: cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
-            activation: activation(cfg, "activation_function", "gelu_new")?,
-            bias: true,
-            fused_gate_up: false,
-        };
+        s.positions = Positions::Rotary(RotarySpec::new(
+            10000.0,
+            rotary_dim as f64 / a.head_dim as f64,
+            true,
+        ));
+        s.mlp = MlpSpec::new(
+            cfg.opt_usize("n_inner")?.unwrap_or(4 * s.hidden),
+            activation(cfg, "activation_function", "gelu_new")?,
+            true,
+        );
         s.head_bias = true;
         Ok(s)
     },

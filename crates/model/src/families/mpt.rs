@@ -36,12 +36,11 @@ pub static MPT: Family = Family {
         a.softmax_scale = num("softmax_scale");
         a.clip_qkv = num("clip_qkv");
         a.qk_norm = attn.get("qk_ln").and_then(|v| v.as_bool()).unwrap_or(false);
-        s.mlp = MlpSpec {
-            hidden: cfg.opt_usize("expansion_ratio")?.unwrap_or(4) * s.hidden,
-            activation: activation(cfg, "hidden_act", "gelu")?,
-            bias: false,
-            fused_gate_up: false,
-        };
+        s.mlp = MlpSpec::new(
+            cfg.opt_usize("expansion_ratio")?.unwrap_or(4) * s.hidden,
+            activation(cfg, "hidden_act", "gelu")?,
+            false,
+        );
         s.tied_head = true;
         Ok(s)
     },

@@ -34,12 +34,11 @@ pub static OPT: Family = Family {
         let a = &mut s.attention;
         a.qkv_bias = bias;
         a.out_bias = bias;
-        s.mlp = MlpSpec {
-            hidden: cfg.usize("ffn_dim")?,
-            activation: activation(cfg, "activation_function", "relu")?,
+        s.mlp = MlpSpec::new(
+            cfg.usize("ffn_dim")?,
+            activation(cfg, "activation_function", "relu")?,
             bias,
-            fused_gate_up: false,
-        };
+        );
         s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
         Ok(s)
     },

@@ -2,7 +2,7 @@
 //! SwiGLU halves named `w1` (up) and `w2` (gate, through SiLU) at half of `intermediate_size`.
 
 use super::{llama_style_gguf, Family};
-use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RopeScaling, RotarySpec};
+use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RotarySpec};
 
 pub static QWEN: Family = Family {
     name: "qwen",
@@ -24,12 +24,11 @@ pub static QWEN: Family = Family {
         }
         s.attention.qkv_layout = QkvLayout::Fused;
         s.attention.qkv_bias = true;
-        s.positions = Positions::Rotary(RotarySpec {
-            theta: cfg.f64_or("rotary_emb_base", 10000.0)?,
-            fraction: cfg.f64_or("rotary_pct", 1.0)?,
-            interleaved: false,
-            scaling: RopeScaling::None,
-        });
+        s.positions = Positions::Rotary(RotarySpec::new(
+            cfg.f64_or("rotary_emb_base", 10000.0)?,
+            cfg.f64_or("rotary_pct", 1.0)?,
+            false,
+        ));
         s.mlp.hidden = cfg.usize("intermediate_size")? / 2;
         s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
         Ok(s)
