@@ -77,6 +77,7 @@ pub struct Sampler {
     /// Reused between tokens so sampling allocates nothing per token.
     candidates: Vec<(u32, f32)>,
     counts: std::collections::HashMap<u32, u32>,
+    seen: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
@@ -87,6 +88,7 @@ impl Sampler {
             rng,
             candidates: Vec::new(),
             counts: Default::default(),
+            seen: Default::default(),
         }
     }
 
@@ -100,10 +102,10 @@ impl Sampler {
         let p = &self.params;
         if p.repeat_penalty != 1.0 {
             let start = context.len().saturating_sub(p.repeat_last_n);
-            let mut seen = std::collections::HashSet::new();
+            self.seen.clear();
             for &t in &context[start..] {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    if seen.insert(t) {
+                    if self.seen.insert(t) {
                         *l = if *l > 0.0 {
                             *l / p.repeat_penalty
                         } else {

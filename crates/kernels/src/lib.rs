@@ -148,29 +148,20 @@ impl Q4_1Matrix {
             let a = &xq[t * per_row..(t + 1) * per_row];
             q4_1::dot(isa, w, a)
         };
-        // Results land row-major by weight row so each row's blocks are read once for all
-        // tokens; tasks own disjoint row ranges.
-        let mut by_row = vec![0f32; self.rows * tokens];
-        let dst = SharedOut(by_row.as_mut_ptr());
-        let work = |rows: std::ops::Range<usize>| {
-            for row in rows {
+        // Tasks own disjoint weight rows, and each reads its rows' blocks once for all tokens;
+        // `out[t][row]` of different rows never collide, so they write `out` in place.
+        let rows = self.rows;
+        let dst = SharedOut(out.as_mut_ptr());
+        let work = |range: std::ops::Range<usize>| {
+            for row in range {
                 for t in 0..tokens {
-                    // SAFETY: `row` belongs to this task alone and `row * tokens + t` is in
-                    // bounds (`row < self.rows`, `t < tokens`).
-                    unsafe { dst.write(row * tokens + t, dot(row, t)) };
+                    // SAFETY: `row` belongs to this task alone, and `t * rows + row` is in
+                    // bounds (`out.len() == tokens * rows` was checked above).
+                    unsafe { dst.write(t * rows + row, dot(row, t)) };
                 }
             }
         };
-        par(self.rows, &work);
-        if tokens == 1 {
-            out.copy_from_slice(&by_row);
-        } else {
-            for r in 0..self.rows {
-                for t in 0..tokens {
-                    out[t * self.rows + r] = by_row[r * tokens + t];
-                }
-            }
-        }
+        par(rows, &work);
         Ok(())
     }
 
