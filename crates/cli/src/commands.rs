@@ -277,6 +277,24 @@ pub fn presets() -> Result<()> {
     Ok(())
 }
 
+/// Bytes of weights on disk: the GGUF file, or a directory's safetensors shards.
+fn weight_bytes(path: &Path) -> u64 {
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    if !path.is_dir() {
+        return len(path);
+    }
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .map(|p| len(&p))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -> Result<()> {
     if reps == 0 {
         bail!("--reps must be at least 1");
@@ -292,8 +310,7 @@ pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -
     if json {
         return emit(&serde_json::to_string(&results)?);
     }
-    let size =
-        std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let size = weight_bytes(&model.path) as f64 / (1u64 << 20) as f64;
     let params = model.spec().parameter_count() as f64 / 1e6;
     println!(
         "| model | size | params | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | ---: | --- | ---: |"
