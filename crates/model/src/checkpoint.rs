@@ -31,6 +31,8 @@ enum Source {
         content: gguf_file::Content,
         file: memmap2::Mmap,
     },
+    /// Tensors already in memory under their canonical names (a trainer's parameters).
+    Memory(HashMap<String, Tensor>),
 }
 
 pub struct WeightStore {
@@ -160,6 +162,17 @@ impl WeightStore {
         ))
     }
 
+    /// A store over in-memory f32 tensors named canonically, shaped as the transformer asks.
+    /// The tensors are used as they are (no copy), so a trainer's variables stay tracked.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device) -> Self {
+        Self {
+            source: Source::Memory(tensors),
+            path: PathBuf::from("<memory>"),
+            device: device.clone(),
+            dequantize: false,
+        }
+    }
+
     /// Every quantized tensor is expanded to f32 at load: slower and larger, but computes the
     /// file's weights exactly (no 8-bit rounding of activations in the matmuls).
     pub fn set_dequantize(&mut self, yes: bool) {
@@ -180,7 +193,7 @@ impl WeightStore {
 
     fn checkpoint_name(&self, canonical: &str) -> Option<String> {
         match &self.source {
-            Source::Gguf { .. } => Some(canonical.to_string()),
+            Source::Gguf { .. } | Source::Memory(_) => Some(canonical.to_string()),
             Source::Safetensors { names, files, .. } => {
                 let (pattern, layer, suffix) = split_canonical(canonical);
                 // `a|b`: checkpoints of one family name a tensor either way (with or without a
@@ -216,6 +229,7 @@ impl WeightStore {
         match &self.source {
             Source::Gguf { content, .. } => content.tensor_infos.contains_key(&name),
             Source::Safetensors { files, .. } => files.get(&name).is_ok(),
+            Source::Memory(map) => map.contains_key(&name),
         }
     }
 
@@ -277,6 +291,10 @@ impl WeightStore {
                 }
                 self.qtensor(canonical)?.dequantize(&self.device)?
             }
+            Source::Memory(map) => map
+                .get(&name)
+                .ok_or_else(|| self.err(canonical, "is missing from the checkpoint"))?
+                .clone(),
         };
         self.check_shape(canonical, t.dims(), shape)?;
         Ok(t.to_dtype(DType::F32)?)

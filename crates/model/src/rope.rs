@@ -167,4 +167,34 @@ impl Rope {
         let pass = x.narrow(3, self.dims, head_dim - self.dims)?;
         Tensor::cat(&[&rotated, &pass], 3)?.contiguous()
     }
+
+    /// [`Rope::apply`] written with elementary tensor ops, which candle can differentiate (its
+    /// fused rotary kernels record no backward pass). Same values up to rounding.
+    pub fn apply_differentiable(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, h, t, head_dim) = x.dims4()?;
+        let (d, half) = (self.dims, self.dims / 2);
+        let cos = cos.reshape((1, 1, t, half))?;
+        let sin = sin.reshape((1, 1, t, half))?;
+        let rot = x.narrow(3, 0, d)?;
+        let (x1, x2) = if self.spec.interleaved {
+            let pairs = rot.reshape((b, h, t, half, 2))?;
+            (
+                pairs.narrow(4, 0, 1)?.squeeze(4)?,
+                pairs.narrow(4, 1, 1)?.squeeze(4)?,
+            )
+        } else {
+            (rot.narrow(3, 0, half)?, rot.narrow(3, half, half)?)
+        };
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        let rotated = if self.spec.interleaved {
+            Tensor::stack(&[r1, r2], 4)?.reshape((b, h, t, d))?
+        } else {
+            Tensor::cat(&[r1, r2], 3)?
+        };
+        if d == head_dim {
+            return Ok(rotated);
+        }
+        Tensor::cat(&[&rotated, &x.narrow(3, d, head_dim - d)?], 3)?.contiguous()
+    }
 }

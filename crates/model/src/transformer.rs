@@ -12,8 +12,22 @@ use crate::spec::{
     Residual,
 };
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use std::sync::Arc;
+
+/// Applies dropout to one tensor; the trainer owns the random numbers.
+pub type DropoutFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// Training-time behaviour of the forward pass. The default is inference.
+#[derive(Clone, Default)]
+pub struct TrainMode {
+    /// Norms, softmax and rotary written with elementary ops candle can differentiate: its
+    /// fused kernels (`rms_norm`, `layer_norm`, `softmax_last_dim`, `rope`) record no backward
+    /// pass, so parameters before them would silently never train.
+    pub differentiable: bool,
+    /// Dropout on the embeddings, the attention probabilities and both residual branches.
+    pub dropout: Option<Arc<DropoutFn>>,
+}
 
 /// Where attention keys and values are kept between forward passes (the engine decides how:
 /// one contiguous buffer per sequence, or pages).
@@ -94,6 +108,7 @@ struct Norm {
     weight: Tensor,
     bias: Tensor,
     eps: f32,
+    differentiable: bool,
 }
 
 impl Norm {
@@ -113,11 +128,27 @@ impl Norm {
             weight,
             bias,
             eps: spec.norm.eps as f32,
+            differentiable: false,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
+        if self.differentiable {
+            let eps = self.eps as f64;
+            let x = match self.kind {
+                NormKind::RmsNorm => x,
+                NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            };
+            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+            let y = x
+                .broadcast_div(&(var + eps)?.sqrt()?)?
+                .broadcast_mul(&self.weight)?;
+            return match self.kind {
+                NormKind::RmsNorm => Ok(y),
+                NormKind::LayerNorm => y.broadcast_add(&self.bias),
+            };
+        }
         match self.kind {
             NormKind::RmsNorm => candle_nn::ops::rms_norm(&x, &self.weight, self.eps),
             NormKind::LayerNorm => {
@@ -210,6 +241,7 @@ pub struct Transformer {
     /// Per-head ALiBi slopes, `[heads]`.
     alibi_slopes: Option<Tensor>,
     device: Device,
+    train: TrainMode,
 }
 
 /// ALiBi slopes per head, including head counts that are not a power of two.
@@ -497,11 +529,38 @@ impl Transformer {
             rope,
             alibi_slopes,
             device,
+            train: TrainMode::default(),
         })
     }
 
     pub fn spec(&self) -> &ArchSpec {
         &self.spec
+    }
+
+    /// Switches between inference (the default) and a training forward pass.
+    pub fn set_training(&mut self, mode: TrainMode) {
+        let differentiable = mode.differentiable;
+        let norms = self.blocks.iter_mut().flat_map(|b| {
+            [Some(&mut b.attn_norm), b.mlp_norm.as_mut()]
+                .into_iter()
+                .chain([b.attn.q_norm.as_mut(), b.attn.k_norm.as_mut()])
+        });
+        let norms = norms.chain([self.embed_norm.as_mut(), self.final_norm.as_mut()]);
+        for n in norms.flatten() {
+            n.differentiable = differentiable;
+        }
+        self.train = mode;
+    }
+
+    fn dropout(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        match &self.train.dropout {
+            Some(f) => f(&x),
+            None => Ok(x),
+        }
+    }
+
+    fn mlp(&self, mlp: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.dropout(mlp.forward(x)?)
     }
 
     pub fn device(&self) -> &Device {
@@ -578,6 +637,7 @@ impl Transformer {
             let rows = types.index_select(&tt.flatten_all()?, 0)?;
             x = (x + rows.reshape((b, t, types.dim(1)?))?)?;
         }
+        x = self.dropout(x)?;
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
@@ -639,16 +699,16 @@ impl Transformer {
             (NormPlacement::Pre, Residual::Sequential) => {
                 let h =
                     (x + self.attention(&block.attn, &block.attn_norm.forward(x)?, ctx, cache)?)?;
-                let m = block.mlp.forward(&mlp_norm(&h)?)?;
+                let m = self.mlp(&block.mlp, &mlp_norm(&h)?)?;
                 (h + m)?
             }
             (NormPlacement::Pre, Residual::Parallel { shared_norm }) => {
                 let n = block.attn_norm.forward(x)?;
                 let a = self.attention(&block.attn, &n, ctx, cache)?;
                 let m = if shared_norm {
-                    block.mlp.forward(&n)?
+                    self.mlp(&block.mlp, &n)?
                 } else {
-                    block.mlp.forward(&mlp_norm(x)?)?
+                    self.mlp(&block.mlp, &mlp_norm(x)?)?
                 };
                 ((x + a)? + m)?
             }
@@ -656,7 +716,7 @@ impl Transformer {
                 let h = block
                     .attn_norm
                     .forward(&(x + self.attention(&block.attn, x, ctx, cache)?)?)?;
-                mlp_norm(&(&h + block.mlp.forward(&h)?)?)?
+                mlp_norm(&(&h + self.mlp(&block.mlp, &h)?)?)?
             }
             (NormPlacement::Post, Residual::Parallel { .. }) => {
                 let a = self.attention(&block.attn, x, ctx, cache)?;
@@ -731,6 +791,10 @@ impl Transformer {
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (q, k) = match (&self.rope, ctx.rotary) {
+            (Some(rope), Some((cos, sin))) if self.train.differentiable => (
+                rope.apply_differentiable(&q, cos, sin)?,
+                rope.apply_differentiable(&k, cos, sin)?,
+            ),
             (Some(rope), Some((cos, sin))) => {
                 (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
             }
@@ -750,14 +814,20 @@ impl Transformer {
         if let Some(alibi) = ctx.alibi {
             scores = scores.broadcast_add(&alibi.reshape((nkv, rep, 1, s))?)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        let probs = if self.train.differentiable {
+            let max = scores.max_keepdim(D::Minus1)?.detach();
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            self.dropout(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        };
         let out = probs
             .reshape((b, nkv, rep * t, s))?
             .matmul(&v.contiguous()?)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok(attn.out.forward(&out)?)
+        Ok(self.dropout(attn.out.forward(&out)?)?)
     }
 }
 
