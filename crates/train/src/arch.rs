@@ -122,9 +122,11 @@ fn act_name(a: Activation) -> Option<&'static str> {
     })
 }
 
-/// The transformers `config.json` of the family that can hold `spec`, or why none can.
-/// `dropout` is written as the config's dropout probabilities.
-pub fn export_config(spec: &ArchSpec, dropout: f64) -> Result<(&'static Family, Value)> {
+/// The transformers `config.json` of the family that can hold `spec`, or why none can, and
+/// the spec that family reads back from it: the one to train, whose parameters are laid out
+/// as the checkpoint stores them (e.g. GPT-2's fused QKV). `dropout` is written as the
+/// config's dropout probabilities.
+pub fn export_config(spec: &ArchSpec, dropout: f64) -> Result<(&'static Family, Value, ArchSpec)> {
     let a = &spec.attention;
     let unsupported = |why: &str| {
         anyhow!(
@@ -238,7 +240,7 @@ pub fn export_config(spec: &ArchSpec, dropout: f64) -> Result<(&'static Family, 
             "its {field} differs from what a {model_type} config can express"
         )));
     }
-    Ok((family, cfg))
+    Ok((family, cfg, back))
 }
 
 /// The first architectural field in which two specs differ (the family name and the QKV
