@@ -3,6 +3,7 @@
 
 mod commands;
 mod resolve;
+mod train;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -153,6 +154,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pretrain a model (preset + overrides, or --init DIR) on token data
+    Train(Box<train::TrainArgs>),
+    /// Train tokenizers
+    #[command(subcommand)]
+    Tokenizer(train::TokenizerCommand),
+    /// Prepare token data
+    #[command(subcommand)]
+    Data(train::DataCommand),
 }
 
 fn main() {
@@ -187,6 +196,9 @@ fn main() {
             reps,
             json,
         } => commands::bench(&model, prompt_tokens, gen_tokens, reps, json),
+        Command::Train(args) => train::train(*args),
+        Command::Tokenizer(cmd) => train::tokenizer(cmd),
+        Command::Data(cmd) => train::data(cmd),
     };
     if let Err(e) = result {
         // One line: every layer's message joined, no backtrace.

@@ -1,0 +1,460 @@
+//! `camelid train`, `camelid tokenizer train` and `camelid data prepare`: argument handling,
+//! progress bars and logs around the camelid-train crate.
+
+use anyhow::{anyhow, bail, Context, Result};
+use camelid_train::arch::{self, Overrides};
+use camelid_train::checkpoint::{self, TrainerState};
+use camelid_train::corpus;
+use camelid_train::data::TokenData;
+use camelid_train::optim::Schedule;
+use camelid_train::params::Params;
+use camelid_train::trainer::{NonFiniteLoss, TrainOptions, Trainer};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Token data: a shard from `camelid data prepare`, or a raw little-endian u32 file (.u32)
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Validation shard (default: val.bin next to a train.bin --data)
+    #[arg(long, value_name = "FILE")]
+    val: Option<PathBuf>,
+    /// tokenizer.json copied into the checkpoints (default: the one next to --data)
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Output directory: the final model (HF layout), checkpoint/ and metrics.jsonl
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Architecture preset (see `camelid presets`; also llama, gpt2, gpt-neox, bloom).
+    /// With --resume, the preset and shape flags are ignored: the checkpoint has the shape
+    #[arg(long, value_name = "NAME", conflicts_with = "init")]
+    preset: Option<String>,
+    /// Start from this HF checkpoint directory (continued pretraining, no re-initialization)
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
+    /// Continue from OUT/checkpoint (bit-exact on CPU)
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
+    #[arg(long, value_name = "N")]
+    hidden: Option<usize>,
+    #[arg(long, value_name = "N")]
+    heads: Option<usize>,
+    #[arg(long, value_name = "N")]
+    kv_heads: Option<usize>,
+    /// MLP inner size (default: the preset's ratio to the hidden size)
+    #[arg(long, value_name = "N")]
+    ffn: Option<usize>,
+    /// Vocabulary size (default: the tokenizer's, or the data's)
+    #[arg(long, value_name = "N")]
+    vocab: Option<usize>,
+    /// Context window of the model (default: the preset's)
+    #[arg(long, value_name = "N")]
+    context: Option<usize>,
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    seq_len: usize,
+    #[arg(long, default_value_t = 12, value_name = "N")]
+    batch: usize,
+    /// Micro-batches summed into each update
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    grad_accum: usize,
+    /// Total updates (the schedule's length)
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    steps: u64,
+    /// Stop after this many updates and save, to continue later with --resume
+    #[arg(long, value_name = "N")]
+    stop_at: Option<u64>,
+    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-4, value_name = "LR")]
+    min_lr: f64,
+    /// Linear warmup updates
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    warmup: u64,
+    /// constant, linear or cosine (to --min-lr at the last step)
+    #[arg(long, default_value = "cosine", value_name = "KIND")]
+    schedule: String,
+    #[arg(long, default_value_t = 0.1, value_name = "X")]
+    weight_decay: f64,
+    /// Decay every parameter, not only 2-D weights
+    #[arg(long)]
+    decay_all: bool,
+    #[arg(long, default_value_t = 0.9, value_name = "X")]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.99, value_name = "X")]
+    beta2: f64,
+    #[arg(long, default_value_t = 1e-8, value_name = "X")]
+    eps: f64,
+    /// Clip gradients to this global L2 norm (0: off)
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    clip: f64,
+    /// Dropout probability (default: the checkpoint config's, 0 for presets)
+    #[arg(long, value_name = "P")]
+    dropout: Option<f64>,
+    /// Parameter and compute type (f32 only for now)
+    #[arg(long, default_value = "f32", value_name = "TYPE")]
+    dtype: String,
+    /// Take batches in file order: micro-batch i, row r starts at (i·batch + r)·(seq-len + 1)
+    #[arg(long)]
+    no_shuffle: bool,
+    #[arg(long, default_value_t = 1337, value_name = "N")]
+    seed: u64,
+    /// Validation every N updates (0: only at the end)
+    #[arg(long, default_value_t = 250, value_name = "N")]
+    eval_every: u64,
+    /// Batches per validation
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    eval_batches: usize,
+    /// Checkpoint every N updates (0: only at the end)
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    save_every: u64,
+    /// Compute device
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer and write DIR/tokenizer.json
+    Train {
+        /// Vocabulary size (256 bytes + merges + <|endoftext|>)
+        #[arg(long, value_name = "N")]
+        vocab: usize,
+        #[arg(short, long, value_name = "DIR")]
+        out: PathBuf,
+        /// Text files, or .jsonl files of {"text": ...} records
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Tokenize text / JSONL corpora into DIR/train.bin and DIR/val.bin token shards
+    Prepare {
+        /// tokenizer.json, or a directory holding one
+        #[arg(long, value_name = "PATH")]
+        tokenizer: PathBuf,
+        #[arg(short, long, value_name = "DIR")]
+        out: PathBuf,
+        /// Share of the tokens (the last ones) kept for validation
+        #[arg(long, default_value_t = 0.1, value_name = "X")]
+        val_fraction: f64,
+        /// Store u32 tokens even when the vocabulary fits u16
+        #[arg(long)]
+        u32: bool,
+        /// Text files, or .jsonl files of {"text": ...} records
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
+    match cmd {
+        TokenizerCommand::Train { vocab, out, files } => {
+            let spinner = ProgressBar::new_spinner();
+            spinner.set_message(format!("training a {vocab}-token byte-level BPE"));
+            spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+            let n = corpus::train_tokenizer(&files, vocab, &out)?;
+            spinner.finish_and_clear();
+            println!(
+                "wrote {} ({n} tokens)",
+                out.join("tokenizer.json").display()
+            );
+            Ok(())
+        }
+    }
+}
+
+pub fn data(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Prepare {
+            tokenizer,
+            out,
+            val_fraction,
+            u32,
+            files,
+        } => {
+            let bar = ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("tokenizing {bar:30} {pos}/{len} documents {eta}")
+                    .map_err(|e| anyhow!("{e}"))?,
+            );
+            let width = if u32 { Some(4) } else { None };
+            let p = corpus::prepare(
+                &tokenizer,
+                &files,
+                &out,
+                val_fraction,
+                width,
+                |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )?;
+            bar.finish_and_clear();
+            println!(
+                "wrote {} ({} tokens) and {} ({} tokens): u{} tokens, vocabulary {}",
+                out.join("train.bin").display(),
+                p.train_tokens,
+                out.join("val.bin").display(),
+                p.val_tokens,
+                p.width * 8,
+                p.vocab
+            );
+            Ok(())
+        }
+    }
+}
+
+fn sibling(data: &Path, name: &str) -> Option<PathBuf> {
+    let p = data.parent().unwrap_or(Path::new(".")).join(name);
+    p.exists().then_some(p)
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    if a.dtype != "f32" {
+        bail!(
+            "--dtype {} is not supported yet: training runs in f32",
+            a.dtype
+        );
+    }
+    if a.device != "cpu" {
+        bail!("--device {}: training runs on the CPU for now", a.device);
+    }
+    let device = candle_core::Device::Cpu;
+    let data = TokenData::open(&a.data)?;
+    let val_path = a.val.clone().or_else(|| {
+        (a.data.file_name()? == "train.bin")
+            .then(|| sibling(&a.data, "val.bin"))
+            .flatten()
+    });
+    let val = val_path.as_deref().map(TokenData::open).transpose()?;
+    let tokenizer = a
+        .tokenizer
+        .clone()
+        .or_else(|| sibling(&a.data, "tokenizer.json"));
+    let ckpt_dir = a.out.join("checkpoint");
+    let overrides = Overrides {
+        layers: a.layers,
+        hidden: a.hidden,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        ffn: a.ffn,
+        vocab: a.vocab,
+        context: a.context,
+    };
+    let overridden = a
+        .layers
+        .or(a.hidden)
+        .or(a.heads)
+        .or(a.kv_heads)
+        .or(a.ffn)
+        .or(a.vocab)
+        .or(a.context)
+        .is_some();
+
+    // The architecture, its checkpoint layout and the starting weights.
+    let resume_from =
+        if a.resume {
+            Some(checkpoint::find_complete(&ckpt_dir).ok_or_else(|| {
+                anyhow!("--resume: no complete checkpoint in {}", ckpt_dir.display())
+            })?)
+        } else {
+            None
+        };
+    let (family, spec, config, params) =
+        if let Some(dir) = resume_from.as_deref().or(a.init.as_deref()) {
+            if overridden && !a.resume {
+                bail!("shape overrides apply to --preset, not to an --init checkpoint");
+            }
+            let (family, spec, config) = arch::read_config(dir)?;
+            let params = Params::load(dir, family, &spec, &device)?;
+            (family, spec, config, params)
+        } else {
+            let preset = a.preset.as_deref().ok_or_else(|| {
+                anyhow!("give --preset NAME (a new model), --init DIR or --resume")
+            })?;
+            let mut overrides = overrides;
+            if overrides.vocab.is_none() {
+                overrides.vocab = Some(match (&tokenizer, data.vocab) {
+                    (_, Some(v)) => v,
+                    (Some(t), None) => {
+                        camelid_model::tokenizer::Tokenizer::from_hf_file(t)?.vocab_size()
+                    }
+                    (None, None) => data.max_token() as usize + 1,
+                });
+            }
+            let spec = arch::preset_spec(preset, &overrides)?;
+            let (family, config, spec) = arch::export_config(&spec, a.dropout.unwrap_or(0.0))?;
+            let params = Params::init(&spec, a.seed, &device)?;
+            (family, spec, config, params)
+        };
+    if a.seq_len > spec.max_positions {
+        bail!(
+            "--seq-len {} exceeds the model's context of {} positions (--context)",
+            a.seq_len,
+            spec.max_positions
+        );
+    }
+    for (d, name) in [(Some(&data), "training"), (val.as_ref(), "validation")] {
+        if let Some(d) = d {
+            let max = d.max_token() as usize;
+            if max >= spec.vocab_size {
+                bail!(
+                    "{} data {} holds token {max}, outside the model's vocabulary of {}",
+                    name,
+                    d.path.display(),
+                    spec.vocab_size
+                );
+            }
+        }
+    }
+    let opts = TrainOptions {
+        seq_len: a.seq_len,
+        batch: a.batch,
+        grad_accum: a.grad_accum.max(1),
+        steps: a.steps,
+        lr: a.lr,
+        min_lr: a.min_lr,
+        warmup: a.warmup,
+        schedule: a.schedule.parse::<Schedule>()?,
+        weight_decay: a.weight_decay,
+        decay_all: a.decay_all,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: a.eps,
+        clip: a.clip,
+        dropout: a.dropout.unwrap_or_else(|| arch::config_dropout(&config)),
+        shuffle: !a.no_shuffle,
+        seed: a.seed,
+    };
+    let mut trainer = match &resume_from {
+        Some(dir) => {
+            let (opt, state) = checkpoint::load_state(dir, &params)?;
+            let same = |s: &TrainerState| (s.seq_len, s.batch, s.grad_accum, s.seed);
+            if same(&state) != (opts.seq_len, opts.batch, opts.grad_accum, opts.seed) {
+                bail!(
+                    "--resume needs the same --seq-len, --batch, --grad-accum and --seed as the checkpoint ({}, {}, {}, {})",
+                    state.seq_len, state.batch, state.grad_accum, state.seed
+                );
+            }
+            Trainer::with_state(params, opts, opt, state)
+        }
+        None => Trainer::new(params, opts),
+    };
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let log_path = a.out.join("metrics.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    eprintln!(
+        "training {} ({} parameters, {} layers, hidden {}) on {} tokens; logging to {}",
+        family.name,
+        trainer.params.count(),
+        spec.layers,
+        spec.hidden,
+        data.len,
+        log_path.display()
+    );
+    let bar = ProgressBar::new(a.steps).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .map_err(|e| anyhow!("{e}"))?,
+    );
+    bar.set_position(trainer.state.step);
+    let save = |t: &Trainer| {
+        checkpoint::save(
+            &ckpt_dir,
+            &t.params,
+            &t.opt,
+            &t.state,
+            family,
+            &config,
+            tokenizer.as_deref(),
+        )
+    };
+    let evaluate = |t: &Trainer, log: &mut std::fs::File| -> Result<Option<f64>> {
+        let Some(v) = &val else { return Ok(None) };
+        let loss = t.evaluate(v, a.eval_batches)?;
+        let rec =
+            serde_json::json!({"step": t.state.step, "val_loss": loss, "val_ppl": loss.exp()});
+        writeln!(log, "{rec}")?;
+        Ok(Some(loss))
+    };
+    let start = Instant::now();
+    let start_tokens = trainer.state.tokens_seen;
+    let mut last_val = None;
+    let stop = a.stop_at.unwrap_or(a.steps).min(a.steps);
+    while trainer.state.step < stop {
+        let t0 = Instant::now();
+        let r = match trainer.step(&data) {
+            Ok(r) => r,
+            Err(e) if e.downcast_ref::<NonFiniteLoss>().is_some() => {
+                bar.abandon();
+                let kept = checkpoint::find_complete(&ckpt_dir)
+                    .map(|d| format!("the last good checkpoint is kept at {}", d.display()))
+                    .unwrap_or_else(|| "no checkpoint was written before it".into());
+                bail!("{e}; {kept}");
+            }
+            Err(e) => return Err(e),
+        };
+        let tps = (r.tokens - start_tokens) as f64 / start.elapsed().as_secs_f64();
+        let rec = serde_json::json!({
+            "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+            "tokens": r.tokens, "tokens_per_s": tps, "step_s": t0.elapsed().as_secs_f64(),
+        });
+        writeln!(log, "{rec}")?;
+        bar.set_position(r.step);
+        let val_msg = last_val
+            .map(|v: f64| format!(" val {v:.4}"))
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "loss {:.4}{val_msg} lr {:.2e} {:.0} tok/s",
+            r.loss, r.lr, tps
+        ));
+        if a.eval_every > 0 && r.step % a.eval_every == 0 {
+            last_val = evaluate(&trainer, &mut log)?.or(last_val);
+        }
+        if a.save_every > 0 && r.step % a.save_every == 0 && r.step < stop {
+            save(&trainer)?;
+        }
+    }
+    bar.finish();
+    let final_val = if a.eval_every == 0 || trainer.state.step % a.eval_every != 0 {
+        evaluate(&trainer, &mut log)?
+    } else {
+        last_val
+    };
+    save(&trainer)?;
+    checkpoint::write_model(
+        &a.out,
+        &trainer.params,
+        family,
+        &config,
+        tokenizer.as_deref(),
+    )?;
+    let last = trainer
+        .state
+        .last_loss
+        .map(|l| format!("{l:.4}"))
+        .unwrap_or("-".into());
+    let val_text = final_val
+        .map(|v| format!(", validation loss {v:.4} (perplexity {:.2})", v.exp()))
+        .unwrap_or_default();
+    println!(
+        "trained {} steps in {:.1}s: training loss {last}{val_text}; model in {}",
+        trainer.state.step,
+        start.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
