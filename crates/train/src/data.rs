@@ -85,7 +85,7 @@ impl TokenData {
             return Ok((HEADER_LEN, width, count, Some(vocab)));
         }
         if path.extension().is_some_and(|e| e == "u32") {
-            if bytes.len() % 4 != 0 {
+            if !bytes.len().is_multiple_of(4) {
                 bail!(
                     "{}: raw u32 token file has {} bytes, not a multiple of 4",
                     path.display(),
