@@ -116,6 +116,9 @@ pub struct TrainArgs {
     /// Compute device
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: String,
+    /// CPU threads (default: all cores; on a busy machine fewer can be much faster)
+    #[arg(short, long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -211,12 +214,21 @@ pub fn data(cmd: DataCommand) -> Result<()> {
     }
 }
 
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn sibling(data: &Path, name: &str) -> Option<PathBuf> {
     let p = data.parent().unwrap_or(Path::new(".")).join(name);
     p.exists().then_some(p)
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    crate::resolve::set_threads(a.threads)?;
     if a.dtype != "f32" {
         bail!(
             "--dtype {} is not supported yet: training runs in f32",
@@ -313,6 +325,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 );
             }
         }
+    }
+    if let Some(avail) = available_memory() {
+        camelid_train::params::check_memory(&spec, a.batch, a.seq_len, avail)?;
     }
     let opts = TrainOptions {
         seq_len: a.seq_len,

@@ -332,3 +332,36 @@ impl Params {
         Ok(out)
     }
 }
+
+/// A rough upper estimate of the memory one micro-batch row of `seq_len` tokens needs in
+/// training (f32 activations kept for the backward pass, and their gradients).
+pub fn bytes_per_row(spec: &ArchSpec, seq_len: usize) -> u64 {
+    let a = &spec.attention;
+    let per_token_layer = 18 * spec.hidden + 3 * spec.mlp.hidden + 3 * a.heads * seq_len;
+    let per_token = per_token_layer * spec.layers + 4 * spec.vocab_size + 4 * spec.hidden;
+    (per_token * seq_len) as u64 * 4 * 2
+}
+
+/// Bytes of parameters, gradients and the two AdamW moments (f32).
+pub fn state_bytes(spec: &ArchSpec) -> u64 {
+    spec.parameter_count() * 4 * 4
+}
+
+/// Checks that `batch` rows fit in `available` bytes; the error names the estimate and the
+/// largest batch that would fit.
+pub fn check_memory(spec: &ArchSpec, batch: usize, seq_len: usize, available: u64) -> Result<()> {
+    let row = bytes_per_row(spec, seq_len);
+    let fixed = state_bytes(spec);
+    let need = fixed + row * batch as u64;
+    if need > available {
+        let fits = available.saturating_sub(fixed) / row.max(1);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "--batch {batch} at --seq-len {seq_len} needs about {:.1} GiB ({:.1} GiB of weights and optimizer state), but {:.1} GiB are available; about {fits} rows would fit (use --grad-accum to keep the tokens per update)",
+            gib(need),
+            gib(fixed),
+            gib(available)
+        );
+    }
+    Ok(())
+}
