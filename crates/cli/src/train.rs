@@ -2,6 +2,7 @@
 //! progress bars and logs around the camelid-train crate.
 
 use anyhow::{anyhow, bail, Context, Result};
+use camelid_model::tokenizer::Tokenizer;
 use camelid_train::arch::{self, Overrides};
 use camelid_train::checkpoint::{self, TrainerState};
 use camelid_train::corpus;
@@ -113,6 +114,13 @@ pub struct TrainArgs {
     /// Checkpoint every N updates (0: only at the end)
     #[arg(long, default_value_t = 500, value_name = "N")]
     save_every: u64,
+    /// Print (and log) a sampled continuation of --sample-prompt every N updates (0: never)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    sample_every: u64,
+    #[arg(long, default_value = "\n", value_name = "TEXT")]
+    sample_prompt: String,
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    sample_tokens: usize,
     /// Compute device
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: String,
@@ -220,6 +228,42 @@ fn available_memory() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// A continuation of `prompt` from the current weights (inference mode, seeded sampling).
+fn sample_text(
+    params: &Params,
+    tok: &Tokenizer,
+    prompt: &str,
+    n: usize,
+    seed: u64,
+) -> Result<String> {
+    let model = params.transformer(Default::default())?;
+    let ctx = params.spec.max_positions;
+    let mut cache = camelid_engine::KvCache::new(params.spec.layers, ctx);
+    let mut context = tok.encode(prompt, false)?;
+    context.truncate(ctx.saturating_sub(1).max(1));
+    if context.is_empty() {
+        context.push(0);
+    }
+    let mut sampler = camelid_engine::Sampler::new(camelid_engine::SamplingParams {
+        seed,
+        ..Default::default()
+    });
+    let mut input = context.clone();
+    let mut out = Vec::new();
+    while out.len() < n && context.len() < ctx {
+        let x = candle_core::Tensor::new(input.as_slice(), &params.device)?.unsqueeze(0)?;
+        let mut logits = model
+            .forward(&x, &mut cache, false)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let next = sampler.sample(&mut logits, &context, out.len());
+        context.push(next);
+        out.push(next);
+        input = vec![next];
+    }
+    Ok(tok.decode(&out, true)?)
 }
 
 fn sibling(data: &Path, name: &str) -> Option<PathBuf> {
@@ -405,6 +449,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         writeln!(log, "{rec}")?;
         Ok(Some(loss))
     };
+    let sample_tokenizer = match (&tokenizer, a.sample_every) {
+        (Some(t), n) if n > 0 => Some(Tokenizer::from_hf_file(t)?),
+        (None, n) if n > 0 => bail!("--sample-every needs a tokenizer (--tokenizer FILE)"),
+        _ => None,
+    };
     let start = Instant::now();
     let start_tokens = trainer.state.tokens_seen;
     let mut last_val = None;
@@ -438,6 +487,23 @@ pub fn train(a: TrainArgs) -> Result<()> {
         ));
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
             last_val = evaluate(&trainer, &mut log)?.or(last_val);
+        }
+        if a.sample_every > 0 && r.step % a.sample_every == 0 {
+            if let Some(tok) = &sample_tokenizer {
+                let text = sample_text(
+                    &trainer.params,
+                    tok,
+                    &a.sample_prompt,
+                    a.sample_tokens,
+                    a.seed,
+                )?;
+                bar.println(format!("step {}: {}{}", r.step, a.sample_prompt, text));
+                writeln!(
+                    log,
+                    "{}",
+                    serde_json::json!({"step": r.step, "sample": text})
+                )?;
+            }
         }
         if a.save_every > 0 && r.step % a.save_every == 0 && r.step < stop {
             save(&trainer)?;

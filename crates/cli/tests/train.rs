@@ -273,7 +273,9 @@ fn walkthrough_tokenizer_data_train_resume_run() {
         args.extend_from_slice(extra);
         ok(&args)
     };
-    train("4", &[]);
+    train("4", &["--sample-every", "2", "--sample-tokens", "4"]);
+    let log = std::fs::read_to_string(model.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.matches("\"sample\"").count(), 2, "{log}");
     let losses = |dir: &Path| -> Vec<f64> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
             .unwrap()
