@@ -37,28 +37,34 @@ pub struct TrainArgs {
     /// Start from this HF checkpoint directory (continued pretraining, no re-initialization)
     #[arg(long, value_name = "DIR")]
     init: Option<PathBuf>,
-    /// Continue from OUT/checkpoint (bit-exact on CPU)
+    /// Continue from OUT/checkpoint (bit-exact on CPU; give the same optimizer flags)
     #[arg(long)]
     resume: bool,
+    /// Number of blocks
     #[arg(long, value_name = "N")]
     layers: Option<usize>,
+    /// Hidden (model) width
     #[arg(long, value_name = "N")]
     hidden: Option<usize>,
+    /// Attention heads (head size = hidden / heads)
     #[arg(long, value_name = "N")]
     heads: Option<usize>,
+    /// Key/value heads (GQA/MQA; default: as many as --heads where the preset has MHA)
     #[arg(long, value_name = "N")]
     kv_heads: Option<usize>,
     /// MLP inner size (default: the preset's ratio to the hidden size)
     #[arg(long, value_name = "N")]
     ffn: Option<usize>,
-    /// Vocabulary size (default: the tokenizer's, or the data's)
+    /// Vocabulary size (default: the shard's, else the tokenizer's, else the largest token + 1)
     #[arg(long, value_name = "N")]
     vocab: Option<usize>,
     /// Context window of the model (default: the preset's)
     #[arg(long, value_name = "N")]
     context: Option<usize>,
+    /// Tokens per row
     #[arg(long, default_value_t = 64, value_name = "N")]
     seq_len: usize,
+    /// Rows per micro-batch
     #[arg(long, default_value_t = 12, value_name = "N")]
     batch: usize,
     /// Micro-batches summed into each update
