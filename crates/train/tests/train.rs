@@ -255,6 +255,13 @@ fn bad_data_and_presets_are_clear_errors() {
     std::fs::write(&odd, [1u8, 2, 3]).unwrap();
     assert!(e(TokenData::open(&odd)).contains("not a multiple of 4"));
 
+    // A header whose vocabulary does not fit its u16 tokens.
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes[16..20].copy_from_slice(&70000u32.to_le_bytes());
+    let big = dir.join("big.bin");
+    std::fs::write(&big, &bytes).unwrap();
+    assert!(e(TokenData::open(&big)).contains("does not fit u16"));
+
     let wide = write_shard(&dir.join("wide.bin"), &[1], 2, 70000);
     assert!(wide.unwrap_err().to_string().contains("does not fit u16"));
 
