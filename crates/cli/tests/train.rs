@@ -394,3 +394,93 @@ fn bad_training_input_is_a_clear_error() {
     ]);
     assert!(e.contains("no complete checkpoint"), "{e}");
 }
+
+#[test]
+fn resume_after_kill_9_ends_with_the_same_weights() {
+    let w = tmp("kill");
+    let tokens = fixture("gpt2").join("tokens.u32");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            p(&tokens),
+            "--preset",
+            "llama",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "61",
+            "--context",
+            "16",
+            "--seq-len",
+            "8",
+            "--batch",
+            "2",
+            "--steps",
+            "40",
+            "--warmup",
+            "2",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "1",
+            "--dropout",
+            "0.1",
+            "--threads",
+            "1",
+            "--out",
+            p(out),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let straight = w.join("straight");
+    ok(&args(&straight)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+
+    // Kill the run with SIGKILL at growing delays until a checkpoint exists, then resume.
+    let killed = w.join("killed");
+    let mut delay = 50;
+    loop {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_camelid"))
+            .args(args(&killed))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        if killed.join("checkpoint").exists() || killed.join("checkpoint.old").exists() {
+            break;
+        }
+        delay *= 2;
+        assert!(delay < 60_000, "no checkpoint was ever written");
+    }
+    let ck = [killed.join("checkpoint"), killed.join("checkpoint.old")]
+        .into_iter()
+        .find(|d| d.join("trainer_state.json").exists())
+        .expect("a complete checkpoint survives");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let step = state["trainer"]["step"].as_u64().unwrap();
+    eprintln!(
+        "killed after {delay} ms; resuming from step {step} ({})",
+        ck.display()
+    );
+    assert!(step < 200, "the run finished before it was killed");
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = std::fs::read(straight.join("model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("model.safetensors")).unwrap();
+    assert!(a == b, "weights differ after kill -9 and --resume");
+}
