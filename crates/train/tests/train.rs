@@ -294,3 +294,56 @@ fn survey_presets_export_to_their_transformers_family() {
         assert_eq!(cfg["model_type"], model_type);
     }
 }
+
+#[test]
+fn initialization_follows_the_family_reference() {
+    let o = Overrides {
+        layers: Some(4),
+        hidden: Some(64),
+        heads: Some(4),
+        vocab: Some(500),
+        context: Some(64),
+        ..Default::default()
+    };
+    let std_of = |p: &Params, name: &str| -> f64 {
+        let i = p.names.iter().position(|n| n == name).unwrap();
+        let v = p.vars[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    };
+    for (preset, scaled) in [("gpt2", true), ("llama", false), ("bloom", false)] {
+        let spec = export_config(&preset_spec(preset, &o).unwrap(), 0.0)
+            .unwrap()
+            .2;
+        let p = Params::init(&spec, 5, &Device::Cpu).unwrap();
+        let emb = std_of(&p, "token_embd.weight");
+        assert!((emb - 0.02).abs() < 0.001, "{preset}: embedding std {emb}");
+        let down = std_of(&p, "blk.0.ffn_down.weight");
+        let want = if scaled {
+            0.02 / (2.0 * 4f64).sqrt()
+        } else {
+            0.02
+        };
+        assert!(
+            (down - want).abs() < 0.05 * want,
+            "{preset}: ffn_down std {down} vs {want}"
+        );
+        let norm = p
+            .names
+            .iter()
+            .position(|n| n == "blk.0.attn_norm.weight")
+            .unwrap();
+        let w = p.vars[norm]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(w.iter().all(|&x| x == 1.0));
+        // The same seed gives the same weights.
+        let q = Params::init(&spec, 5, &Device::Cpu).unwrap();
+        for (a, b) in p.vars.iter().zip(&q.vars) {
+            let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+    }
+}
