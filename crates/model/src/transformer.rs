@@ -683,9 +683,15 @@ impl Transformer {
         cache: &mut dyn KvStore,
         cross: Option<&CrossKv>,
     ) -> Result<Tensor> {
-        if (self.spec.stack == Stack::Decoder) != cross.is_some() {
+        if self.spec.stack == Stack::Decoder && cross.is_none() {
             return Err(ModelError::Input(format!(
-                "{}: an encoder-decoder's decoder runs on an encoder output, and only it does",
+                "{} is an encoder-decoder model: its decoder needs the encoder output (generate, or give logits --decoder-ids)",
+                self.spec.family
+            )));
+        }
+        if self.spec.stack != Stack::Decoder && cross.is_some() {
+            return Err(ModelError::Input(format!(
+                "{} has no cross-attention: an encoder output does not apply",
                 self.spec.family
             )));
         }
