@@ -2,6 +2,8 @@
 //! (`tests/fixtures/t5`, made by `scripts/fixtures/make_parity_t5.py`): decoder logits within
 //! 1e-4, the same greedy tokens, and the same beam-search hypotheses (scores within 1e-4) for
 //! every recorded beam setting; T5's relative-position buckets equal transformers' everywhere.
+//! The same beam search matches transformers on three decoder-only parity models
+//! (`tests/fixtures/beams`).
 
 use camelid_engine::beam::{beam_search, BeamOptions, EarlyStopping};
 use camelid_engine::generate::{generate, FinishReason, GenerateOptions};
@@ -128,6 +130,40 @@ fn mt5() {
 #[test]
 fn t5_tokenizer_vocab_f16() {
     check("t5_tokenizer");
+}
+
+#[derive(serde::Deserialize)]
+struct DecoderOnlyBeams {
+    ids: Vec<u32>,
+    eos: u32,
+    beams: Vec<Beam>,
+}
+
+/// The same beam search on decoder-only parity models (prompt prefilled once, cache fanned out).
+fn check_decoder_only(case: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let r: DecoderOnlyBeams = serde_json::from_str(
+        &std::fs::read_to_string(root.join("beams").join(format!("{case}.json"))).unwrap(),
+    )
+    .unwrap();
+    let mut model = Model::load(&root.join("parity").join(case), &Device::Cpu).unwrap();
+    model.eos_ids = vec![r.eos];
+    for b in &r.beams {
+        let hyps = beam_search(&model, &r.ids, &beam_options(&b.settings)).unwrap();
+        let seqs: Vec<Vec<u32>> = hyps.iter().map(|h| h.tokens.clone()).collect();
+        assert_eq!(seqs, b.sequences, "{case}: beams {:?}", b.settings);
+        for (h, want) in hyps.iter().zip(&b.scores) {
+            let d = (h.score - want).abs() / want.abs().max(1.0);
+            assert!(d <= TOLERANCE, "{case}: beam score {} vs {want}", h.score);
+        }
+    }
+}
+
+#[test]
+fn decoder_only_beams() {
+    for case in ["llama_mha_f32", "gpt2", "qwen2"] {
+        check_decoder_only(case);
+    }
 }
 
 #[test]
