@@ -19,8 +19,8 @@ fn shared_data(rel: &str) -> PathBuf {
 }
 
 /// The fixture's weights plus t5-small's tokenizer files, in a scratch directory.
-fn model_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("camelid-t5-run-{}", std::process::id()));
+fn model_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("camelid-t5-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let fixture =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/t5/t5_tokenizer");
@@ -55,7 +55,7 @@ struct Reference {
 
 #[test]
 fn run_encodes_and_decodes_like_transformers() {
-    let dir = model_dir();
+    let dir = model_dir("run");
     let m = dir.to_str().unwrap();
     let r: Reference =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -104,5 +104,68 @@ fn run_encodes_and_decodes_like_transformers() {
             .collect();
         assert_eq!(&texts, want, "beams {s}");
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn expect_error(args: &[&str], needle: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_camelid"))
+        .args(args)
+        .output()
+        .expect("run camelid");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: \"{needle}\" missing: {stderr}"
+    );
+}
+
+#[test]
+fn encoder_decoder_flags_reject_bad_input() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let t5 = root.join("t5/flan_t5");
+    let t5 = t5.to_str().unwrap();
+    let gpt2 = root.join("parity/gpt2");
+    let gpt2 = gpt2.to_str().unwrap();
+    expect_error(&["logits", "-m", t5, "--ids", "5,6,1"], "--decoder-ids");
+    expect_error(
+        &["logits", "-m", t5, "--ids", "5,1", "--decoder-ids", "0,x"],
+        "--decoder-ids: \"x\"",
+    );
+    expect_error(
+        &["logits", "-m", t5, "--ids", "5,1", "--decoder-ids", "0,999"],
+        "token id 999 is outside the vocabulary",
+    );
+    expect_error(
+        &["logits", "-m", gpt2, "--ids", "5,1", "--decoder-ids", "0,7"],
+        "not an encoder-decoder model",
+    );
+    expect_error(
+        &["bench", "-m", t5, "-p", "4", "-n", "2", "-r", "1"],
+        "encoder-decoder",
+    );
+
+    let dir = model_dir("flags");
+    let m = dir.to_str().unwrap();
+    expect_error(
+        &["run", "-m", m, "--beams", "3", "--n-best", "4", "hi"],
+        "--n-best 4 exceeds --beams 3",
+    );
+    // The decoder gets ids back through logits --decoder-ids: one row per decoder id.
+    let out = camelid(&[
+        "logits",
+        "-m",
+        m,
+        "--ids",
+        "13959,1",
+        "--decoder-ids",
+        "0,37,1",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["logits"].as_array().unwrap().len(), 3);
+    assert_eq!(v["logits"][0].as_array().unwrap().len(), 32128);
     std::fs::remove_dir_all(&dir).ok();
 }
