@@ -195,7 +195,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
     } else {
         None
     };
-    let transformer = Transformer::load(spec, &store)?;
+    let transformer = Transformer::load_sharing(spec, &store, encoder.as_ref())?;
 
     let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
     let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?;

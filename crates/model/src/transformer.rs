@@ -237,6 +237,7 @@ pub fn relative_bucket(
     (out + large.min(nb - 1)) as usize
 }
 
+#[derive(Clone)]
 enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
@@ -341,7 +342,17 @@ fn qkv_row_order(packing: QkvPacking, heads: usize, kv_heads: usize, head_dim: u
 }
 
 impl Transformer {
-    pub fn load(mut spec: ArchSpec, store: &WeightStore) -> Result<Self> {
+    pub fn load(spec: ArchSpec, store: &WeightStore) -> Result<Self> {
+        Self::load_sharing(spec, store, None)
+    }
+
+    /// Loads a stack that reuses `shared`'s token embedding instead of reading its own copy
+    /// (the decoder of an encoder-decoder, whose stacks share one embedding matrix).
+    pub fn load_sharing(
+        mut spec: ArchSpec,
+        store: &WeightStore,
+        shared: Option<&Transformer>,
+    ) -> Result<Self> {
         spec.validate()
             .map_err(|m| ModelError::config(store.path(), m))?;
         if spec.positions == Positions::RelativeXl {
@@ -358,9 +369,14 @@ impl Transformer {
         let (q_dim, kv_dim) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
 
         let e = spec.embed_dim.unwrap_or(h);
-        let embed = match store.matrix("token_embd.weight", &[v, e])? {
-            Matrix::Dense(t) => Embedding::Dense(t),
-            Matrix::Quantized(q) => Embedding::Quantized(q),
+        let embed = match shared {
+            Some(t) if t.spec.vocab_size == v && t.spec.embed_dim.unwrap_or(t.spec.hidden) == e => {
+                t.embed.clone()
+            }
+            _ => match store.matrix("token_embd.weight", &[v, e])? {
+                Matrix::Dense(t) => Embedding::Dense(t),
+                Matrix::Quantized(q) => Embedding::Quantized(q),
+            },
         };
         let (proj_in, proj_out) = if e != h {
             (
