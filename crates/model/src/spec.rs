@@ -388,6 +388,17 @@ impl ArchSpec {
         {
             return Err("cross-attention needs pre-norm sequential blocks".into());
         }
+        if let Positions::RelativeBuckets {
+            buckets,
+            max_distance,
+        } = self.positions
+        {
+            if buckets < 4 || max_distance <= buckets / 2 {
+                return Err(format!(
+                    "relative attention needs at least 4 buckets and a max distance above half of them (got {buckets} buckets, max distance {max_distance})"
+                ));
+            }
+        }
         if let Positions::Rotary(r) = &self.positions {
             let rot = self.rotary_dims(r);
             if rot == 0 || !rot.is_multiple_of(2) || rot > a.head_dim {
