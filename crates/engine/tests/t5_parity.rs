@@ -127,6 +127,13 @@ fn mt5() {
     check("mt5");
 }
 
+/// 3 decoder layers over 2 encoder layers; greedy recorded without a cache (transformers'
+/// `generate` cannot run this shape), so camelid's cached decoding is checked against it.
+#[test]
+fn t5_deep_decoder() {
+    check("t5_deep_decoder");
+}
+
 #[test]
 fn t5_tokenizer_vocab_f16() {
     check("t5_tokenizer");
