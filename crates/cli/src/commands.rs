@@ -94,6 +94,7 @@ fn stream_to_stdout(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Re
 pub fn run(
     margs: &ModelArgs,
     sargs: &SamplingArgs,
+    beam: &crate::beams::BeamArgs,
     file: Option<&Path>,
     prompt: Option<String>,
 ) -> Result<()> {
@@ -108,6 +109,9 @@ pub fn run(
     let model = resolve::load(margs)?;
     let tok = model.tokenizer()?;
     let ids = tok.encode(&prompt, true)?;
+    if beam.enabled() {
+        return crate::beams::run(&model, &ids, beam, sargs.max_tokens);
+    }
     let opts = options(sargs);
     let g = stream_to_stdout(&model, &ids, &opts)?;
     println!();
@@ -168,12 +172,26 @@ pub fn chat(margs: &ModelArgs, sargs: &SamplingArgs, system: Option<String>) -> 
     Ok(())
 }
 
-pub fn logits(margs: &ModelArgs, ids: &str) -> Result<()> {
+pub fn logits(margs: &ModelArgs, ids: &str, decoder_ids: Option<&str>) -> Result<()> {
     let ids = parse_ids(ids)?;
     if ids.is_empty() {
         bail!("--ids: no token ids given");
     }
     let model = resolve::load(margs)?;
+    if let Some(list) = decoder_ids {
+        let dec = parse_ids(list).map_err(|e| {
+            anyhow::anyhow!("{}", e.to_string().replacen("--ids", "--decoder-ids", 1))
+        })?;
+        if dec.is_empty() {
+            bail!("--decoder-ids: no token ids given");
+        }
+        let rows = camelid_engine::seq2seq::decoder_logits(&model, &ids, &dec)?;
+        let out = serde_json::json!({ "ids": ids, "decoder_ids": dec, "logits": rows });
+        return emit(&out.to_string());
+    }
+    if model.is_encoder_decoder() {
+        bail!("{} is an encoder-decoder model: give the decoder's ids with --decoder-ids (its first is usually the decoder start id {})", model.name, model.decoder_start_id.unwrap_or(0));
+    }
     let rows = all_logits(&model, &ids)?;
     let out = serde_json::json!({ "ids": ids, "logits": rows });
     emit(&out.to_string())

@@ -1,6 +1,7 @@
 //! The `camelid` command line. It parses arguments, resolves `-m` to a model on disk (pulling
 //! catalog models on first use) and hands off to the engine; it holds no model logic itself.
 
+mod beams;
 mod commands;
 mod resolve;
 mod train;
@@ -84,6 +85,8 @@ enum Command {
         model: ModelArgs,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        beam: beams::BeamArgs,
         /// Read the prompt from this file
         #[arg(short, long, value_name = "FILE", conflicts_with = "prompt")]
         file: Option<PathBuf>,
@@ -104,9 +107,12 @@ enum Command {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
-        /// Comma-separated token ids
+        /// Comma-separated token ids (the encoder input for encoder-decoder models)
         #[arg(long, value_name = "IDS", required = true)]
         ids: String,
+        /// Encoder-decoder models: comma-separated decoder ids; logits for each of them
+        #[arg(long, value_name = "IDS")]
+        decoder_ids: Option<String>,
     },
     /// Print token ids for text as JSON {"ids":[...]}, or decode ids with --decode
     Tokenize {
@@ -170,15 +176,20 @@ fn main() {
         Command::Run {
             model,
             sampling,
+            beam,
             file,
             prompt,
-        } => commands::run(&model, &sampling, file.as_deref(), prompt),
+        } => commands::run(&model, &sampling, &beam, file.as_deref(), prompt),
         Command::Chat {
             model,
             sampling,
             system,
         } => commands::chat(&model, &sampling, system),
-        Command::Logits { model, ids } => commands::logits(&model, &ids),
+        Command::Logits {
+            model,
+            ids,
+            decoder_ids,
+        } => commands::logits(&model, &ids, decoder_ids.as_deref()),
         Command::Tokenize {
             model,
             add_special,

@@ -72,23 +72,28 @@ pub fn generate(
     }
     // Leave room for every new token; the last sampled token needs no forward pass.
     let budget = opts.max_tokens.min(context + 1 - prompt.len());
-    let mut cache = KvCache::new(spec.layers, prompt.len() + budget);
+    // An encoder-decoder reads the prompt with its encoder and decodes from its start id.
+    let cross = crate::seq2seq::encode(model, prompt)?;
+    let decoder_prompt = crate::seq2seq::decoder_prompt(model, prompt);
+    let mut cache = KvCache::new(spec.layers, decoder_prompt.len() + budget);
     let mut sampler = Sampler::new(opts.sampling.clone());
     let tokenizer = model.tokenizer.as_ref();
     let mut stream = DecodeStream::new();
     let mut stops = StopMatcher::new(&opts.stop);
     let device = model.transformer.device().clone();
 
-    let mut tokens: Vec<u32> = prompt.to_vec();
+    let mut tokens: Vec<u32> = decoder_prompt.clone();
     let mut generated: Vec<u32> = Vec::new();
     let t0 = Instant::now();
-    let mut input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
+    let mut input = Tensor::new(decoder_prompt.as_slice(), &device)?.unsqueeze(0)?;
     let mut prefill_time = Duration::ZERO;
     let mut finish = FinishReason::Length;
     let mut out_text = String::new();
 
     while generated.len() < budget {
-        let logits = model.transformer.forward(&input, &mut cache, false)?;
+        let logits = model
+            .transformer
+            .forward_with(&input, &mut cache, cross.as_ref(), false)?;
         if generated.is_empty() {
             prefill_time = t0.elapsed();
         }

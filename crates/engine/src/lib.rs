@@ -3,12 +3,15 @@
 //! ([`bench`]). It knows the model only through `camelid_model::Model` and never parses files
 //! or speaks HTTP; the server and the CLI sit on top of it.
 
+pub mod beam;
 pub mod bench;
 pub mod embed;
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;
+pub mod seq2seq;
 
+pub use beam::{beam_search, BeamOptions, EarlyStopping, Hypothesis};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};

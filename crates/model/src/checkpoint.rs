@@ -43,14 +43,18 @@ pub struct WeightStore {
     dequantize: bool,
 }
 
-/// Splits `blk.7.attn_q.weight` into (`blk.{i}.attn_q`, Some(7), `weight`).
+/// Splits `blk.7.attn_q.weight` into (`blk.{i}.attn_q`, Some(7), `weight`), and an
+/// encoder-decoder's `dec.blk.7.attn_q.weight` into (`dec.blk.{i}.attn_q`, Some(7), `weight`).
 fn split_canonical(name: &str) -> (String, Option<usize>, &str) {
     let (base, suffix) = name.rsplit_once('.').unwrap_or((name, ""));
     let parts: Vec<&str> = base.split('.').collect();
-    if parts.len() >= 2 && parts[0] == "blk" {
-        if let Ok(i) = parts[1].parse::<usize>() {
-            let rest = parts[2..].join(".");
-            return (format!("blk.{{i}}.{rest}"), Some(i), suffix);
+    for b in 0..parts.len().min(2) {
+        if parts[b] == "blk" && parts.len() >= b + 2 {
+            if let Ok(i) = parts[b + 1].parse::<usize>() {
+                let stack: String = parts[..b].iter().map(|p| format!("{p}.")).collect();
+                let rest = parts[b + 2..].join(".");
+                return (format!("{stack}blk.{{i}}.{rest}"), Some(i), suffix);
+            }
         }
     }
     (base.to_string(), None, suffix)

@@ -16,6 +16,10 @@ pub struct Model {
     pub name: String,
     pub path: PathBuf,
     pub transformer: Transformer,
+    /// Encoder-decoder models (T5): the encoder stack; `transformer` is then the decoder.
+    pub encoder: Option<Transformer>,
+    /// The decoder's first input id (encoder-decoder models).
+    pub decoder_start_id: Option<u32>,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: ChatTemplate,
     /// Ids that end generation (the tokenizer's EOS plus the generation config's).
@@ -117,6 +121,10 @@ impl Model {
         }
     }
 
+    pub fn is_encoder_decoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
     pub fn spec(&self) -> &crate::spec::ArchSpec {
         self.transformer.spec()
     }
@@ -182,7 +190,12 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
     let spec = (family.from_config)(&cfg)?;
     let store =
         WeightStore::open_safetensors(dir, family.hf_tensor_names, family.hf_transposed, device)?;
-    let transformer = Transformer::load(spec, &store)?;
+    let encoder = if spec.encoder_layers > 0 {
+        Some(Transformer::load(spec.encoder_spec(), &store)?)
+    } else {
+        None
+    };
+    let transformer = Transformer::load_sharing(spec, &store, encoder.as_ref())?;
 
     let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
     let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?;
@@ -199,6 +212,18 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
     let tc = tok_cfg.as_ref();
     let bos_text = token_text(tc.and_then(|t| t.get("bos_token")));
     let eos_text = token_text(tc.and_then(|t| t.get("eos_token")));
+    let decoder_start_id = match &encoder {
+        Some(_) => ["decoder_start_token_id", "pad_token_id"]
+            .iter()
+            .find_map(|k| {
+                ids_of(gen_cfg.as_ref().and_then(|g| g.get(*k)))
+                    .first()
+                    .or(ids_of(cfg.get(k)).first())
+                    .copied()
+            })
+            .or(Some(0)),
+        None => None,
+    };
     let mut eos_ids = ids_of(gen_cfg.as_ref().and_then(|g| g.get("eos_token_id")));
     eos_ids.extend(ids_of(cfg.get("eos_token_id")));
     if let Some(tok) = tokenizer.as_mut() {
@@ -250,6 +275,8 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
         name: display_name(dir),
         path: dir.to_path_buf(),
         transformer,
+        encoder,
+        decoder_start_id,
         tokenizer,
         chat_template,
         eos_ids: dedup(eos_ids),
@@ -310,6 +337,8 @@ fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> 
         name: display_name(path),
         path: path.to_path_buf(),
         transformer,
+        encoder: None,
+        decoder_start_id: None,
         tokenizer,
         chat_template,
         eos_ids: dedup(eos_ids),

@@ -266,6 +266,35 @@ pub struct ArchSpec {
     pub lm_head: bool,
     /// Scale each head row to unit L2 norm at load (Baichuan2's NormHead).
     pub normalize_head_rows: bool,
+    /// Multiplier on the final hidden state before the head (T5 with a tied head: `d_model^-0.5`).
+    pub head_scale: Option<f64>,
+    /// Encoder-decoder models (T5): the encoder's layer count, 0 for decoder-only models. The
+    /// spec then describes the decoder; [`ArchSpec::encoder_spec`] derives the encoder.
+    pub encoder_layers: usize,
+    /// Which stack of the checkpoint this spec runs.
+    pub stack: Stack,
+}
+
+/// The stacks of an encoder-decoder checkpoint share one block; what differs is the tensor-name
+/// prefix (llama.cpp's `enc.` / `dec.`) and the decoder's cross-attention to the encoder output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stack {
+    /// A model that is one stack (every decoder-only model, BERT).
+    Single,
+    Encoder,
+    /// Each block attends to the encoder output after its self-attention.
+    Decoder,
+}
+
+impl Stack {
+    /// Prefix of the stack's block and final-norm tensor names.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Stack::Single => "",
+            Stack::Encoder => "enc.",
+            Stack::Decoder => "dec.",
+        }
+    }
 }
 
 impl ArchSpec {
@@ -305,7 +334,23 @@ impl ArchSpec {
             type_vocab_size: 0,
             lm_head: true,
             normalize_head_rows: false,
+            head_scale: None,
+            encoder_layers: 0,
+            stack: Stack::Single,
         }
+    }
+
+    /// The encoder of an encoder-decoder spec: the same block, bidirectional, without
+    /// cross-attention or head.
+    pub fn encoder_spec(&self) -> Self {
+        let mut e = self.clone();
+        e.layers = self.encoder_layers;
+        e.encoder_layers = 0;
+        e.stack = Stack::Encoder;
+        e.causal = false;
+        e.lm_head = false;
+        e.head_scale = None;
+        e
     }
 
     /// Sets the head counts, deriving the head size from the hidden size.
@@ -337,6 +382,22 @@ impl ArchSpec {
                 "{} attention heads are not a multiple of {} kv heads",
                 a.heads, a.kv_heads
             ));
+        }
+        if self.stack == Stack::Decoder
+            && (self.norm_placement, self.residual) != (NormPlacement::Pre, Residual::Sequential)
+        {
+            return Err("cross-attention needs pre-norm sequential blocks".into());
+        }
+        if let Positions::RelativeBuckets {
+            buckets,
+            max_distance,
+        } = self.positions
+        {
+            if buckets < 4 || max_distance <= buckets / 2 {
+                return Err(format!(
+                    "relative attention needs at least 4 buckets and a max distance above half of them (got {buckets} buckets, max distance {max_distance})"
+                ));
+            }
         }
         if let Positions::Rotary(r) = &self.positions {
             let rot = self.rotary_dims(r);
@@ -386,6 +447,15 @@ impl ArchSpec {
         let v = self.vocab_size as u64;
         let e = self.embed_dim.unwrap_or(self.hidden) as u64;
         let mut total = per_layer * self.layers as u64 + v * e;
+        if self.encoder_layers > 0 {
+            // The encoder's blocks, final norm and bucket table; a cross-attention and its norm
+            // in every decoder block.
+            total += per_layer * self.encoder_layers as u64 + norm_params;
+            total += (attn + norm_params) * self.layers as u64;
+            if let Positions::RelativeBuckets { buckets, .. } = self.positions {
+                total += (buckets * a.heads) as u64;
+            }
+        }
         if !self.tied_head {
             total += v * e;
         }

@@ -9,7 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::rope::Rope;
 use crate::spec::{
     Activation, AlibiSlopes, ArchSpec, NormKind, NormPlacement, Positions, QkvLayout, QkvPacking,
-    Residual,
+    Residual, Stack,
 };
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -205,8 +205,70 @@ struct Block {
     mlp_norm: Option<Norm>,
     attn: Attention,
     mlp: Mlp,
+    /// A decoder's attention to the encoder output, between self-attention and MLP.
+    cross: Option<CrossAttention>,
 }
 
+struct CrossAttention {
+    norm: Norm,
+    attn: Attention,
+}
+
+/// The encoder output projected to keys and values once per sequence, one pair
+/// (`[batch, kv_heads, source_len, head_dim]`) per decoder block.
+#[derive(Clone)]
+pub struct CrossKv {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl CrossKv {
+    /// The same encoder output for `n` sequences (beams) of one batch-1 encoding.
+    pub fn repeat(&self, n: usize) -> Result<Self> {
+        let idx = Tensor::zeros(n, DType::U32, self.layers[0].0.device())?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Number of encoder positions.
+    pub fn source_len(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+}
+
+/// T5's relative-position bucket for `rel = key_position - query_position`, computed in f32 as
+/// transformers computes it (the log-spaced buckets' edges depend on that rounding).
+pub fn relative_bucket(
+    rel: i64,
+    bidirectional: bool,
+    buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let mut nb = buckets as i64;
+    let mut out = 0;
+    let n = if bidirectional {
+        nb /= 2;
+        if rel > 0 {
+            out += nb;
+        }
+        rel.abs()
+    } else {
+        (-rel).max(0)
+    };
+    let max_exact = nb / 2;
+    if n < max_exact {
+        return (out + n) as usize;
+    }
+    let log_ratio = (max_distance as f64 / max_exact as f64).ln() as f32;
+    let large = max_exact
+        + ((n as f32 / max_exact as f32).ln() / log_ratio * (nb - max_exact) as f32) as i64;
+    (out + large.min(nb - 1)) as usize
+}
+
+#[derive(Clone)]
 enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
@@ -240,6 +302,8 @@ pub struct Transformer {
     rope: Option<Rope>,
     /// Per-head ALiBi slopes, `[heads]`.
     alibi_slopes: Option<Tensor>,
+    /// T5's relative-position bias table `[buckets, heads]`: the first block's, shared by all.
+    rel_bias: Option<Tensor>,
     device: Device,
     train: TrainMode,
 }
@@ -310,18 +374,26 @@ fn qkv_row_order(packing: QkvPacking, heads: usize, kv_heads: usize, head_dim: u
 }
 
 impl Transformer {
-    pub fn load(mut spec: ArchSpec, store: &WeightStore) -> Result<Self> {
+    pub fn load(spec: ArchSpec, store: &WeightStore) -> Result<Self> {
+        Self::load_sharing(spec, store, None)
+    }
+
+    /// Loads a stack that reuses `shared`'s token embedding instead of reading its own copy
+    /// (the decoder of an encoder-decoder, whose stacks share one embedding matrix).
+    pub fn load_sharing(
+        mut spec: ArchSpec,
+        store: &WeightStore,
+        shared: Option<&Transformer>,
+    ) -> Result<Self> {
         spec.validate()
             .map_err(|m| ModelError::config(store.path(), m))?;
-        if matches!(
-            spec.positions,
-            Positions::RelativeBuckets { .. } | Positions::RelativeXl
-        ) {
+        if spec.positions == Positions::RelativeXl {
             return Err(ModelError::config(
                 store.path(),
-                "relative-position attention (T5 buckets, Transformer-XL) is described by the spec but not yet run by the transformer",
+                "Transformer-XL relative attention is described by the spec but not yet run by the transformer",
             ));
         }
+        let prefix = spec.stack.prefix();
         let device = store.device().clone();
         let h = spec.hidden;
         let v = spec.vocab_size;
@@ -329,9 +401,14 @@ impl Transformer {
         let (q_dim, kv_dim) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
 
         let e = spec.embed_dim.unwrap_or(h);
-        let embed = match store.matrix("token_embd.weight", &[v, e])? {
-            Matrix::Dense(t) => Embedding::Dense(t),
-            Matrix::Quantized(q) => Embedding::Quantized(q),
+        let embed = match shared {
+            Some(t) if t.spec.vocab_size == v && t.spec.embed_dim.unwrap_or(t.spec.hidden) == e => {
+                t.embed.clone()
+            }
+            _ => match store.matrix("token_embd.weight", &[v, e])? {
+                Matrix::Dense(t) => Embedding::Dense(t),
+                Matrix::Quantized(q) => Embedding::Quantized(q),
+            },
         };
         let (proj_in, proj_out) = if e != h {
             (
@@ -355,7 +432,7 @@ impl Transformer {
 
         let mut blocks = Vec::with_capacity(spec.layers);
         for i in 0..spec.layers {
-            let p = format!("blk.{i}");
+            let p = format!("{prefix}blk.{i}");
             let qkv = match a.qkv_layout {
                 QkvLayout::Split => Qkv::Split {
                     q: Linear::load(store, &format!("{p}.attn_q"), q_dim, h, a.qkv_bias)?,
@@ -449,16 +526,43 @@ impl Transformer {
                 Residual::Parallel { shared_norm: true } => None,
                 _ => Some(Norm::load(store, &format!("{p}.ffn_norm"), &spec)?),
             };
+            let cross = if spec.stack == Stack::Decoder {
+                let l = |n: &str, out: usize, inp: usize, bias: bool| {
+                    Linear::load(store, &format!("{p}.cross_attn_{n}"), out, inp, bias)
+                };
+                Some(CrossAttention {
+                    norm: Norm::load(store, &format!("{p}.cross_attn_norm"), &spec)?,
+                    attn: Attention {
+                        qkv: Qkv::Split {
+                            q: l("q", q_dim, h, a.qkv_bias)?,
+                            k: l("k", kv_dim, h, a.qkv_bias)?,
+                            v: l("v", kv_dim, h, a.qkv_bias)?,
+                        },
+                        out: l("o", h, q_dim, a.out_bias)?,
+                        heads: a.heads,
+                        kv_heads: a.kv_heads,
+                        head_dim: a.head_dim,
+                        scale: a.scale(),
+                        windowed: false,
+                        clip: None,
+                        q_norm: None,
+                        k_norm: None,
+                    },
+                })
+            } else {
+                None
+            };
             blocks.push(Block {
                 attn_norm: Norm::load(store, &format!("{p}.attn_norm"), &spec)?,
                 mlp_norm,
                 attn,
                 mlp,
+                cross,
             });
         }
 
         let final_norm = if spec.final_norm {
-            Some(Norm::load(store, "output_norm", &spec)?)
+            Some(Norm::load(store, &format!("{prefix}output_norm"), &spec)?)
         } else {
             None
         };
@@ -515,6 +619,13 @@ impl Transformer {
             )?),
             _ => None,
         };
+        let rel_bias = match spec.positions {
+            Positions::RelativeBuckets { buckets, .. } => {
+                let name = format!("{prefix}blk.0.attn_rel_b.weight");
+                Some(store.dense(&name, &[buckets, a.heads])?)
+            }
+            _ => None,
+        };
         Ok(Self {
             spec,
             embed,
@@ -528,6 +639,7 @@ impl Transformer {
             token_type_embed,
             rope,
             alibi_slopes,
+            rel_bias,
             device,
             train: TrainMode::default(),
         })
@@ -544,6 +656,7 @@ impl Transformer {
             [Some(&mut b.attn_norm), b.mlp_norm.as_mut()]
                 .into_iter()
                 .chain([b.attn.q_norm.as_mut(), b.attn.k_norm.as_mut()])
+                .chain([b.cross.as_mut().map(|c| &mut c.norm)])
         });
         let norms = norms.chain([self.embed_norm.as_mut(), self.final_norm.as_mut()]);
         for n in norms.flatten() {
@@ -576,18 +689,56 @@ impl Transformer {
         cache: &mut dyn KvStore,
         all_logits: bool,
     ) -> Result<Tensor> {
+        self.forward_with(ids, cache, None, all_logits)
+    }
+
+    /// [`Transformer::forward`] for a decoder that attends to an encoder output (`cross`,
+    /// from [`Transformer::cross_kv`]); `None` for every other model.
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        cache: &mut dyn KvStore,
+        cross: Option<&CrossKv>,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         let head = self.head.as_ref().ok_or_else(|| {
             ModelError::Input(format!(
                 "{} is an encoder without a language-model head: use it for embeddings",
                 self.spec.family
             ))
         })?;
-        let mut x = self.hidden_states(ids, None, cache)?;
+        let mut x = self.hidden_states_with(ids, None, cache, cross)?;
         let t = x.dim(1)?;
         if !all_logits && t > 1 {
             x = x.narrow(1, t - 1, 1)?;
         }
+        if let Some(s) = self.spec.head_scale {
+            x = (x * s)?;
+        }
         Ok(head.forward(&x)?)
+    }
+
+    /// Projects an encoder output (`[batch, source_len, hidden]`) to every decoder block's
+    /// cross-attention keys and values, once per sequence.
+    pub fn cross_kv(&self, encoder_out: &Tensor) -> Result<CrossKv> {
+        let (b, s, _) = encoder_out.dims3()?;
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let Some(c) = &block.cross else {
+                return Err(ModelError::Input(format!(
+                    "{} has no cross-attention: it is not the decoder of an encoder-decoder model",
+                    self.spec.family
+                )));
+            };
+            let Qkv::Split { k, v, .. } = &c.attn.qkv else {
+                unreachable!("cross-attention is loaded with split projections")
+            };
+            let shape = (b, s, c.attn.kv_heads, c.attn.head_dim);
+            let k = k.forward(encoder_out)?.reshape(shape)?.transpose(1, 2)?;
+            let v = v.forward(encoder_out)?.reshape(shape)?.transpose(1, 2)?;
+            layers.push((k.contiguous()?, v.contiguous()?));
+        }
+        Ok(CrossKv { layers })
     }
 
     /// The last hidden states `[batch, seq, hidden]` (after the final norm and `proj_out`):
@@ -598,6 +749,28 @@ impl Transformer {
         token_types: Option<&Tensor>,
         cache: &mut dyn KvStore,
     ) -> Result<Tensor> {
+        self.hidden_states_with(ids, token_types, cache, None)
+    }
+
+    fn hidden_states_with(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        cache: &mut dyn KvStore,
+        cross: Option<&CrossKv>,
+    ) -> Result<Tensor> {
+        if self.spec.stack == Stack::Decoder && cross.is_none() {
+            return Err(ModelError::Input(format!(
+                "{} is an encoder-decoder model: its decoder needs the encoder output (generate, or give logits --decoder-ids)",
+                self.spec.family
+            )));
+        }
+        if self.spec.stack != Stack::Decoder && cross.is_some() {
+            return Err(ModelError::Input(format!(
+                "{} has no cross-attention: an encoder output does not apply",
+                self.spec.family
+            )));
+        }
         let (_, t) = ids.dims2()?;
         let start = cache.seq_len();
         if start + t > self.spec.max_positions {
@@ -658,9 +831,12 @@ impl Transformer {
             }
             None => None,
         };
+        let rel_bias = self.relative_bias(start, t)?;
 
         for (i, block) in self.blocks.iter().enumerate() {
             let ctx = AttnContext {
+                rel_bias: rel_bias.as_ref(),
+                cross: cross.and_then(|c| c.layers.get(i)),
                 layer: i,
                 rotary: rotary.as_ref(),
                 mask: if block.attn.windowed {
@@ -697,8 +873,11 @@ impl Transformer {
         };
         Ok(match (self.spec.norm_placement, self.spec.residual) {
             (NormPlacement::Pre, Residual::Sequential) => {
-                let h =
+                let mut h =
                     (x + self.attention(&block.attn, &block.attn_norm.forward(x)?, ctx, cache)?)?;
+                if let (Some(c), Some((k, v))) = (&block.cross, ctx.cross) {
+                    h = (&h + self.cross_attention(&c.attn, &c.norm.forward(&h)?, k, v)?)?;
+                }
                 let m = self.mlp(&block.mlp, &mlp_norm(&h)?)?;
                 (h + m)?
             }
@@ -724,6 +903,39 @@ impl Transformer {
                 block.attn_norm.forward(&((x + a)? + m)?)?
             }
         })
+    }
+
+    /// T5's bias `[heads, new, total]` from the relative-position buckets: bidirectional in an
+    /// encoder, looking back only in a decoder.
+    fn relative_bias(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
+        let (
+            Some(table),
+            Positions::RelativeBuckets {
+                buckets,
+                max_distance,
+            },
+        ) = (&self.rel_bias, &self.spec.positions)
+        else {
+            return Ok(None);
+        };
+        let total = start + t;
+        let mut idx = Vec::with_capacity(t * total);
+        for i in 0..t {
+            let q = (start + i) as i64;
+            for j in 0..total as i64 {
+                let bucket = relative_bucket(j - q, !self.spec.causal, *buckets, *max_distance);
+                idx.push(bucket as u32);
+            }
+        }
+        let idx = Tensor::from_vec(idx, t * total, &self.device)?;
+        let heads = table.dim(1)?;
+        Ok(Some(
+            table
+                .index_select(&idx, 0)?
+                .reshape((t, total, heads))?
+                .permute((2, 0, 1))?
+                .contiguous()?,
+        ))
     }
 
     /// Additive mask `[new, total]`: causal, and limited to the sliding window when there is one.
@@ -801,6 +1013,49 @@ impl Transformer {
             _ => (q, k),
         };
         let (k, v) = cache.append(ctx.layer, &k, &v)?;
+        self.attend(attn, &q, &k, &v, ctx)
+    }
+
+    /// Queries `x` against precomputed encoder keys and values (no mask, no position bias).
+    fn cross_attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let Qkv::Split { q, .. } = &attn.qkv else {
+            unreachable!("cross-attention is loaded with split projections")
+        };
+        let q = q
+            .forward(x)?
+            .reshape((b, t, attn.heads, attn.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let ctx = AttnContext {
+            layer: 0,
+            rotary: None,
+            mask: None,
+            alibi: None,
+            rel_bias: None,
+            cross: None,
+        };
+        self.attend(attn, &q, k, v, &ctx)
+    }
+
+    /// Scores, mask and biases, softmax, values and output projection for queries
+    /// `[batch, heads, new, head_dim]` over keys and values `[batch, kv_heads, total, head_dim]`.
+    fn attend(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &AttnContext,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
         let s = k.dim(2)?;
 
         // Group query heads by the kv head they share instead of copying keys per head.
@@ -813,6 +1068,9 @@ impl Transformer {
         }
         if let Some(alibi) = ctx.alibi {
             scores = scores.broadcast_add(&alibi.reshape((nkv, rep, 1, s))?)?;
+        }
+        if let Some(bias) = ctx.rel_bias {
+            scores = scores.broadcast_add(&bias.reshape((nkv, rep, t, s))?)?;
         }
         let probs = if self.train.differentiable {
             let max = scores.max_keepdim(D::Minus1)?.detach();
@@ -836,6 +1094,10 @@ struct AttnContext<'a> {
     rotary: Option<&'a (Tensor, Tensor)>,
     mask: Option<&'a Tensor>,
     alibi: Option<&'a Tensor>,
+    /// Relative-position bias `[heads, new, total]` (T5).
+    rel_bias: Option<&'a Tensor>,
+    /// This block's encoder keys and values (encoder-decoder decoders).
+    cross: Option<&'a (Tensor, Tensor)>,
 }
 
 /// Softmax over the last dimension in f64 for reporting log-probabilities.

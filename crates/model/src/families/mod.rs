@@ -24,6 +24,7 @@ mod mpt;
 mod opt;
 mod qwen;
 mod qwen2;
+mod t5;
 
 pub type GgufMeta = HashMap<String, Value>;
 
@@ -64,6 +65,7 @@ pub static FAMILIES: &[&Family] = &[
     &qwen::QWEN,
     &chatglm::CHATGLM,
     &bert::BERT,
+    &t5::T5,
 ];
 
 pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
