@@ -1,13 +1,16 @@
 //! camelid's engine: running a model. It owns the KV cache ([`kv_cache`]), the sampler
-//! ([`sampling`]), the per-sequence generation loop ([`generate`]) and throughput measurement
-//! ([`bench`]). It knows the model only through `camelid_model::Model` and never parses files
-//! or speaks HTTP; the server and the CLI sit on top of it.
+//! ([`sampling`]), the per-sequence generation loop ([`generate`]), the server's continuous
+//! batching scheduler ([`scheduler`]) over a paged, prefix-cached KV pool ([`paged_kv`]), and
+//! throughput measurement ([`bench`]). It knows the model only through `camelid_model::Model`
+//! and never parses files or speaks HTTP; the server and the CLI sit on top of it.
 
 pub mod bench;
 pub mod embed;
 pub mod generate;
 pub mod kv_cache;
+pub mod paged_kv;
 pub mod sampling;
+pub mod scheduler;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
