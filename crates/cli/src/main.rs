@@ -3,6 +3,7 @@
 
 mod commands;
 mod resolve;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -153,6 +154,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching)
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -187,6 +190,7 @@ fn main() {
             reps,
             json,
         } => commands::bench(&model, prompt_tokens, gen_tokens, reps, json),
+        Command::Serve(args) => serve::serve(&args),
     };
     if let Err(e) = result {
         // One line: every layer's message joined, no backtrace.
