@@ -63,7 +63,7 @@ pub fn parse_size(s: &str) -> Result<usize> {
         }
     };
     let bytes = n * mult;
-    if !(bytes >= 1.0) {
+    if bytes.is_nan() || bytes < 1.0 {
         bail!("--kv-memory {s}: must be positive");
     }
     Ok(bytes as usize)

@@ -313,9 +313,9 @@ pub struct Scheduler {
     model: Arc<Model>,
     config: SchedulerConfig,
     pool: BlockPool,
-    waiting: VecDeque<Box<Seq>>,
+    waiting: VecDeque<Seq>,
     /// In admission order: the last is preempted first.
-    running: Vec<Box<Seq>>,
+    running: Vec<Seq>,
     rx: mpsc::Receiver<Msg>,
     waiting_count: Arc<AtomicUsize>,
     stats: Arc<Mutex<SchedulerStats>>,
@@ -397,7 +397,7 @@ impl Scheduler {
 
     fn receive(&mut self, m: Msg) {
         match m {
-            Msg::Submit(seq) => self.waiting.push_back(seq),
+            Msg::Submit(seq) => self.waiting.push_back(*seq),
             Msg::Shutdown => self.shutting_down = true,
         }
     }
@@ -460,7 +460,7 @@ impl Scheduler {
         }
     }
 
-    fn free(&mut self, mut seq: Box<Seq>) {
+    fn free(&mut self, mut seq: Seq) {
         for id in seq.table.drain(..) {
             self.pool.release(id);
         }
@@ -735,7 +735,7 @@ impl Scheduler {
         Ok(None)
     }
 
-    fn finish(&mut self, mut seq: Box<Seq>, mut finish: FinishReason, error: Option<String>) {
+    fn finish(&mut self, mut seq: Seq, mut finish: FinishReason, error: Option<String>) {
         let mut text = String::new();
         if error.is_none() && matches!(finish, FinishReason::Eos | FinishReason::Length) {
             if let Some(tok) = self.model.tokenizer.as_ref() {

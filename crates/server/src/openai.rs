@@ -329,6 +329,23 @@ fn echo_prefix(state: &AppState, job: &Job, index: usize, done: Option<&SeqDone>
     }
 }
 
+/// Echo: the prompt's text and log-probs followed by the completion's (`c` is the finished
+/// choice).
+fn echo_combined(state: &AppState, job: &Job, index: usize, c: &mut Choice) -> (String, Value) {
+    let mut e = Choice::default();
+    echo_prefix(state, job, index, c.done.as_ref(), &mut e);
+    let mut lp = e.completion_logprobs;
+    let comp = std::mem::take(&mut c.completion_logprobs);
+    let base = e.text.len();
+    for (k, t) in comp.tokens.into_iter().enumerate() {
+        lp.text_offset.push(base + comp.text_offset[k]);
+        lp.tokens.push(t);
+        lp.token_logprobs.push(comp.token_logprobs[k].clone());
+        lp.top_logprobs.push(comp.top_logprobs[k].clone());
+    }
+    (format!("{}{}", e.text, c.text), lp.take())
+}
+
 pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = completions_inner(&state, &body).await;
     record(&state, "/v1/completions", r)
@@ -608,19 +625,7 @@ async fn collect(
             }));
         } else {
             let (text, logprobs) = if job.echo {
-                let mut e = Choice::default();
-                echo_prefix(state, job, i, done.as_ref(), &mut e);
-                e.completion_logprobs.offset = e.text.len();
-                // Completion tokens follow the prompt's.
-                let mut lp = e.completion_logprobs;
-                let comp = std::mem::take(&mut c.completion_logprobs);
-                for (k, t) in comp.tokens.into_iter().enumerate() {
-                    lp.text_offset.push(lp.offset + comp.text_offset[k]);
-                    lp.tokens.push(t);
-                    lp.token_logprobs.push(comp.token_logprobs[k].clone());
-                    lp.top_logprobs.push(comp.top_logprobs[k].clone());
-                }
-                (format!("{}{}", e.text, c.text), lp.take())
+                echo_combined(state, job, i, c)
             } else {
                 (c.text.clone(), c.completion_logprobs.take())
             };
@@ -693,7 +698,7 @@ impl Streamer {
                     "logprobs": Value::Null, "finish_reason": Value::Null});
                 let line = self.chunk(vec![c], None);
                 self.pending.push(line);
-            } else if self.job.echo && !self.job.logprobs.is_some() {
+            } else if self.job.echo && self.job.logprobs.is_none() {
                 let text = self.job.prompt_texts[i / self.job.common.n].clone();
                 self.choices[i].completion_logprobs.offset = text.len();
                 let c = self.delta(i, text, Value::Null, Value::Null);
@@ -709,20 +714,22 @@ impl Streamer {
             SeqEvent::Token { id, text, logprob } => {
                 let before = self.choices[i].chat_logprobs.len();
                 self.choices[i].on_token(&model, &self.job, id, &text, logprob.as_ref());
+                if self.echo_logprobs() {
+                    // Sent whole at the end, after the prompt's log-probs are known.
+                    return;
+                }
                 let lp = if self.job.logprobs.is_none() {
                     Value::Null
                 } else if self.job.chat {
-                    json!({"content": self.choices[i].chat_logprobs[before..].to_vec()})
+                    let new = &self.choices[i].chat_logprobs[before..];
+                    if new.is_empty() && text.is_empty() {
+                        return;
+                    }
+                    json!({ "content": new })
                 } else {
                     self.choices[i].completion_logprobs.take()
                 };
                 if text.is_empty() && lp.is_null() {
-                    return;
-                }
-                if text.is_empty()
-                    && self.job.chat
-                    && lp["content"].as_array().is_some_and(|a| a.is_empty())
-                {
                     return;
                 }
                 let c = self.delta(i, text, lp, Value::Null);
@@ -734,28 +741,26 @@ impl Streamer {
                     let err = ApiError::internal(e.clone());
                     self.pending.push(format!("data: {}\n\n", err.body()));
                 }
-                if self.job.echo && self.job.logprobs.is_some() && !self.job.chat {
-                    // Echo with log-probs waits for the prompt's log-probs, known at the end.
-                    let mut e = Choice::default();
-                    echo_prefix(&self.state, &self.job, i, Some(&d), &mut e);
-                    let lp = e.completion_logprobs.take();
-                    let c = self.delta(i, e.text, lp, Value::Null);
-                    let line = self.chunk(vec![c], None);
-                    self.pending.insert(0, line);
-                }
                 let reason = finish_reason(d.finish);
-                let lp = if self.job.logprobs.is_some() && !self.job.chat {
-                    self.choices[i].completion_logprobs.take()
+                self.choices[i].text.push_str(&d.text);
+                self.choices[i].done = Some(d.clone());
+                let (text, lp) = if self.echo_logprobs() {
+                    echo_combined(&self.state, &self.job, i, &mut self.choices[i])
+                } else if self.job.logprobs.is_some() && !self.job.chat {
+                    (d.text, self.choices[i].completion_logprobs.take())
                 } else {
-                    Value::Null
+                    (d.text, Value::Null)
                 };
-                let c = self.delta(i, d.text.clone(), lp, reason);
+                let c = self.delta(i, text, lp, reason);
                 let line = self.chunk(vec![c], None);
                 self.pending.push(line);
-                self.choices[i].done = Some(d);
                 self.left -= 1;
             }
         }
+    }
+
+    fn echo_logprobs(&self) -> bool {
+        self.job.echo && self.job.logprobs.is_some() && !self.job.chat
     }
 
     fn end(&mut self) {
@@ -827,14 +832,16 @@ async fn embeddings_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Respo
         .get::<String>("model", "a string")?
         .ok_or_else(|| ApiError::invalid("`model` is required", Some("model")))?;
     check_model(state, &model_name)?;
-    if let Some(f) = b.get::<String>("encoding_format", "a string")? {
-        if f != "float" {
+    let base64 = match b.get::<String>("encoding_format", "a string")?.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
             return Err(ApiError::invalid(
-                format!("`encoding_format` `{f}` is not supported (use float)"),
+                format!("`encoding_format` must be float or base64, got `{f}`"),
                 Some("encoding_format"),
-            ));
+            ))
         }
-    }
+    };
     let model = state.model.clone();
     let tok = model
         .tokenizer()
@@ -886,7 +893,16 @@ async fn embeddings_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Respo
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                // OpenAI's base64 form: the little-endian f32 bytes.
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     Ok(axum::Json(json!({
         "object": "list",
@@ -895,4 +911,43 @@ async fn embeddings_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Respo
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64_encode(input.as_bytes()), expected);
+        }
+    }
 }

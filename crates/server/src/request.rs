@@ -209,7 +209,7 @@ impl Common {
             max_tokens: None,
             temperature: b.number("temperature", 0.0, 2.0)?.unwrap_or(1.0),
             top_p: match b.number("top_p", 0.0, 1.0)? {
-                Some(p) if p == 0.0 => {
+                Some(0.0) => {
                     return Err(ApiError::invalid("`top_p` must be above 0", Some("top_p")))
                 }
                 p => p.unwrap_or(1.0),
@@ -220,7 +220,7 @@ impl Common {
                 .unwrap_or(0),
             min_p: b.number("min_p", 0.0, 1.0)?.unwrap_or(0.0),
             repetition_penalty: match b.number("repetition_penalty", 0.0, 10.0)? {
-                Some(p) if p == 0.0 => {
+                Some(0.0) => {
                     return Err(ApiError::invalid(
                         "`repetition_penalty` must be above 0",
                         Some("repetition_penalty"),

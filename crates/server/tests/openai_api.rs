@@ -15,6 +15,7 @@ use candle_core::Device;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -437,6 +438,32 @@ fn logprobs_and_echo_match_a_full_forward() {
     );
     let offsets = lp["text_offset"].as_array().expect("offsets");
     assert_eq!(offsets.len(), tokens.len());
+    // Streamed, the same text and log-probs arrive (prompt first).
+    let r = post(
+        "/v1/completions",
+        json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+               "logprobs": 1, "echo": true, "stream": true}),
+    );
+    let ev = r.events();
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk"))
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, choice["text"].as_str().expect("text"));
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(&Value::Array(streamed), &lp["token_logprobs"]);
 
     // Chat log-probs with alternatives.
     let v = post(
@@ -678,7 +705,7 @@ fn concurrent_streaming_chats_equal_one_at_a_time() {
         .iter()
         .map(|q| stream_chat(server.addr, q, max_tokens))
         .collect();
-    let clients = 32;
+    let clients = 64;
     let threads: Vec<_> = (0..clients)
         .map(|i| {
             let q = questions[i % questions.len()];
@@ -807,4 +834,36 @@ fn shutdown_drains_running_requests_and_refuses_new_ones() {
     let last: Value = serde_json::from_str(&ev[ev.len() - 2]).expect("chunk");
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     thread.join().expect("server stops after draining");
+}
+
+/// The official `openai` Python package against the server, when a Python that has it is
+/// around: `$CAMELID_PYTHON` (CI installs the package into a venv), else `python3`.
+#[test]
+fn the_official_openai_python_client() {
+    let python = std::env::var("CAMELID_PYTHON").unwrap_or_else(|_| "python3".into());
+    let usable = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        eprintln!(
+            "skipped: {python} cannot import openai (set CAMELID_PYTHON to a Python that can)"
+        );
+        return;
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(format!("http://{}/v1", shared().addr))
+        .arg(MODEL_ID)
+        .output()
+        .expect("run the openai client script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
