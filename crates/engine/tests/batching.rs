@@ -64,7 +64,7 @@ fn forward_batch_matches_forward_per_sequence() {
         let seqs: Vec<Vec<u32>> = lens
             .iter()
             .enumerate()
-            .map(|(i, &n)| ids(n + 4, i, spec.vocab_size))
+            .map(|(i, &n)| ids(n + 6, i, spec.vocab_size))
             .collect();
         // Reference: each sequence alone, every position's logits.
         let reference: Vec<Tensor> = seqs
@@ -81,7 +81,8 @@ fn forward_batch_matches_forward_per_sequence() {
                     .expect("squeeze")
             })
             .collect();
-        // Batched in two passes: the first `lens[i]` tokens, then the last 4 (all logits).
+        // Batched in four passes: the first `lens[i]` tokens, the next 4 (all logits), then
+        // one token each twice (decode rows attended together).
         let shape = PoolShape {
             layers: spec.layers,
             kv_heads: spec.attention.kv_heads,
@@ -98,30 +99,32 @@ fn forward_batch_matches_forward_per_sequence() {
             })
             .collect();
         let mut worst = 0f32;
-        for pass in 0..2 {
+        for pass in 0..4 {
+            let span = |n: usize| match pass {
+                0 => (0, n),
+                1 => (n, 4),
+                p => (n + 2 + p, 1),
+            };
             let inputs: Vec<BatchSeq> = seqs
                 .iter()
                 .zip(lens)
-                .map(|(s, n)| BatchSeq {
-                    ids: if pass == 0 { &s[..n] } else { &s[n..] },
-                    all_logits: true,
+                .map(|(s, n)| {
+                    let (a, len) = span(n);
+                    BatchSeq {
+                        ids: &s[a..a + len],
+                        all_logits: true,
+                    }
                 })
                 .collect();
             let mut batch = PagedBatch {
                 pool: &mut pool,
                 tables: tables.iter().map(|t| t.as_slice()).collect(),
-                starts: lens
-                    .iter()
-                    .map(|&n| if pass == 0 { 0 } else { n })
-                    .collect(),
+                starts: lens.iter().map(|&n| span(n).0).collect(),
             };
             let out = t.forward_batch(&inputs, &mut batch).expect("forward_batch");
             for ((o, r), n) in out.iter().zip(&reference).zip(lens) {
-                let expected = if pass == 0 {
-                    r.narrow(0, 0, n).expect("narrow")
-                } else {
-                    r.narrow(0, n, 4).expect("narrow")
-                };
+                let (a, len) = span(n);
+                let expected = r.narrow(0, a, len).expect("narrow");
                 worst = worst.max(max_diff(o, &expected));
             }
         }

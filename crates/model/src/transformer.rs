@@ -43,6 +43,27 @@ pub trait BatchKvStore {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)>;
+    /// Appends one position to each of `seqs` (`k`, `v`: `[1, kv_heads, seqs.len(), head_dim]`,
+    /// column `j` for `seqs[j]`) and returns their keys and values padded to the longest:
+    /// `[seqs.len(), kv_heads, longest, head_dim]`, zeros past each sequence's length.
+    fn append_decode(
+        &mut self,
+        seqs: &[usize],
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+/// The one-token (decode) members of a batched pass, attended together.
+struct DecodeGroup {
+    members: Vec<usize>,
+    /// Their rows in the flattened batch.
+    rows: Tensor,
+    /// Per-row rotary tables `[members, rotary_dims / 2]`.
+    rotary: Option<(Tensor, Tensor)>,
+    /// `[members, 1, 1, longest]`: -inf past each member's length; `None` when all are equal.
+    padding: Option<Tensor>,
 }
 
 /// One sequence of a batched pass: its new tokens, and whether every position's logits are
@@ -833,6 +854,105 @@ impl Transformer {
             .reshape((b, t, nh * hd))?)
     }
 
+    /// The batch's one-token members when there are several and the model needs no
+    /// per-sequence attention bias (ALiBi, sliding window): their attention runs as one
+    /// padded batch, a few tensor ops per layer instead of a few per sequence.
+    fn decode_group(
+        &self,
+        slices: &[SeqSlice],
+        cache: &dyn BatchKvStore,
+    ) -> Result<Option<DecodeGroup>> {
+        let members: Vec<usize> = (0..slices.len()).filter(|&i| slices[i].len == 1).collect();
+        if members.len() < 2
+            || self.alibi_slopes.is_some()
+            || self.spec.attention.sliding_window.is_some()
+            || !self.spec.causal
+        {
+            return Ok(None);
+        }
+        let rows: Vec<u32> = members.iter().map(|&i| slices[i].offset as u32).collect();
+        let rotary = match &self.rope {
+            Some(_) => {
+                let mut cos = Vec::new();
+                let mut sin = Vec::new();
+                for &i in &members {
+                    if let Some((c, s)) = &slices[i].rotary {
+                        cos.push(c.clone());
+                        sin.push(s.clone());
+                    }
+                }
+                Some((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
+            }
+            None => None,
+        };
+        let lens: Vec<usize> = members.iter().map(|&i| cache.seq_len(i) + 1).collect();
+        let longest = lens.iter().copied().max().unwrap_or(1);
+        let padding = if lens.iter().all(|&l| l == longest) {
+            None
+        } else {
+            let mut m = vec![0f32; lens.len() * longest];
+            for (j, &l) in lens.iter().enumerate() {
+                for x in &mut m[j * longest + l..(j + 1) * longest] {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            Some(Tensor::from_vec(
+                m,
+                (lens.len(), 1, 1, longest),
+                &self.device,
+            )?)
+        };
+        Ok(Some(DecodeGroup {
+            rows: Tensor::new(rows.as_slice(), &self.device)?,
+            members,
+            rotary,
+            padding,
+        }))
+    }
+
+    /// Attention of a [`DecodeGroup`]: `[members, heads * head_dim]` before the output
+    /// projection. Each row's result is what [`Self::attend`] gives it alone (padding adds
+    /// only zero weights).
+    fn attend_decode(
+        &self,
+        attn: &Attention,
+        layer: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        group: &DecodeGroup,
+        cache: &mut dyn BatchKvStore,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
+        let b = group.members.len();
+        // The members' rows as one sequence of `b` positions, each with its own rotary row.
+        let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            x.contiguous()?
+                .index_select(&group.rows, 1)?
+                .reshape((1, b, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        let (q, k) = match (&self.rope, &group.rotary) {
+            (Some(rope), Some((cos, sin))) => {
+                (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
+            }
+            _ => (q, k),
+        };
+        let (keys, values) = cache.append_decode(&group.members, layer, &k, &v)?;
+        let rep = nh / nkv;
+        let q = q
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, nkv, rep, hd))?;
+        let mut scores = (q.matmul(&keys.t()?)? * attn.scale)?;
+        if let Some(p) = &group.padding {
+            scores = scores.broadcast_add(p)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        Ok(probs.matmul(&values.contiguous()?)?.reshape((b, nh * hd))?)
+    }
+
     /// Several sequences in one pass, each after its own cached positions: their new tokens
     /// are laid end to end as one `[1, total, hidden]` activation for the embeddings, norms,
     /// projections, MLP and head (the matmuls), and only rotary, the cache and attention run
@@ -905,6 +1025,7 @@ impl Transformer {
             ids.extend_from_slice(seq.ids);
         }
         let total = ids.len();
+        let decode = self.decode_group(&slices, cache)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?;
         if let Some(p) = &self.proj_in {
@@ -922,8 +1043,17 @@ impl Transformer {
         for (layer, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(block, &x, &mut |n| {
                 let (q, k, v) = self.qkv(&block.attn, n)?;
-                let mut outs = Vec::with_capacity(slices.len());
+                let mut outs: Vec<Option<Tensor>> = vec![None; slices.len()];
+                if let Some(group) = &decode {
+                    let out = self.attend_decode(&block.attn, layer, (&q, &k, &v), group, cache)?;
+                    for (j, &seq) in group.members.iter().enumerate() {
+                        outs[seq] = Some(out.narrow(0, j, 1)?.unsqueeze(0)?);
+                    }
+                }
                 for (seq, s) in slices.iter().enumerate() {
+                    if outs[seq].is_some() {
+                        continue;
+                    }
                     let ctx = AttnContext {
                         layer,
                         rotary: s.rotary.as_ref(),
@@ -938,7 +1068,7 @@ impl Transformer {
                         store: &mut *cache,
                         seq,
                     };
-                    outs.push(self.attend(
+                    outs[seq] = Some(self.attend(
                         &block.attn,
                         &q.narrow(1, s.offset, s.len)?,
                         &k.narrow(1, s.offset, s.len)?,
@@ -947,6 +1077,7 @@ impl Transformer {
                         &mut member,
                     )?);
                 }
+                let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
                 Ok(block.attn.out.forward(&Tensor::cat(&outs, 1)?)?)
             })?;
         }
