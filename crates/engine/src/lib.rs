@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod embed;
 pub mod generate;
+pub mod json_constraint;
 pub mod kv_cache;
 pub mod paged_kv;
 pub mod sampling;

@@ -15,6 +15,7 @@
 //! went away) cancels its sequence, whose blocks return to the pool at the next step.
 
 use crate::generate::{FinishReason, StopMatcher};
+use crate::json_constraint::{JsonConstraint, Schema};
 use crate::paged_kv::{BlockId, BlockPool, PagedBatch, PoolShape, PoolStats};
 use crate::sampling::{Sampler, SamplingParams};
 use camelid_model::tokenizer::DecodeStream;
@@ -73,6 +74,8 @@ pub struct SeqRequest {
     pub logprobs: Option<usize>,
     /// Report every prompt token's log-prob (from position 1 on) too.
     pub prompt_logprobs: bool,
+    /// Only output matching this JSON schema (the sequence ends when the value is complete).
+    pub json: Option<Arc<Schema>>,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +267,7 @@ struct Seq {
     /// Hash of each full block of `table` named so far (the chain's links).
     hashes: Vec<u64>,
     sampler: Sampler,
+    constraint: Option<JsonConstraint>,
     decode: DecodeStream,
     stops: StopMatcher,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
@@ -285,6 +289,7 @@ impl Seq {
             tokens: req.prompt.clone(),
             prompt_len: req.prompt.len(),
             sampler: Sampler::new(req.sampling.clone()),
+            constraint: req.json.clone().map(JsonConstraint::new),
             stops: StopMatcher::new(&req.stop),
             req,
             sink,
@@ -321,7 +326,12 @@ pub struct Scheduler {
     stats: Arc<Mutex<SchedulerStats>>,
     counters: SchedulerStats,
     shutting_down: bool,
+    /// Each token's text, for constrained decoding (made on first use).
+    token_texts: Option<Arc<Vec<String>>>,
 }
+
+/// How many allowed tokens a constrained step samples among (the most likely ones).
+const CONSTRAINED_CANDIDATES: usize = 64;
 
 /// Starts the scheduler thread for `model`. It runs until [`SchedulerHandle::shutdown`] was
 /// called and every sequence has finished (or every handle is dropped).
@@ -370,6 +380,7 @@ impl Scheduler {
             stats,
             counters: SchedulerStats::default(),
             shutting_down: false,
+            token_texts: None,
         };
         s.publish();
         (handle, s)
@@ -636,6 +647,16 @@ impl Scheduler {
         logits: &candle_core::Tensor,
     ) -> camelid_model::Result<Option<FinishReason>> {
         let bs = self.pool.block_size();
+        if self.running[i].constraint.is_some() && self.token_texts.is_none() {
+            let texts = match self.model.tokenizer.as_ref() {
+                Some(t) => (0..self.model.spec().vocab_size as u32)
+                    .map(|id| t.decode(&[id], false).unwrap_or_default())
+                    .collect(),
+                None => Vec::new(),
+            };
+            self.token_texts = Some(Arc::new(texts));
+        }
+        let texts = self.token_texts.clone();
         let spec_positions = self.model.spec().max_positions;
         let eos = &self.model.eos_ids;
         let tokenizer = self.model.tokenizer.as_ref();
@@ -683,8 +704,37 @@ impl Scheduler {
                 *l += bias;
             }
         }
+        if let (Some(c), Some(texts)) = (&seq.constraint, &texts) {
+            // Keep the most likely tokens that leave the output a viable prefix.
+            let mut order: Vec<u32> = (0..row.len() as u32).collect();
+            order.sort_unstable_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            let mut allowed = vec![false; row.len()];
+            let mut found = 0;
+            for &id in &order {
+                if found == CONSTRAINED_CANDIDATES || row[id as usize] == f32::NEG_INFINITY {
+                    break;
+                }
+                if texts.get(id as usize).is_some_and(|t| c.allows(t)) {
+                    allowed[id as usize] = true;
+                    found += 1;
+                }
+            }
+            if found == 0 {
+                return Ok(Some(FinishReason::Length));
+            }
+            for (l, ok) in row.iter_mut().zip(&allowed) {
+                if !ok {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let generated = seq.generated();
         let next = seq.sampler.sample(&mut row, &seq.tokens, generated);
+        let mut json_complete = false;
+        if let (Some(c), Some(texts)) = (&mut seq.constraint, &texts) {
+            c.push(texts.get(next as usize).map_or("", String::as_str));
+            json_complete = c.is_complete();
+        }
         let logprob = logprob.map(|(lp, n)| token_logprob(&lp, next, n));
         seq.tokens.push(next);
         let now = Instant::now();
@@ -726,7 +776,7 @@ impl Scheduler {
         }) {
             return Ok(Some(FinishReason::Cancelled));
         }
-        if hit {
+        if hit || json_complete {
             return Ok(Some(FinishReason::Stop));
         }
         if seq.generated() >= seq.req.max_tokens || seq.tokens.len() >= spec_positions {
@@ -737,7 +787,10 @@ impl Scheduler {
 
     fn finish(&mut self, mut seq: Seq, mut finish: FinishReason, error: Option<String>) {
         let mut text = String::new();
-        if error.is_none() && matches!(finish, FinishReason::Eos | FinishReason::Length) {
+        let json_done = seq.constraint.as_ref().is_some_and(|c| c.is_complete());
+        if error.is_none()
+            && (json_done || matches!(finish, FinishReason::Eos | FinishReason::Length))
+        {
             if let Some(tok) = self.model.tokenizer.as_ref() {
                 let rest = seq.decode.flush(tok).ok().flatten().unwrap_or_default();
                 let (emit, hit) = seq.stops.push(&rest);

@@ -177,6 +177,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> SeqRequest {
         stop_at_eos: false,
         logprobs: None,
         prompt_logprobs: false,
+        json: None,
     }
 }
 

@@ -172,6 +172,7 @@ fn submit(state: &AppState, job: &Job) -> ApiResult<UnboundedReceiver<(usize, Se
                 stop_at_eos: !job.common.ignore_eos,
                 logprobs: job.logprobs,
                 prompt_logprobs: job.echo && job.logprobs.is_some(),
+                json: job.common.json.clone(),
             };
             seqs.push((
                 req,

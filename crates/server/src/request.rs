@@ -2,8 +2,10 @@
 //! the field's name (`param`) rather than as a generic parse error.
 
 use crate::error::{ApiError, ApiResult};
+use camelid_engine::json_constraint::Schema;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 pub struct Body {
     obj: Map<String, Value>,
@@ -102,6 +104,8 @@ pub struct Common {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// `response_format`: JSON output, constrained to this schema.
+    pub json: Option<Arc<Schema>>,
 }
 
 impl Common {
@@ -204,6 +208,7 @@ impl Common {
             None => false,
         };
         let _user: Option<String> = b.get("user", "a string")?;
+        let json = response_format(b)?;
         Ok(Self {
             model,
             max_tokens: None,
@@ -237,6 +242,7 @@ impl Common {
             stream: b.get("stream", "a boolean")?.unwrap_or(false),
             include_usage,
             ignore_eos: b.get("ignore_eos", "a boolean")?.unwrap_or(false),
+            json,
         })
     }
 }
@@ -308,4 +314,31 @@ pub fn prompts(b: &Body, name: &str) -> ApiResult<Vec<Prompt>> {
         }
     };
     Ok(out)
+}
+
+/// `response_format`: `{"type":"text"}`, `{"type":"json_object"}` or
+/// `{"type":"json_schema","json_schema":{"name":..,"schema":{..}}}`.
+fn response_format(b: &Body) -> ApiResult<Option<Arc<Schema>>> {
+    let param = Some("response_format");
+    let Some(rf) = b.raw("response_format") else {
+        return Ok(None);
+    };
+    let bad = |m: String| ApiError::invalid(m, param);
+    let kind = rf.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Arc::new(Schema::AnyObject))),
+        Some("json_schema") => {
+            let schema = rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| bad("`response_format.json_schema.schema` is required".into()))?;
+            let schema = Schema::from_json(schema)
+                .map_err(|e| bad(format!("`response_format.json_schema.schema`: {e}")))?;
+            Ok(Some(Arc::new(schema)))
+        }
+        _ => Err(bad(
+            "`response_format.type` must be text, json_object or json_schema".into(),
+        )),
+    }
 }

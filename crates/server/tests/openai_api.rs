@@ -867,3 +867,57 @@ fn the_official_openai_python_client() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn response_format_json_object_and_json_schema_give_valid_json() {
+    let v = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL_ID, "temperature": 0, "max_tokens": 120,
+               "messages": [{"role": "user", "content": "Describe a cat as a JSON object."}],
+               "response_format": {"type": "json_object"}}),
+    )
+    .json();
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{content}");
+    let parsed: Value = serde_json::from_str(content).expect("json_object output parses");
+    assert!(parsed.is_object(), "{content}");
+
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "pet": {"enum": ["cat", "dog"]}
+        },
+        "required": ["name", "age", "pet"]
+    });
+    for temperature in [0.0, 1.0] {
+        let v = post(
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "temperature": temperature, "seed": 3, "max_tokens": 120,
+                   "messages": [{"role": "user", "content": "Invent a person. Answer in JSON."}],
+                   "response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "person", "schema": schema}}}),
+        )
+        .json();
+        let content = v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{content}");
+        let p: Value = serde_json::from_str(content).expect("json_schema output parses");
+        assert!(p["name"].is_string(), "{content}");
+        assert!(p["age"].is_i64() || p["age"].is_u64(), "{content}");
+        assert!(p["pet"] == "cat" || p["pet"] == "dog", "{content}");
+        assert_eq!(p.as_object().map(|o| o.len()), Some(3), "{content}");
+    }
+    let bad = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}],
+               "response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "x", "schema": {"type": "date"}}}}),
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["param"], "response_format");
+}
