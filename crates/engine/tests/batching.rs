@@ -470,3 +470,54 @@ fn prompt_logprobs_match_the_full_forward() {
     assert!(got[0].0.is_empty());
     assert_eq!(got[0].1.completion_tokens, 0);
 }
+
+#[test]
+fn sampled_output_repeats_with_the_same_seed_across_prefix_hits() {
+    let model = Arc::new(load("smollm2_shape"));
+    let vocab = model.spec().vocab_size;
+    let config = SchedulerConfig {
+        block_size: 16,
+        ..small_config()
+    };
+    let (h, mut s) = scheduler(&model, config);
+    let sampled = |seed| {
+        let mut r = greedy(ids(25, 3, vocab), 30);
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed,
+            ..SamplingParams::default()
+        };
+        r
+    };
+    let first: Vec<Vec<u32>> = run_all(
+        &mut s,
+        &(0..3).map(|i| submit(&h, sampled(i))).collect::<Vec<_>>(),
+    )
+    .into_iter()
+    .map(|(t, _)| t)
+    .collect();
+    let second: Vec<Vec<u32>> = run_all(
+        &mut s,
+        &(0..3).map(|i| submit(&h, sampled(i))).collect::<Vec<_>>(),
+    )
+    .into_iter()
+    .map(|(t, _)| t)
+    .collect();
+    assert!(h.stats().prefix_hit_tokens > 0);
+    assert_eq!(first, second);
+    // And each equals the sequence run alone without any cache.
+    for (i, expected) in first.iter().enumerate() {
+        let (h, mut s) = scheduler(
+            &model,
+            SchedulerConfig {
+                block_size: 16,
+                ..small_config()
+            },
+        );
+        let alone = run_all(&mut s, &[submit(&h, sampled(i as u64))]);
+        assert_eq!(&alone[0].0, expected, "choice {i}");
+    }
+}

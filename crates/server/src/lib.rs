@@ -11,6 +11,7 @@ mod error;
 mod metrics;
 mod openai;
 mod request;
+mod tools;
 
 pub use error::ApiError;
 

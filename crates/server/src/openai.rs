@@ -94,6 +94,8 @@ struct Job {
     logprobs: Option<usize>,
     echo: bool,
     chat: bool,
+    /// Function calling (chat only).
+    tools: Option<crate::tools::Tools>,
 }
 
 fn sampling(c: &Common, choice: usize) -> SamplingParams {
@@ -413,6 +415,7 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Resp
         logprobs,
         echo,
         chat: false,
+        tools: None,
         common,
     };
     run(state.clone(), job).await
@@ -470,7 +473,7 @@ fn messages(b: &Body) -> ApiResult<Vec<Message>> {
                 ))
             }
         };
-        let content = match obj.get("content") {
+        let mut content = match obj.get("content") {
             None | Some(Value::Null) if role == "assistant" => String::new(),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
@@ -496,6 +499,12 @@ fn messages(b: &Body) -> ApiResult<Vec<Message>> {
                 .with_code("invalid_type"))
             }
         };
+        if let (true, Some(Value::Array(calls))) = (role == "assistant", obj.get("tool_calls")) {
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&crate::tools::history_text(calls));
+        }
         out.push(Message::new(role, &content));
     }
     Ok(out)
@@ -512,7 +521,8 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Response> {
     let vocab = state.model.spec().vocab_size;
     let mut common = Common::parse(&b, state.max_n, vocab)?;
     check_model(state, &common.model)?;
-    let msgs = messages(&b)?;
+    let mut msgs = messages(&b)?;
+    let tools = crate::tools::parse(&b)?;
     let logprobs: bool = b.get("logprobs", "a boolean")?.unwrap_or(false);
     let top = b.count("top_logprobs")?;
     if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
@@ -535,9 +545,30 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Response> {
     let tok = model
         .tokenizer()
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut tool_defs = None;
+    if let Some(t) = &tools {
+        if model.chat_template.uses_tools() {
+            tool_defs = Some(Value::Array(t.defs.clone()));
+        } else {
+            let block = t.system_block();
+            match msgs.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{block}", m.content),
+                _ => msgs.insert(0, Message::new("system", &block)),
+            }
+        }
+        if let Some(schema) = t.required_schema()? {
+            if common.json.is_some() {
+                return Err(ApiError::invalid(
+                    "`response_format` and a required tool call cannot be combined",
+                    Some("tool_choice"),
+                ));
+            }
+            common.json = Some(Arc::new(schema));
+        }
+    }
     let text = model
         .chat_template
-        .render(&msgs, true)
+        .render_with_tools(&msgs, tool_defs.as_ref(), true)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let mut ids = tok
         .encode(&text, false)
@@ -559,6 +590,7 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Response> {
         logprobs: logprobs.then_some(top.unwrap_or(0)),
         echo: false,
         chat: true,
+        tools,
         common,
     };
     run(state.clone(), job).await
@@ -572,18 +604,72 @@ fn new_id(state: &AppState, chat: bool) -> String {
 
 async fn run(state: Arc<AppState>, job: Job) -> ApiResult<Response> {
     let rx = submit(&state, &job)?;
-    if job.common.stream {
+    if job.common.stream && job.tools.is_some() {
+        // Tool calls are known only once the reply is complete: sent as one chunk.
+        let body = collect_value(&state, &job, rx).await?;
+        Ok(stream_whole(&job, body))
+    } else if job.common.stream {
         Ok(stream(state, job, rx))
     } else {
-        collect(&state, &job, rx).await
+        let body = collect_value(&state, &job, rx).await?;
+        Ok((StatusCode::OK, axum::Json(body)).into_response())
     }
 }
 
-async fn collect(
+/// A finished chat response as a server-sent-event stream: per choice one chunk with the
+/// role and content or tool calls, one with the finish reason; then usage and `[DONE]`.
+fn stream_whole(job: &Job, body: Value) -> Response {
+    let mut out = String::new();
+    let mut push = |choices: Value, usage: Option<&Value>| {
+        let mut v = json!({
+            "id": body["id"], "object": "chat.completion.chunk", "created": body["created"],
+            "model": body["model"], "choices": choices,
+        });
+        if job.common.include_usage {
+            v["usage"] = usage.cloned().unwrap_or(Value::Null);
+        }
+        out.push_str(&format!("data: {v}\n\n"));
+    };
+    for c in body["choices"].as_array().into_iter().flatten() {
+        let mut delta = json!({"role": "assistant", "content": c["message"]["content"]});
+        if let Some(calls) = c["message"]["tool_calls"].as_array() {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(k, x)| {
+                    let mut x = x.clone();
+                    x["index"] = json!(k);
+                    x
+                })
+                .collect();
+            delta["tool_calls"] = Value::Array(calls);
+        }
+        push(
+            json!([{"index": c["index"], "delta": delta, "logprobs": c["logprobs"], "finish_reason": null}]),
+            None,
+        );
+        push(
+            json!([{"index": c["index"], "delta": {}, "logprobs": null, "finish_reason": c["finish_reason"]}]),
+            None,
+        );
+    }
+    if job.common.include_usage {
+        push(json!([]), Some(&body["usage"]));
+    }
+    out.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(axum::body::Body::from(out))
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+}
+
+async fn collect_value(
     state: &AppState,
     job: &Job,
     mut rx: UnboundedReceiver<(usize, SeqEvent)>,
-) -> ApiResult<Response> {
+) -> ApiResult<Value> {
     let total = job.prompts.len() * job.common.n;
     let mut choices: Vec<Choice> = (0..total).map(|_| Choice::default()).collect();
     let mut left = total;
@@ -618,12 +704,24 @@ async fn collect(
             } else {
                 Value::Null
             };
-            out.push(json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": logprobs,
-                "finish_reason": reason,
-            }));
+            let calls = job
+                .tools
+                .as_ref()
+                .and_then(|t| crate::tools::extract(t, &c.text, &id));
+            out.push(match calls {
+                Some((content, calls)) => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": content, "tool_calls": calls},
+                    "logprobs": logprobs,
+                    "finish_reason": "tool_calls",
+                }),
+                None => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }),
+            });
         } else {
             let (text, logprobs) = if job.echo {
                 echo_combined(state, job, i, c)
@@ -646,7 +744,7 @@ async fn collect(
         "choices": out,
         "usage": usage(job, &choices),
     });
-    Ok((StatusCode::OK, axum::Json(body)).into_response())
+    Ok(body)
 }
 
 /// Streaming state: turns scheduler events into SSE `data:` lines.

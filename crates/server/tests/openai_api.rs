@@ -921,3 +921,90 @@ fn response_format_json_object_and_json_schema_give_valid_json() {
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["error"]["param"], "response_format");
 }
+
+#[test]
+fn tools_required_calls_parse_and_follow_the_schema() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object",
+                "properties": {"city": {"type": "string"},
+                               "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"]}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                           "required": ["zone"]}}}
+    ]);
+    let user = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    for (choice, stream) in [
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            false,
+        ),
+        (json!("required"), false),
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            true,
+        ),
+    ] {
+        let r = post(
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "tools": tools, "tool_choice": choice,
+                   "temperature": 0, "max_tokens": 80, "stream": stream}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let (calls, reason) = if stream {
+            let ev = r.events();
+            let first: Value = serde_json::from_str(&ev[0]).expect("chunk");
+            let last: Value = serde_json::from_str(&ev[1]).expect("chunk");
+            (
+                first["choices"][0]["delta"]["tool_calls"].clone(),
+                last["choices"][0]["finish_reason"].clone(),
+            )
+        } else {
+            let v = r.json();
+            (
+                v["choices"][0]["message"]["tool_calls"].clone(),
+                v["choices"][0]["finish_reason"].clone(),
+            )
+        };
+        assert_eq!(reason, "tool_calls", "{}", r.body);
+        let call = &calls[0];
+        assert_eq!(call["type"], "function");
+        let name = call["function"]["name"].as_str().expect("name");
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().expect("args"))
+                .expect("arguments are JSON");
+        match name {
+            "get_weather" => {
+                assert!(args["city"].is_string(), "{args}");
+                assert!(
+                    args["unit"] == "celsius" || args["unit"] == "fahrenheit",
+                    "{args}"
+                );
+            }
+            "get_time" => assert!(args["zone"].is_string(), "{args}"),
+            other => panic!("unknown function {other}"),
+        }
+    }
+    // A conversation that carries an earlier call and its result renders and runs.
+    let history = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 21}"}
+    ]);
+    let r = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL_ID, "messages": history, "tools": tools, "max_tokens": 8,
+               "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let bad = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL_ID, "messages": user, "tools": tools,
+               "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["param"], "tool_choice");
+}

@@ -74,6 +74,24 @@ emb = client.embeddings.create(model=model, input=["a red apple", "a green pear"
 v = emb.data[0].embedding
 check("embeddings", len(emb.data) == 2 and abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4, len(v))
 
+schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+js = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Invent a person, in JSON."}], max_tokens=80,
+    temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+person = json.loads(js.choices[0].message.content)
+check("json_schema output validates", isinstance(person.get("name"), str) and isinstance(person.get("age"), int)
+      and set(person) == {"name", "age"}, person)
+
+tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+tc = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=tools,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=60, temperature=0)
+calls = tc.choices[0].message.tool_calls
+check("tool_calls", tc.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "get_weather"
+      and isinstance(json.loads(calls[0].function.arguments)["city"], str), tc)
+
 try:
     client.chat.completions.create(model="no-such-model", messages=msgs)
     check("unknown model raises", False)
