@@ -297,60 +297,6 @@ impl BatchKvStore for PagedBatch<'_> {
         self.pool.write(layer, self.tables[seq], start, k, v)?;
         self.pool.gather(layer, self.tables[seq], start + t)
     }
-
-    fn append_decode(
-        &mut self,
-        seqs: &[usize],
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (_, heads, n, hd) = k.dims4()?;
-        let kd = k.flatten_all()?.to_vec1::<f32>()?;
-        let vd = v.flatten_all()?.to_vec1::<f32>()?;
-        let pool = &mut *self.pool;
-        let bs = pool.shape.block_size;
-        let (hs, bst) = (pool.head_stride(), pool.block_stride());
-        for (j, &seq) in seqs.iter().enumerate() {
-            let pos = self.starts[seq];
-            let Some(&block) = self.tables[seq].get(pos / bs) else {
-                candle_core::bail!("position {pos} has no KV block");
-            };
-            for h in 0..heads {
-                let at = block as usize * bst + h * hs + (pos % bs) * hd;
-                let from = (h * n + j) * hd;
-                pool.keys[layer][at..at + hd].copy_from_slice(&kd[from..from + hd]);
-                pool.values[layer][at..at + hd].copy_from_slice(&vd[from..from + hd]);
-            }
-        }
-        let longest = seqs.iter().map(|&s| self.starts[s] + 1).max().unwrap_or(1);
-        let mut kout = vec![0f32; seqs.len() * heads * longest * hd];
-        let mut vout = vec![0f32; seqs.len() * heads * longest * hd];
-        for (j, &seq) in seqs.iter().enumerate() {
-            let len = self.starts[seq] + 1;
-            for h in 0..heads {
-                let mut pos = 0;
-                for &block in self.tables[seq] {
-                    if pos >= len {
-                        break;
-                    }
-                    let take = bs.min(len - pos);
-                    let src = block as usize * bst + h * hs;
-                    let dst = ((j * heads + h) * longest + pos) * hd;
-                    kout[dst..dst + take * hd]
-                        .copy_from_slice(&pool.keys[layer][src..src + take * hd]);
-                    vout[dst..dst + take * hd]
-                        .copy_from_slice(&pool.values[layer][src..src + take * hd]);
-                    pos += take;
-                }
-            }
-        }
-        let shape = (seqs.len(), heads, longest, hd);
-        Ok((
-            Tensor::from_vec(kout, shape, &pool.device)?,
-            Tensor::from_vec(vout, shape, &pool.device)?,
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::json_constraint::{JsonConstraint, Schema};
 use crate::paged_kv::{BlockId, BlockPool, PagedBatch, PoolShape, PoolStats};
 use crate::sampling::{Sampler, SamplingParams};
 use camelid_model::tokenizer::DecodeStream;
-use camelid_model::transformer::{log_softmax, BatchSeq};
+use camelid_model::transformer::{log_softmax, BatchSeq, Logits};
 use camelid_model::Model;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -540,7 +540,7 @@ impl Scheduler {
     fn plan(&mut self) -> Vec<usize> {
         let bs = self.pool.block_size();
         loop {
-            let mut budget = self.config.max_step_tokens.max(self.running.len());
+            let mut budget = self.config.max_step_tokens.max(self.running.len() + bs);
             let mut take = vec![0usize; self.running.len()];
             // Decode rows first, then prompt chunks in admission order.
             for (i, s) in self.running.iter().enumerate() {
@@ -552,8 +552,14 @@ impl Scheduler {
             for (i, s) in self.running.iter().enumerate() {
                 let left = s.tokens.len() - s.computed;
                 if left > 1 && budget > 0 {
-                    take[i] = left.min(budget);
-                    budget -= take[i];
+                    // A chunk ends on a block boundary unless it reaches the end, so its
+                    // pieces are the same however the budget fell (see `execute`).
+                    let mut t = left.min(budget);
+                    if t < left {
+                        t = ((s.computed + t) / bs * bs).saturating_sub(s.computed);
+                    }
+                    take[i] = t;
+                    budget -= t;
                 }
             }
             let need: usize = self
@@ -587,32 +593,55 @@ impl Scheduler {
         }
     }
 
+    /// Runs the planned tokens as one forward pass. Each sequence's stretch goes in as pieces
+    /// that end on block boundaries, so a position's keys and values are computed by the same
+    /// operations whatever else shares the step, however the prompt was chunked and whether
+    /// earlier blocks came from the prefix cache: batching never changes a sequence's numbers,
+    /// and a seed repeats its text.
     fn execute(&mut self, take: Vec<usize>) {
         if take.is_empty() {
             return;
         }
+        let bs = self.pool.block_size();
         let model = self.model.clone();
-        let inputs: Vec<BatchSeq> = self
-            .running
+        // (running index, start, len, last piece of its stretch)
+        let mut pieces: Vec<(usize, usize, usize, bool)> = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            let end = s.computed + take[i];
+            let mut p = s.computed;
+            while p < end {
+                let next = end.min((p / bs + 1) * bs);
+                pieces.push((i, p, next - p, next == end));
+                p = next;
+            }
+        }
+        let inputs: Vec<BatchSeq> = pieces
             .iter()
-            .zip(&take)
-            .filter(|(_, &t)| t > 0)
-            .map(|(s, &t)| BatchSeq {
-                ids: &s.tokens[s.computed..s.computed + t],
-                all_logits: s.collecting_prompt_logprobs(),
+            .map(|&(i, start, len, last)| {
+                let s = &self.running[i];
+                BatchSeq {
+                    ids: &s.tokens[start..start + len],
+                    logits: if s.collecting_prompt_logprobs() {
+                        Logits::All
+                    } else if last && start + len == s.tokens.len() {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    },
+                }
             })
             .collect();
-        let members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
         let mut batch = PagedBatch {
             pool: &mut self.pool,
-            tables: members
+            tables: pieces
                 .iter()
-                .map(|&i| self.running[i].table.as_slice())
+                .map(|&(i, ..)| self.running[i].table.as_slice())
                 .collect(),
-            starts: members.iter().map(|&i| self.running[i].computed).collect(),
+            starts: pieces.iter().map(|&(_, start, ..)| start).collect(),
         };
         let result = model.transformer.forward_batch(&inputs, &mut batch);
         drop(inputs);
+        let members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -625,9 +654,26 @@ impl Scheduler {
                 return;
             }
         };
+        let mut rows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); self.running.len()];
+        for (&(i, ..), l) in pieces.iter().zip(logits) {
+            if let Some(l) = l {
+                match l.to_vec2::<f32>() {
+                    Ok(r) => rows[i].extend(r),
+                    Err(e) => {
+                        let msg = format!("reading logits failed: {e}");
+                        for i in members.into_iter().rev() {
+                            let seq = self.running.remove(i);
+                            self.finish(seq, FinishReason::Cancelled, Some(msg.clone()));
+                        }
+                        return;
+                    }
+                }
+            }
+        }
         let mut done = Vec::new();
-        for (k, &i) in members.iter().enumerate() {
-            match self.advance(i, take[i], &logits[k]) {
+        for &i in &members {
+            let r = std::mem::take(&mut rows[i]);
+            match self.advance(i, take[i], r) {
                 Ok(Some(reason)) => done.push((i, reason, None)),
                 Ok(None) => {}
                 Err(e) => done.push((i, FinishReason::Cancelled, Some(e.to_string()))),
@@ -644,7 +690,7 @@ impl Scheduler {
         &mut self,
         i: usize,
         took: usize,
-        logits: &candle_core::Tensor,
+        rows: Vec<Vec<f32>>,
     ) -> camelid_model::Result<Option<FinishReason>> {
         let bs = self.pool.block_size();
         if self.running[i].constraint.is_some() && self.token_texts.is_none() {
@@ -672,7 +718,6 @@ impl Scheduler {
                 .register(seq.table[b], parent, &seq.tokens[b * bs..(b + 1) * bs]);
             seq.hashes.push(h);
         }
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let top_n = seq.req.logprobs.unwrap_or(0);
         if seq.collecting_prompt_logprobs() {
             // Row r predicts the token at position before + r + 1.

@@ -43,34 +43,20 @@ pub trait BatchKvStore {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)>;
-    /// Appends one position to each of `seqs` (`k`, `v`: `[1, kv_heads, seqs.len(), head_dim]`,
-    /// column `j` for `seqs[j]`) and returns their keys and values padded to the longest:
-    /// `[seqs.len(), kv_heads, longest, head_dim]`, zeros past each sequence's length.
-    fn append_decode(
-        &mut self,
-        seqs: &[usize],
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)>;
 }
 
-/// The one-token (decode) members of a batched pass, attended together.
-struct DecodeGroup {
-    members: Vec<usize>,
-    /// Their rows in the flattened batch.
-    rows: Tensor,
-    /// Per-row rotary tables `[members, rotary_dims / 2]`.
-    rotary: Option<(Tensor, Tensor)>,
-    /// `[members, 1, 1, longest]`: -inf past each member's length; `None` when all are equal.
-    padding: Option<Tensor>,
+/// Which logits a member of a batched pass wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
 }
 
-/// One sequence of a batched pass: its new tokens, and whether every position's logits are
-/// wanted (else the last one's).
+/// One member of a batched pass: new tokens of a sequence, and the logits wanted.
 pub struct BatchSeq<'a> {
     pub ids: &'a [u32],
-    pub all_logits: bool,
+    pub logits: Logits,
 }
 
 /// One batch member seen as a [`KvStore`], so the per-sequence attention code is shared.
@@ -854,115 +840,21 @@ impl Transformer {
             .reshape((b, t, nh * hd))?)
     }
 
-    /// The batch's one-token members when there are several and the model needs no
-    /// per-sequence attention bias (ALiBi, sliding window): their attention runs as one
-    /// padded batch, a few tensor ops per layer instead of a few per sequence.
-    fn decode_group(
-        &self,
-        slices: &[SeqSlice],
-        cache: &dyn BatchKvStore,
-    ) -> Result<Option<DecodeGroup>> {
-        let members: Vec<usize> = (0..slices.len()).filter(|&i| slices[i].len == 1).collect();
-        if members.len() < 2
-            || self.alibi_slopes.is_some()
-            || self.spec.attention.sliding_window.is_some()
-            || !self.spec.causal
-        {
-            return Ok(None);
-        }
-        let rows: Vec<u32> = members.iter().map(|&i| slices[i].offset as u32).collect();
-        let rotary = match &self.rope {
-            Some(_) => {
-                let mut cos = Vec::new();
-                let mut sin = Vec::new();
-                for &i in &members {
-                    if let Some((c, s)) = &slices[i].rotary {
-                        cos.push(c.clone());
-                        sin.push(s.clone());
-                    }
-                }
-                Some((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
-            }
-            None => None,
-        };
-        let lens: Vec<usize> = members.iter().map(|&i| cache.seq_len(i) + 1).collect();
-        let longest = lens.iter().copied().max().unwrap_or(1);
-        let padding = if lens.iter().all(|&l| l == longest) {
-            None
-        } else {
-            let mut m = vec![0f32; lens.len() * longest];
-            for (j, &l) in lens.iter().enumerate() {
-                for x in &mut m[j * longest + l..(j + 1) * longest] {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-            Some(Tensor::from_vec(
-                m,
-                (lens.len(), 1, 1, longest),
-                &self.device,
-            )?)
-        };
-        Ok(Some(DecodeGroup {
-            rows: Tensor::new(rows.as_slice(), &self.device)?,
-            members,
-            rotary,
-            padding,
-        }))
-    }
-
-    /// Attention of a [`DecodeGroup`]: `[members, heads * head_dim]` before the output
-    /// projection. Each row's result is what [`Self::attend`] gives it alone (padding adds
-    /// only zero weights).
-    fn attend_decode(
-        &self,
-        attn: &Attention,
-        layer: usize,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
-        group: &DecodeGroup,
-        cache: &mut dyn BatchKvStore,
-    ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
-        let b = group.members.len();
-        // The members' rows as one sequence of `b` positions, each with its own rotary row.
-        let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            x.contiguous()?
-                .index_select(&group.rows, 1)?
-                .reshape((1, b, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
-        let (q, k) = match (&self.rope, &group.rotary) {
-            (Some(rope), Some((cos, sin))) => {
-                (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
-            }
-            _ => (q, k),
-        };
-        let (keys, values) = cache.append_decode(&group.members, layer, &k, &v)?;
-        let rep = nh / nkv;
-        let q = q
-            .squeeze(0)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((b, nkv, rep, hd))?;
-        let mut scores = (q.matmul(&keys.t()?)? * attn.scale)?;
-        if let Some(p) = &group.padding {
-            scores = scores.broadcast_add(p)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
-        Ok(probs.matmul(&values.contiguous()?)?.reshape((b, nh * hd))?)
-    }
-
     /// Several sequences in one pass, each after its own cached positions: their new tokens
     /// are laid end to end as one `[1, total, hidden]` activation for the embeddings, norms,
     /// projections, MLP and head (the matmuls), and only rotary, the cache and attention run
-    /// per sequence. Returns each sequence's logits `[rows, vocab]` (every position's when it
-    /// asked for all, else the last one's). Gives what [`Self::forward`] gives per sequence.
+    /// per member. Returns each member's logits `[rows, vocab]` as it asked (`None` for
+    /// [`Logits::None`]). Gives what [`Self::forward`] gives per sequence.
+    ///
+    /// Members attend in order within each layer, so consecutive pieces of one sequence
+    /// (`seq_len` of each the end of the previous) may share a pass: a piece sees the keys its
+    /// predecessors stored. Every member's result depends only on its own tokens and cache,
+    /// never on the other members, since all row-wise work is per row.
     pub fn forward_batch(
         &self,
         seqs: &[BatchSeq],
         cache: &mut dyn BatchKvStore,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Vec<Option<Tensor>>> {
         let head = self.head.as_ref().ok_or_else(|| {
             ModelError::Input(format!(
                 "{} is an encoder without a language-model head: use it for embeddings",
@@ -1025,7 +917,6 @@ impl Transformer {
             ids.extend_from_slice(seq.ids);
         }
         let total = ids.len();
-        let decode = self.decode_group(&slices, cache)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?;
         if let Some(p) = &self.proj_in {
@@ -1043,17 +934,8 @@ impl Transformer {
         for (layer, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(block, &x, &mut |n| {
                 let (q, k, v) = self.qkv(&block.attn, n)?;
-                let mut outs: Vec<Option<Tensor>> = vec![None; slices.len()];
-                if let Some(group) = &decode {
-                    let out = self.attend_decode(&block.attn, layer, (&q, &k, &v), group, cache)?;
-                    for (j, &seq) in group.members.iter().enumerate() {
-                        outs[seq] = Some(out.narrow(0, j, 1)?.unsqueeze(0)?);
-                    }
-                }
+                let mut outs = Vec::with_capacity(slices.len());
                 for (seq, s) in slices.iter().enumerate() {
-                    if outs[seq].is_some() {
-                        continue;
-                    }
                     let ctx = AttnContext {
                         layer,
                         rotary: s.rotary.as_ref(),
@@ -1068,7 +950,7 @@ impl Transformer {
                         store: &mut *cache,
                         seq,
                     };
-                    outs[seq] = Some(self.attend(
+                    outs.push(self.attend(
                         &block.attn,
                         &q.narrow(1, s.offset, s.len)?,
                         &k.narrow(1, s.offset, s.len)?,
@@ -1077,7 +959,6 @@ impl Transformer {
                         &mut member,
                     )?);
                 }
-                let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
                 Ok(block.attn.out.forward(&Tensor::cat(&outs, 1)?)?)
             })?;
         }
@@ -1090,11 +971,14 @@ impl Transformer {
         // The head reads only the rows asked for.
         let mut rows = Vec::new();
         for (seq, s) in seqs.iter().zip(&slices) {
-            if seq.all_logits {
-                rows.extend((s.offset..s.offset + s.len).map(|r| r as u32));
-            } else {
-                rows.push((s.offset + s.len - 1) as u32);
+            match seq.logits {
+                Logits::All => rows.extend((s.offset..s.offset + s.len).map(|r| r as u32)),
+                Logits::Last => rows.push((s.offset + s.len - 1) as u32),
+                Logits::None => {}
             }
+        }
+        if rows.is_empty() {
+            return Ok(seqs.iter().map(|_| None).collect());
         }
         let x = if rows.len() == total {
             x
@@ -1105,8 +989,15 @@ impl Transformer {
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for (seq, s) in seqs.iter().zip(&slices) {
-            let n = if seq.all_logits { s.len } else { 1 };
-            out.push(logits.narrow(0, at, n)?);
+            let n = match seq.logits {
+                Logits::All => s.len,
+                Logits::Last => 1,
+                Logits::None => {
+                    out.push(None);
+                    continue;
+                }
+            };
+            out.push(Some(logits.narrow(0, at, n)?));
             at += n;
         }
         Ok(out)

@@ -873,7 +873,7 @@ fn response_format_json_object_and_json_schema_give_valid_json() {
     let v = post(
         "/v1/chat/completions",
         json!({"model": MODEL_ID, "temperature": 0, "max_tokens": 120,
-               "messages": [{"role": "user", "content": "Describe a cat as a JSON object."}],
+               "messages": [{"role": "user", "content": "Return a JSON object with keys city and country for Paris."}],
                "response_format": {"type": "json_object"}}),
     )
     .json();
