@@ -1,7 +1,9 @@
 //! camelid's OpenAI-compatible HTTP server: `/v1/models`, `/v1/completions`,
 //! `/v1/chat/completions`, `/v1/embeddings`, `/health` and `/metrics` (Prometheus text).
 //!
-//! It owns HTTP, request validation, the OpenAI JSON shapes and server-sent-event streaming.
+//! It owns HTTP, request validation, the OpenAI JSON shapes, server-sent-event streaming,
+//! `response_format` (turned into the engine's JSON-schema constraint) and function calling
+//! ([`tools`]).
 //! Generation is the engine's continuous-batching scheduler (`camelid_engine::scheduler`),
 //! reached through a [`SchedulerHandle`]: each choice of a request is one sequence whose
 //! events come back over a channel. The server holds no model logic and no KV cache; when a
