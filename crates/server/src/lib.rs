@@ -3,7 +3,7 @@
 //!
 //! It owns HTTP, request validation, the OpenAI JSON shapes, server-sent-event streaming,
 //! `response_format` (turned into the engine's JSON-schema constraint) and function calling
-//! ([`tools`]).
+//! (`tools.rs`).
 //! Generation is the engine's continuous-batching scheduler (`camelid_engine::scheduler`),
 //! reached through a [`SchedulerHandle`]: each choice of a request is one sequence whose
 //! events come back over a channel. The server holds no model logic and no KV cache; when a
