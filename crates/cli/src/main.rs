@@ -4,6 +4,7 @@
 mod beams;
 mod commands;
 mod resolve;
+mod serve;
 mod train;
 
 use clap::{Args, Parser, Subcommand};
@@ -168,6 +169,8 @@ enum Command {
     /// Prepare token data
     #[command(subcommand)]
     Data(train::DataCommand),
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching)
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -210,6 +213,7 @@ fn main() {
         Command::Train(args) => train::train(*args),
         Command::Tokenizer(cmd) => train::tokenizer(cmd),
         Command::Data(cmd) => train::data(cmd),
+        Command::Serve(args) => serve::serve(&args),
     };
     if let Err(e) = result {
         // One line: every layer's message joined, no backtrace.

@@ -24,6 +24,8 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     /// `None`: the model has no template and [`ChatTemplate::render`] writes a transcript.
     has_template: bool,
+    /// The template reads a `tools` variable (function calling).
+    uses_tools: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -53,6 +55,7 @@ impl ChatTemplate {
             "01 Jan 2025".to_string()
         });
         let has_template = source.is_some();
+        let uses_tools = source.as_deref().is_some_and(|s| s.contains("tools"));
         if let Some(src) = source {
             env.add_template_owned("chat", src).map_err(|e| {
                 ModelError::Template(format!("cannot parse the model's template: {e}"))
@@ -61,6 +64,7 @@ impl ChatTemplate {
         Ok(Self {
             env,
             has_template,
+            uses_tools,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -70,9 +74,25 @@ impl ChatTemplate {
         self.has_template
     }
 
+    /// Whether the model's template renders tool definitions itself.
+    pub fn uses_tools(&self) -> bool {
+        self.uses_tools
+    }
+
     /// Renders the conversation, ending with the assistant's turn opened when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// As [`Self::render`], with OpenAI-style tool definitions passed to the template as
+    /// `tools` (templates that define function calling read them).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if !self.has_template {
             return Ok(plain_transcript(messages, add_generation_prompt));
         }
@@ -83,6 +103,7 @@ impl ChatTemplate {
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
+            tools => tools.map(minijinja::value::Serde),
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         })

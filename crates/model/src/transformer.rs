@@ -44,6 +44,66 @@ pub trait KvStore {
     ) -> candle_core::Result<(Tensor, Tensor)>;
 }
 
+/// Keys and values of the several sequences of one batched pass
+/// ([`Transformer::forward_batch`]); sequence `seq` of the batch reads and writes only its own.
+pub trait BatchKvStore {
+    /// Positions stored for `seq` before this pass (the store advances after the pass).
+    fn seq_len(&self, seq: usize) -> usize;
+    /// As [`KvStore::append`], for sequence `seq` of the batch.
+    fn append(
+        &mut self,
+        seq: usize,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+/// Which logits a member of a batched pass wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// One member of a batched pass: new tokens of a sequence, and the logits wanted.
+pub struct BatchSeq<'a> {
+    pub ids: &'a [u32],
+    pub logits: Logits,
+}
+
+/// One batch member seen as a [`KvStore`], so the per-sequence attention code is shared.
+struct BatchMember<'a> {
+    store: &'a mut dyn BatchKvStore,
+    seq: usize,
+}
+
+impl KvStore for BatchMember<'_> {
+    fn seq_len(&self) -> usize {
+        self.store.seq_len(self.seq)
+    }
+
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        self.store.append(self.seq, layer, k, v)
+    }
+}
+
+/// Per-sequence attention inputs of a batched pass.
+struct SeqSlice {
+    offset: usize,
+    len: usize,
+    rotary: Option<(Tensor, Tensor)>,
+    causal: Option<Tensor>,
+    windowed: Option<Tensor>,
+    alibi: Option<Tensor>,
+}
+
 enum LinearWeight {
     /// Dense f32 or a quantized type candle runs well.
     Candle(QMatMul),
@@ -846,7 +906,9 @@ impl Transformer {
                 },
                 alibi: alibi.as_ref(),
             };
-            x = self.block_forward(block, &x, &ctx, cache)?;
+            x = self.block_forward(block, &x, ctx.cross, &mut |n| {
+                self.attention(&block.attn, n, &ctx, cache)
+            })?;
         }
 
         if let Some(n) = &self.final_norm {
@@ -858,12 +920,14 @@ impl Transformer {
         Ok(x)
     }
 
+    /// One block; `attention` runs the block's self-attention on its (normed) input, `cross`
+    /// holds the encoder keys and values of a decoder block's cross-attention.
     fn block_forward(
         &self,
         block: &Block,
         x: &Tensor,
-        ctx: &AttnContext,
-        cache: &mut dyn KvStore,
+        cross: Option<&(Tensor, Tensor)>,
+        attention: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let mlp_norm = |x: &Tensor| -> candle_core::Result<Tensor> {
             match &block.mlp_norm {
@@ -873,9 +937,8 @@ impl Transformer {
         };
         Ok(match (self.spec.norm_placement, self.spec.residual) {
             (NormPlacement::Pre, Residual::Sequential) => {
-                let mut h =
-                    (x + self.attention(&block.attn, &block.attn_norm.forward(x)?, ctx, cache)?)?;
-                if let (Some(c), Some((k, v))) = (&block.cross, ctx.cross) {
+                let mut h = (x + attention(&block.attn_norm.forward(x)?)?)?;
+                if let (Some(c), Some((k, v))) = (&block.cross, cross) {
                     h = (&h + self.cross_attention(&c.attn, &c.norm.forward(&h)?, k, v)?)?;
                 }
                 let m = self.mlp(&block.mlp, &mlp_norm(&h)?)?;
@@ -883,7 +946,7 @@ impl Transformer {
             }
             (NormPlacement::Pre, Residual::Parallel { shared_norm }) => {
                 let n = block.attn_norm.forward(x)?;
-                let a = self.attention(&block.attn, &n, ctx, cache)?;
+                let a = attention(&n)?;
                 let m = if shared_norm {
                     self.mlp(&block.mlp, &n)?
                 } else {
@@ -892,14 +955,12 @@ impl Transformer {
                 ((x + a)? + m)?
             }
             (NormPlacement::Post, Residual::Sequential) => {
-                let h = block
-                    .attn_norm
-                    .forward(&(x + self.attention(&block.attn, x, ctx, cache)?)?)?;
+                let h = block.attn_norm.forward(&(x + attention(x)?)?)?;
                 mlp_norm(&(&h + self.mlp(&block.mlp, &h)?)?)?
             }
             (NormPlacement::Post, Residual::Parallel { .. }) => {
-                let a = self.attention(&block.attn, x, ctx, cache)?;
-                let m = block.mlp.forward(x)?;
+                let a = attention(x)?;
+                let m = self.mlp(&block.mlp, x)?;
                 block.attn_norm.forward(&((x + a)? + m)?)?
             }
         })
@@ -974,7 +1035,18 @@ impl Transformer {
         ctx: &AttnContext,
         cache: &mut dyn KvStore,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.qkv(attn, x)?;
+        let out = self.attend(attn, &q, &k, &v, ctx, cache)?;
+        self.project_out(attn, &out)
+    }
+
+    /// The output projection of the heads' outputs (and training-time dropout).
+    fn project_out(&self, attn: &Attention, heads_out: &Tensor) -> Result<Tensor> {
+        Ok(self.dropout(attn.out.forward(heads_out)?)?)
+    }
+
+    /// Query, key and value projections `[batch, seq, heads * head_dim]` (row-wise work only).
+    fn qkv(&self, attn: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
         let (q, k, v) = match &attn.qkv {
             Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
@@ -999,6 +1071,22 @@ impl Transformer {
             Some(n) => n.forward(&k)?,
             None => k,
         };
+        Ok((q, k, v))
+    }
+
+    /// Rotary, cache append and attention of one sequence's projections; returns the heads'
+    /// outputs `[batch, seq, heads * head_dim]` before the output projection.
+    fn attend(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &AttnContext,
+        cache: &mut dyn KvStore,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -1013,7 +1101,7 @@ impl Transformer {
             _ => (q, k),
         };
         let (k, v) = cache.append(ctx.layer, &k, &v)?;
-        self.attend(attn, &q, &k, &v, ctx)
+        self.scores_values(attn, &q, &k, &v, ctx)
     }
 
     /// Queries `x` against precomputed encoder keys and values (no mask, no position bias).
@@ -1041,12 +1129,14 @@ impl Transformer {
             rel_bias: None,
             cross: None,
         };
-        self.attend(attn, &q, k, v, &ctx)
+        let out = self.scores_values(attn, &q, k, v, &ctx)?;
+        self.project_out(attn, &out)
     }
 
-    /// Scores, mask and biases, softmax, values and output projection for queries
-    /// `[batch, heads, new, head_dim]` over keys and values `[batch, kv_heads, total, head_dim]`.
-    fn attend(
+    /// Scores, mask and biases, softmax and values for queries `[batch, heads, new, head_dim]`
+    /// over keys and values `[batch, kv_heads, total, head_dim]`; returns the heads' outputs
+    /// `[batch, new, heads * head_dim]`.
+    fn scores_values(
         &self,
         attn: &Attention,
         q: &Tensor,
@@ -1079,13 +1169,183 @@ impl Transformer {
         } else {
             candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
         };
-        let out = probs
+        Ok(probs
             .reshape((b, nkv, rep * t, s))?
             .matmul(&v.contiguous()?)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        Ok(self.dropout(attn.out.forward(&out)?)?)
+            .reshape((b, t, nh * hd))?)
+    }
+
+    /// Several sequences in one pass, each after its own cached positions: their new tokens
+    /// are laid end to end as one `[1, total, hidden]` activation for the embeddings, norms,
+    /// projections, MLP and head (the matmuls), and only rotary, the cache and attention run
+    /// per member. Returns each member's logits `[rows, vocab]` as it asked (`None` for
+    /// [`Logits::None`]). Gives what [`Self::forward`] gives per sequence.
+    ///
+    /// Members attend in order within each layer, so consecutive pieces of one sequence
+    /// (`seq_len` of each the end of the previous) may share a pass: a piece sees the keys its
+    /// predecessors stored. Every member's result depends only on its own tokens and cache,
+    /// never on the other members, since all row-wise work is per row.
+    pub fn forward_batch(
+        &self,
+        seqs: &[BatchSeq],
+        cache: &mut dyn BatchKvStore,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            ModelError::Input(format!(
+                "{} is an encoder without a language-model head: use it for embeddings",
+                self.spec.family
+            ))
+        })?;
+        if self.spec.stack != Stack::Single || self.rel_bias.is_some() {
+            return Err(ModelError::Input(format!(
+                "{} (an encoder-decoder or relative-position model) is not run by the batched forward",
+                self.spec.family
+            )));
+        }
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let vocab = self.spec.vocab_size as u32;
+        let mut ids = Vec::new();
+        let mut slices = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::new();
+        for (i, seq) in seqs.iter().enumerate() {
+            let (start, t) = (cache.seq_len(i), seq.ids.len());
+            if t == 0 {
+                return Err(ModelError::Input(format!(
+                    "batch sequence {i} has no tokens"
+                )));
+            }
+            if start + t > self.spec.max_positions {
+                return Err(ModelError::Input(format!(
+                    "{} tokens exceed the model's context window of {} positions",
+                    start + t,
+                    self.spec.max_positions
+                )));
+            }
+            if let Some(bad) = seq.ids.iter().find(|&&id| id >= vocab) {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is outside the vocabulary (size {vocab})"
+                )));
+            }
+            if let (Some(pe), Positions::Learned { offset }) =
+                (&self.position_embed, &self.spec.positions)
+            {
+                positions.push(pe.narrow(0, start + offset, t)?);
+            }
+            let alibi = match &self.alibi_slopes {
+                Some(s) => {
+                    let keys = Tensor::arange(0u32, (start + t) as u32, &self.device)?
+                        .to_dtype(DType::F32)?;
+                    Some(s.unsqueeze(1)?.broadcast_mul(&keys.unsqueeze(0)?)?)
+                }
+                None => None,
+            };
+            slices.push(SeqSlice {
+                offset: ids.len(),
+                len: t,
+                rotary: match &self.rope {
+                    Some(r) => Some(r.cos_sin(start, t, &self.device)?),
+                    None => None,
+                },
+                causal: self.attention_mask(start, t, None)?,
+                windowed: match self.spec.attention.sliding_window {
+                    Some(w) => self.attention_mask(start, t, Some(w))?,
+                    None => None,
+                },
+                alibi,
+            });
+            ids.extend_from_slice(seq.ids);
+        }
+        let total = ids.len();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.forward(&ids)?;
+        if let Some(p) = &self.proj_in {
+            x = p.forward(&x)?;
+        }
+        if !positions.is_empty() {
+            x = x.broadcast_add(&Tensor::cat(&positions, 0)?)?;
+        }
+        if let Some(types) = &self.token_type_embed {
+            x = x.broadcast_add(&types.narrow(0, 0, 1)?)?;
+        }
+        if let Some(n) = &self.embed_norm {
+            x = n.forward(&x)?;
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(block, &x, None, &mut |n| {
+                let (q, k, v) = self.qkv(&block.attn, n)?;
+                let mut outs = Vec::with_capacity(slices.len());
+                for (seq, s) in slices.iter().enumerate() {
+                    let ctx = AttnContext {
+                        layer,
+                        rotary: s.rotary.as_ref(),
+                        mask: if block.attn.windowed {
+                            s.windowed.as_ref()
+                        } else {
+                            s.causal.as_ref()
+                        },
+                        alibi: s.alibi.as_ref(),
+                        rel_bias: None,
+                        cross: None,
+                    };
+                    let mut member = BatchMember {
+                        store: &mut *cache,
+                        seq,
+                    };
+                    outs.push(self.attend(
+                        &block.attn,
+                        &q.narrow(1, s.offset, s.len)?,
+                        &k.narrow(1, s.offset, s.len)?,
+                        &v.narrow(1, s.offset, s.len)?,
+                        &ctx,
+                        &mut member,
+                    )?);
+                }
+                self.project_out(&block.attn, &Tensor::cat(&outs, 1)?)
+            })?;
+        }
+        if let Some(n) = &self.final_norm {
+            x = n.forward(&x)?;
+        }
+        if let Some(p) = &self.proj_out {
+            x = p.forward(&x)?;
+        }
+        // The head reads only the rows asked for.
+        let mut rows = Vec::new();
+        for (seq, s) in seqs.iter().zip(&slices) {
+            match seq.logits {
+                Logits::All => rows.extend((s.offset..s.offset + s.len).map(|r| r as u32)),
+                Logits::Last => rows.push((s.offset + s.len - 1) as u32),
+                Logits::None => {}
+            }
+        }
+        if rows.is_empty() {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
+        let x = if rows.len() == total {
+            x
+        } else {
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 1)?
+        };
+        let logits = head.forward(&x)?.squeeze(0)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (seq, s) in seqs.iter().zip(&slices) {
+            let n = match seq.logits {
+                Logits::All => s.len,
+                Logits::Last => 1,
+                Logits::None => {
+                    out.push(None);
+                    continue;
+                }
+            };
+            out.push(Some(logits.narrow(0, at, n)?));
+            at += n;
+        }
+        Ok(out)
     }
 }
 
