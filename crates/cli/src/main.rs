@@ -2,6 +2,7 @@
 //! catalog models on first use) and hands off to the engine; it holds no model logic itself.
 
 mod commands;
+mod quant;
 mod resolve;
 
 use clap::{Args, Parser, Subcommand};
@@ -153,6 +154,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a model (HF directory or GGUF) as a GGUF file with its weights in one type
+    Quantize {
+        /// Model: a catalog name, an HF model directory, or a .gguf file
+        #[arg(short, long, value_name = "MODEL")]
+        model: Option<String>,
+        /// Weight type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16, F32
+        #[arg(long, value_name = "TYPE")]
+        to: String,
+        /// Output .gguf file (written atomically)
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Keep the output head (output.weight, or the tied embeddings) in F16
+        #[arg(long)]
+        keep_output: bool,
+        /// Keep the token embeddings in F16
+        #[arg(long)]
+        keep_embeddings: bool,
+    },
+    /// Perplexity of the model on a text file (llama-perplexity's method, or a sliding window)
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text file to score
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+        /// Tokens per window (chunk)
+        #[arg(long, default_value_t = 512, value_name = "N")]
+        ctx: usize,
+        /// Sliding-window mode (transformers' guide) advancing by S tokens; without it, the text
+        /// is cut into chunks of --ctx tokens scored on their second half, as llama-perplexity does
+        #[arg(long, value_name = "S")]
+        stride: Option<usize>,
+        /// Score only the first N chunks (windows)
+        #[arg(long, value_name = "N")]
+        chunks: Option<usize>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -187,6 +227,21 @@ fn main() {
             reps,
             json,
         } => commands::bench(&model, prompt_tokens, gen_tokens, reps, json),
+        Command::Quantize {
+            model,
+            to,
+            output,
+            keep_output,
+            keep_embeddings,
+        } => quant::quantize(model.as_deref(), &to, &output, keep_output, keep_embeddings),
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            stride,
+            chunks,
+            json,
+        } => quant::perplexity(&model, &file, ctx, stride, chunks, json),
     };
     if let Err(e) = result {
         // One line: every layer's message joined, no backtrace.

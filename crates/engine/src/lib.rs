@@ -7,6 +7,7 @@ pub mod bench;
 pub mod embed;
 pub mod generate;
 pub mod kv_cache;
+pub mod perplexity;
 pub mod sampling;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
