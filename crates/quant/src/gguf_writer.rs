@@ -122,7 +122,7 @@ impl<W: Write> GgufWriter<W> {
 
     /// Writes the next tensor's bytes (checked against the header) and its padding.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let Some(info) = self.pending.pop_front() else {
+        let Some(info) = self.pending.front() else {
             return Err(io::Error::other(format!(
                 "tensor {name}: the header lists no more tensors"
             )));
@@ -135,6 +135,7 @@ impl<W: Write> GgufWriter<W> {
                 info.nbytes()
             )));
         }
+        self.pending.pop_front();
         self.bytes(bytes)?;
         self.pad()
     }

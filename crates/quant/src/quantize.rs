@@ -7,6 +7,7 @@
 //! temporary file beside the target and renamed into place only when complete.
 
 use crate::gguf_writer::{GgufWriter, TensorInfo, DEFAULT_ALIGNMENT};
+use crate::kquants;
 use crate::tokenizer_export;
 use crate::types::{self, file_type, fit, is_quantized};
 use camelid_model::checkpoint::WeightStore;
@@ -316,8 +317,9 @@ fn tensor_bytes(store: &WeightStore, p: &Planned) -> Result<Vec<u8>> {
     encode(&t, p.info.dtype)
 }
 
-/// The bytes of `t` (f32) stored as `dtype`: candle's quantizers for block types, IEEE
-/// round-to-nearest-even for F16/BF16 (what ggml's conversions do).
+/// The bytes of `t` (f32) stored as `dtype`: ggml's reference quantizers ([`kquants`] for the
+/// K-quants, candle's for the 32-value blocks, which match ggml's), IEEE round-to-nearest-even
+/// for F16/BF16 (what ggml's conversions do).
 pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     let flat = t.flatten_all()?;
     Ok(match dtype {
@@ -339,6 +341,16 @@ pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect(),
+        GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
+            let x = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let mut out = Vec::with_capacity(x.len() / dtype.block_size() * dtype.type_size());
+            match dtype {
+                GgmlDType::Q4K => kquants::quantize_q4_k(&x, &mut out),
+                GgmlDType::Q5K => kquants::quantize_q5_k(&x, &mut out),
+                _ => kquants::quantize_q6_k(&x, &mut out),
+            }
+            out
+        }
         q => QTensor::quantize(t, q)?.data()?.into_owned(),
     })
 }
