@@ -59,7 +59,7 @@ pub fn quantize(
             pb.set_position(index as u64);
             pb.set_message(format!("{name} → {}", types::name(dtype)));
         }
-        Event::Note(n) => pb.println(format!("camelid: {n}")),
+        Event::Note(n) => pb.suspend(|| eprintln!("camelid: {n}")),
     });
     pb.finish_and_clear();
     let report = match result {
