@@ -34,8 +34,13 @@ for t in F16 Q8_0 Q4_K Q4_0 Q4_1; do
   f="$OUT/smollm2-$t.gguf"
   ours=$($C perplexity -m "$f" -f "$OUT/text.txt" --ctx "$CTX" --chunks "$CHUNKS" -t "$THREADS" --json \
     | python3 -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["ppl"])')
-  theirs=$(LD_LIBRARY_PATH="$LLAMA_BIN" "$LLAMA_BIN/llama-perplexity" -m "$f" -f "$OUT/text.txt" \
-    -c "$CTX" --chunks "$CHUNKS" -t "$THREADS" 2>&1 | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')
+  theirs=""
+  # llama.cpp's asynchronous logger sometimes exits before its last line: retry until it shows.
+  for _ in 1 2 3 4 5; do
+    theirs=$(LD_LIBRARY_PATH="$LLAMA_BIN" "$LLAMA_BIN/llama-perplexity" -m "$f" -f "$OUT/text.txt" \
+      -c "$CTX" --chunks "$CHUNKS" -t "$THREADS" 2>&1 | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')
+    [ -n "$theirs" ] && break
+  done
   ratio=$(python3 -c "print('%.4f' % ($ours / $theirs))")
   size=$(du -k "$f" | cut -f1)
   echo "| $t | ${size} KiB | $ours | $theirs | $ratio |"
