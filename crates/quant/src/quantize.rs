@@ -470,6 +470,11 @@ fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opene
         )));
     }
 
+    if let (Some(w), "llama") = (spec.attention.sliding_window, arch) {
+        notes.push(format!(
+            "{arch}.attention.sliding_window = {w} is written, but llama.cpp's llama architecture ignores it: past {w} tokens llama.cpp attends to the whole context and camelid to the window"
+        ));
+    }
     meta.extend(tokenizer_export::from_hf_dir(dir, spec.vocab_size, notes)?);
     let permute = export.permute_qk.then_some(Permute {
         heads: spec.attention.heads,

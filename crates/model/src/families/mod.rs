@@ -367,8 +367,11 @@ pub struct GgufExport {
     /// file as interleaved.
     pub permute_qk: bool,
     /// The architecture's metadata keys from the spec.
-    pub metadata: fn(&ArchSpec, &str) -> Result<Vec<(String, Value)>>,
+    pub metadata: fn(&ArchSpec, &str) -> Result<GgufKeys>,
 }
+
+/// GGUF metadata in the order it is written.
+pub type GgufKeys = Vec<(String, Value)>;
 
 pub static GGUF_EXPORTS: &[&GgufExport] = &[
     &llama::LLAMA_EXPORT,
@@ -382,7 +385,7 @@ pub fn gguf_export(family: &str) -> Option<&'static GgufExport> {
 
 /// The inverse of [`llama_style_gguf`]: llama.cpp's metadata keys for a LLaMA-style spec.
 /// Settings llama.cpp's keys cannot say are errors, not silent changes.
-pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<Vec<(String, Value)>> {
+pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<GgufKeys> {
     let unsupported = |what: &str| {
         Err(ModelError::Input(format!(
             "{}: {what} cannot be written as llama.cpp GGUF metadata yet",
