@@ -1,7 +1,8 @@
 //! camelid's engine: running a model. It owns the KV cache ([`kv_cache`]), the sampler
-//! ([`sampling`]), the per-sequence generation loop ([`generate`]) and throughput measurement
-//! ([`bench`]). It knows the model only through `camelid_model::Model` and never parses files
-//! or speaks HTTP; the server and the CLI sit on top of it.
+//! ([`sampling`]), the per-sequence generation loop ([`generate`]), throughput measurement
+//! ([`bench`]) and perplexity ([`perplexity`]). It knows the model only through
+//! `camelid_model::Model` and never parses files or speaks HTTP; the server and the CLI sit on
+//! top of it.
 
 pub mod bench;
 pub mod embed;
