@@ -248,3 +248,35 @@ pub fn from_hf_dir(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(regex: &str) -> Json {
+        serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+        ]})
+    }
+
+    #[test]
+    fn pre_tokenizers_by_their_rules() {
+        // As the published tokenizer.json files spell them.
+        let llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        let qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        assert_eq!(pre_tokenizer_name(&split(llama3)), Some("llama-bpe"));
+        assert_eq!(pre_tokenizer_name(&split(qwen2)), Some("qwen2"));
+        let smollm = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]});
+        assert_eq!(pre_tokenizer_name(&smollm), Some("smollm"));
+        let gpt2 = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        assert_eq!(pre_tokenizer_name(&gpt2), Some("gpt-2"));
+        assert_eq!(
+            pre_tokenizer_name(&serde_json::json!({"type": "Whitespace"})),
+            None
+        );
+    }
+}
