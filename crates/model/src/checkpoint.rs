@@ -295,6 +295,19 @@ impl WeightStore {
         }
     }
 
+    /// The block type of a GGUF tensor stored quantized, read from the header alone (`None` for
+    /// float tensors and for safetensors checkpoints).
+    pub fn stored_block_type(&self, canonical: &str) -> Option<GgmlDType> {
+        let Source::Gguf { content, .. } = &self.source else {
+            return None;
+        };
+        content
+            .tensor_infos
+            .get(canonical)
+            .map(|i| i.ggml_dtype)
+            .filter(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+    }
+
     /// A GGUF tensor stored in a block-quantized type, as it is in the file (`None` for float
     /// tensors and for safetensors checkpoints).
     pub fn stored_quantized(&self, canonical: &str) -> Result<Option<QTensor>> {

@@ -45,8 +45,9 @@ pub type Result<T> = std::result::Result<T, QuantizeError>;
 pub struct QuantizeOptions {
     /// The type of the 2-D weights.
     pub to: GgmlDType,
-    /// Write `output.weight` (or, with a tied head, `token_embd.weight`) as F16, as llama.cpp's
-    /// `--leave-output-tensor` leaves it unrounded; a source already stored quantized is copied.
+    /// Write `output.weight` (or, with a tied head, `token_embd.weight`) as F16 (or the target
+    /// type when that is F32/BF16), as llama.cpp's `--leave-output-tensor` leaves it unrounded; a
+    /// source already stored quantized is copied unchanged.
     pub keep_output: bool,
     /// Write `token_embd.weight` as F16 (a quantized source is copied unchanged).
     pub keep_embeddings: bool,
@@ -162,7 +163,7 @@ pub fn quantize(
         let dims = store
             .stored_shape(name)
             .ok_or_else(|| QuantizeError::Input(format!("{name}: no shape in the checkpoint")))?;
-        let stored_q = store.stored_quantized(name)?.map(|q| q.dtype());
+        let stored_q = store.stored_block_type(name);
         let is_head = name == "output.weight" || (!has_output && name == "token_embd.weight");
         let keep =
             (opts.keep_output && is_head) || (opts.keep_embeddings && name == "token_embd.weight");
@@ -171,7 +172,9 @@ pub fn quantize(
         } else if keep {
             match stored_q {
                 Some(q) => (q, Action::Copy),
-                None => (GgmlDType::F16, Action::Convert),
+                // F16, unless the file's type is already a float type.
+                None if is_quantized(opts.to) => (GgmlDType::F16, Action::Convert),
+                None => (opts.to, Action::Convert),
             }
         } else {
             let cols = *dims.last().unwrap_or(&0);
