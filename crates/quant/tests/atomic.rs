@@ -48,6 +48,7 @@ fn cancelled_run_leaves_nothing() {
     });
     assert!(matches!(r, Err(QuantizeError::Cancelled)), "{:?}", r.err());
     assert!(entries(&d).is_empty(), "{:?}", entries(&d));
+    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -64,6 +65,7 @@ fn existing_output_survives_a_failed_run() {
     assert!(quantize(&source(), &target, &opts, &cancel, &mut |_| {}).is_err());
     assert_eq!(std::fs::read(&target).unwrap(), b"previous");
     assert_eq!(entries(&d), vec!["m.gguf".to_string()]);
+    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -87,4 +89,5 @@ fn keep_flags_write_f16() {
     assert_eq!(ty("token_embd.weight"), GgmlDType::F16);
     assert_eq!(ty("blk.0.attn_q.weight"), GgmlDType::Q4K);
     assert_eq!(ty("output_norm.weight"), GgmlDType::F32);
+    std::fs::remove_dir_all(&d).ok();
 }

@@ -69,6 +69,7 @@ fn f32_gguf_holds_the_same_model() {
         }
         eprintln!("{case}: max |Δlogit| GGUF vs transformers {max:.1e}");
         assert!(max < 1e-4, "{case}: {max}");
+        std::fs::remove_file(&file).ok();
     }
 }
 
