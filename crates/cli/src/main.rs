@@ -3,6 +3,7 @@
 
 mod beams;
 mod commands;
+mod quant;
 mod resolve;
 mod serve;
 mod train;
@@ -171,6 +172,45 @@ enum Command {
     Data(train::DataCommand),
     /// Serve the model over an OpenAI-compatible HTTP API (continuous batching)
     Serve(serve::ServeArgs),
+    /// Write a model (HF directory or GGUF) as a GGUF file with its weights in one type
+    Quantize {
+        /// Model: a catalog name, an HF model directory, or a .gguf file
+        #[arg(short, long, value_name = "MODEL")]
+        model: Option<String>,
+        /// Weight type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16, F32
+        #[arg(long, value_name = "TYPE")]
+        to: String,
+        /// Output .gguf file (written atomically)
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Keep the output head (output.weight, or the tied embeddings) in F16
+        #[arg(long)]
+        keep_output: bool,
+        /// Keep the token embeddings in F16
+        #[arg(long)]
+        keep_embeddings: bool,
+    },
+    /// Perplexity of the model on a text file (llama-perplexity's method, or a sliding window)
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text file to score
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+        /// Tokens per window (chunk)
+        #[arg(long, default_value_t = 512, value_name = "N")]
+        ctx: usize,
+        /// Sliding-window mode (transformers' guide) advancing by S tokens; without it, the text
+        /// is cut into chunks of --ctx tokens scored on their second half, as llama-perplexity does
+        #[arg(long, value_name = "S")]
+        stride: Option<usize>,
+        /// Score only the first N chunks (windows)
+        #[arg(long, value_name = "N")]
+        chunks: Option<usize>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -214,6 +254,21 @@ fn main() {
         Command::Tokenizer(cmd) => train::tokenizer(cmd),
         Command::Data(cmd) => train::data(cmd),
         Command::Serve(args) => serve::serve(&args),
+        Command::Quantize {
+            model,
+            to,
+            output,
+            keep_output,
+            keep_embeddings,
+        } => quant::quantize(model.as_deref(), &to, &output, keep_output, keep_embeddings),
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            stride,
+            chunks,
+            json,
+        } => quant::perplexity(&model, &file, ctx, stride, chunks, json),
     };
     if let Err(e) = result {
         // One line: every layer's message joined, no backtrace.

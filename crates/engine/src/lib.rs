@@ -1,8 +1,9 @@
 //! camelid's engine: running a model. It owns the KV cache ([`kv_cache`]), the sampler
 //! ([`sampling`]), the per-sequence generation loop ([`generate`]), the server's continuous
-//! batching scheduler ([`scheduler`]) over a paged, prefix-cached KV pool ([`paged_kv`]), and
-//! throughput measurement ([`bench`]). It knows the model only through `camelid_model::Model`
-//! and never parses files or speaks HTTP; the server and the CLI sit on top of it.
+//! batching scheduler ([`scheduler`]) over a paged, prefix-cached KV pool ([`paged_kv`]),
+//! throughput measurement ([`bench`]) and perplexity ([`perplexity`]). It knows the model only
+//! through `camelid_model::Model` and never parses files or speaks HTTP; the server and the CLI
+//! sit on top of it.
 
 pub mod beam;
 pub mod bench;
@@ -11,6 +12,7 @@ pub mod generate;
 pub mod json_constraint;
 pub mod kv_cache;
 pub mod paged_kv;
+pub mod perplexity;
 pub mod sampling;
 pub mod scheduler;
 pub mod seq2seq;

@@ -267,6 +267,86 @@ impl WeightStore {
             .map_err(|e| self.err(canonical, first_line(&e)))
     }
 
+    /// Every tensor of the checkpoint under its canonical name, and the checkpoint names that
+    /// no entry of the family's table maps (reported, not loaded). Used by tools that copy a
+    /// whole checkpoint (the quantizer); the forward pass asks for names instead.
+    pub fn canonical_names(&self) -> (Vec<String>, Vec<String>) {
+        match &self.source {
+            Source::Gguf { content, .. } => {
+                (content.tensor_infos.keys().cloned().collect(), vec![])
+            }
+            Source::Safetensors { files, names, .. } => {
+                let mut found = Vec::new();
+                let mut unmapped = Vec::new();
+                for (name, _) in files.tensors() {
+                    let canonical = names.iter().find_map(|(canon, stored)| {
+                        stored
+                            .split('|')
+                            .find_map(|alt| match_pattern(alt, &name))
+                            .map(|(layer, suffix)| {
+                                let c = match layer {
+                                    Some(i) => canon.replace("{i}", &i.to_string()),
+                                    None => canon.to_string(),
+                                };
+                                format!("{c}{suffix}")
+                            })
+                    });
+                    match canonical {
+                        Some(c) => found.push(c),
+                        None => unmapped.push(name),
+                    }
+                }
+                (found, unmapped)
+            }
+            Source::Memory(tensors) => (tensors.keys().cloned().collect(), vec![]),
+        }
+    }
+
+    /// The stored shape (row-major, outermost first) of a tensor, without loading it.
+    pub fn stored_shape(&self, canonical: &str) -> Option<Vec<usize>> {
+        let name = self.checkpoint_name(canonical)?;
+        match &self.source {
+            Source::Gguf { content, .. } => content
+                .tensor_infos
+                .get(&name)
+                .map(|i| i.shape.dims().to_vec()),
+            Source::Safetensors { files, .. } => files.get(&name).ok().map(|v| v.shape().to_vec()),
+            Source::Memory(tensors) => tensors.get(&name).map(|t| t.dims().to_vec()),
+        }
+    }
+
+    /// The block type of a GGUF tensor stored quantized, read from the header alone (`None` for
+    /// float tensors and for safetensors checkpoints).
+    pub fn stored_block_type(&self, canonical: &str) -> Option<GgmlDType> {
+        let Source::Gguf { content, .. } = &self.source else {
+            return None;
+        };
+        content
+            .tensor_infos
+            .get(canonical)
+            .map(|i| i.ggml_dtype)
+            .filter(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+    }
+
+    /// A GGUF tensor stored in a block-quantized type, as it is in the file (`None` for float
+    /// tensors and for safetensors checkpoints).
+    pub fn stored_quantized(&self, canonical: &str) -> Result<Option<QTensor>> {
+        let Source::Gguf { content, .. } = &self.source else {
+            return Ok(None);
+        };
+        match content.tensor_infos.get(canonical) {
+            Some(info)
+                if !matches!(
+                    info.ggml_dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) =>
+            {
+                self.qtensor(canonical).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// A float tensor converted to f32, with its shape checked.
     pub fn dense(&self, canonical: &str, shape: &[usize]) -> Result<Tensor> {
         let name = self
@@ -354,6 +434,24 @@ impl Matrix {
                     .narrow(0, start, len)?
                     .contiguous()?,
             )),
+        }
+    }
+}
+
+/// Matches a checkpoint name against a table pattern (`model.layers.{i}.mlp.up_proj`):
+/// returns the layer index (if the pattern has one) and the rest of the name (`.weight`).
+fn match_pattern(pattern: &str, name: &str) -> Option<(Option<usize>, String)> {
+    let rest_of = |rest: &str| -> Option<String> {
+        (rest.is_empty() || rest.starts_with('.')).then(|| rest.to_string())
+    };
+    match pattern.split_once("{i}") {
+        None => rest_of(name.strip_prefix(pattern)?).map(|r| (None, r)),
+        Some((pre, post)) => {
+            let tail = name.strip_prefix(pre)?;
+            let digits = tail.chars().take_while(char::is_ascii_digit).count();
+            let layer = tail[..digits].parse::<usize>().ok()?;
+            let r = rest_of(tail[digits..].strip_prefix(post)?)?;
+            Some((Some(layer), r))
         }
     }
 }

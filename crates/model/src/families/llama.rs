@@ -1,7 +1,10 @@
 //! LLaMA / LLaMA-2 / LLaMA-3 and their fine-tunes (Alpaca, Vicuna, BELLE, SmolLM2, TinyLlama):
 //! pre-RMSNorm, rotary, SwiGLU, optional GQA. The reference shape every other family departs from.
 
-use super::{llama_style_config, llama_style_gguf, Family, LLAMA_TENSOR_NAMES};
+use super::{
+    llama_style_config, llama_style_gguf, llama_style_gguf_metadata, Family, GgufExport,
+    LLAMA_TENSOR_NAMES,
+};
 
 pub static LLAMA: Family = Family {
     name: "llama",
@@ -14,4 +17,12 @@ pub static LLAMA: Family = Family {
     from_gguf: Some(|g| llama_style_gguf(g, "llama")),
     hf_tensor_names: LLAMA_TENSOR_NAMES,
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter permutes q/k rows for its pair-wise rotary.
+pub static LLAMA_EXPORT: GgufExport = GgufExport {
+    family: "llama",
+    arch: "llama",
+    permute_qk: true,
+    metadata: llama_style_gguf_metadata,
 };

@@ -1,6 +1,8 @@
 //! Mistral: the LLaMA layout with GQA and sliding-window attention.
 
-use super::{llama_style_config, Family, LLAMA_TENSOR_NAMES};
+use super::{
+    llama_style_config, llama_style_gguf_metadata, Family, GgufExport, LLAMA_TENSOR_NAMES,
+};
 
 pub static MISTRAL: Family = Family {
     name: "mistral",
@@ -17,4 +19,12 @@ pub static MISTRAL: Family = Family {
     from_gguf: None,
     hf_tensor_names: LLAMA_TENSOR_NAMES,
     hf_transposed: &[],
+};
+
+/// llama.cpp writes Mistral as its `llama` architecture, q/k rows permuted as LLaMA's.
+pub static MISTRAL_EXPORT: GgufExport = GgufExport {
+    family: "mistral",
+    arch: "llama",
+    permute_qk: true,
+    metadata: llama_style_gguf_metadata,
 };

@@ -356,6 +356,86 @@ pub fn llama_style_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
     Ok(s)
 }
 
+/// How a family's HF checkpoints are written as GGUF: the inverse of its `from_gguf`, used by
+/// the quantizer. Only families whose GGUF layout is their HF layout tensor for tensor (up to a
+/// row permutation) have one.
+pub struct GgufExport {
+    /// [`Family::name`] this applies to.
+    pub family: &'static str,
+    /// llama.cpp's `general.architecture` for it.
+    pub arch: &'static str,
+    /// llama.cpp's converter reorders q/k rows (weights and biases) from HF's rotate-half
+    /// layout to pair-wise rotary (`LlamaModel.permute`); camelid's `from_gguf` then reads the
+    /// file as interleaved.
+    pub permute_qk: bool,
+    /// The architecture's metadata keys from the spec.
+    pub metadata: fn(&ArchSpec, &str) -> Result<GgufKeys>,
+}
+
+/// GGUF metadata in the order it is written.
+pub type GgufKeys = Vec<(String, Value)>;
+
+pub static GGUF_EXPORTS: &[&GgufExport] = &[
+    &llama::LLAMA_EXPORT,
+    &mistral::MISTRAL_EXPORT,
+    &qwen2::QWEN2_EXPORT,
+];
+
+pub fn gguf_export(family: &str) -> Option<&'static GgufExport> {
+    GGUF_EXPORTS.iter().copied().find(|e| e.family == family)
+}
+
+/// The inverse of [`llama_style_gguf`]: llama.cpp's metadata keys for a LLaMA-style spec.
+/// Settings llama.cpp's keys cannot say are errors, not silent changes.
+pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<GgufKeys> {
+    let unsupported = |what: &str| {
+        Err(ModelError::Input(format!(
+            "{}: {what} cannot be written as llama.cpp GGUF metadata yet",
+            s.family
+        )))
+    };
+    let a = &s.attention;
+    let k = |key: &str| format!("{arch}.{key}");
+    let u = |v: usize| Value::U32(v as u32);
+    let mut m = vec![
+        (k("context_length"), u(s.max_positions)),
+        (k("embedding_length"), u(s.hidden)),
+        (k("block_count"), u(s.layers)),
+        (k("feed_forward_length"), u(s.mlp.hidden)),
+        (k("attention.head_count"), u(a.heads)),
+        (k("attention.head_count_kv"), u(a.kv_heads)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(s.norm.eps as f32),
+        ),
+        (k("vocab_size"), u(s.vocab_size)),
+    ];
+    if a.heads == 0 || a.head_dim != s.hidden / a.heads {
+        m.push((k("attention.key_length"), u(a.head_dim)));
+        m.push((k("attention.value_length"), u(a.head_dim)));
+    }
+    if let Some(w) = a.sliding_window {
+        m.push((k("attention.sliding_window"), u(w)));
+    }
+    let crate::spec::Positions::Rotary(r) = &s.positions else {
+        return unsupported("a position scheme other than rotary");
+    };
+    m.push((k("rope.freq_base"), Value::F32(r.theta as f32)));
+    m.push((
+        k("rope.dimension_count"),
+        u((a.head_dim as f64 * r.fraction).round() as usize),
+    ));
+    match r.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            m.push((k("rope.scaling.type"), Value::String("linear".into())));
+            m.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+        }
+        _ => return unsupported("this rope scaling (only none and linear are written)"),
+    }
+    Ok(m)
+}
+
 /// The README's supported-models table, generated from [`FAMILIES`] so it cannot drift.
 pub fn markdown_table() -> String {
     let mut out = String::from(

@@ -1,6 +1,9 @@
 //! Qwen2 / Qwen2.5: the LLaMA layout with biases on q, k and v, usually tied embeddings.
 
-use super::{llama_style_config, llama_style_gguf, Family, LLAMA_TENSOR_NAMES};
+use super::{
+    llama_style_config, llama_style_gguf, llama_style_gguf_metadata, Family, GgufExport,
+    LLAMA_TENSOR_NAMES,
+};
 
 pub static QWEN2: Family = Family {
     name: "qwen2",
@@ -28,4 +31,12 @@ pub static QWEN2: Family = Family {
     }),
     hf_tensor_names: LLAMA_TENSOR_NAMES,
     hf_transposed: &[],
+};
+
+/// llama.cpp keeps Qwen2's q/k rows in HF order (NEOX-style rotary).
+pub static QWEN2_EXPORT: GgufExport = GgufExport {
+    family: "qwen2",
+    arch: "qwen2",
+    permute_qk: false,
+    metadata: llama_style_gguf_metadata,
 };
