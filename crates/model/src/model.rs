@@ -169,7 +169,17 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
         .map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
+/// An HF model directory opened up to its weights: the config, the family its `model_type`
+/// names, the spec, and the memory-mapped safetensors. Loading a model and tools that copy a
+/// whole checkpoint (the quantizer) both start here.
+pub struct HfCheckpoint {
+    pub config: HfConfig,
+    pub family: &'static families::Family,
+    pub spec: crate::ArchSpec,
+    pub store: WeightStore,
+}
+
+pub fn open_hf_checkpoint(dir: &Path, device: &Device) -> Result<HfCheckpoint> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(ModelError::config(
@@ -177,19 +187,34 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
             "not a model directory: config.json is missing",
         ));
     }
-    let cfg = HfConfig::read(&config_path)?;
-    let model_type = cfg
+    let config = HfConfig::read(&config_path)?;
+    let model_type = config
         .model_type()
-        .ok_or_else(|| cfg.err("missing \"model_type\""))?
+        .ok_or_else(|| config.err("missing \"model_type\""))?
         .to_string();
     let family = families::by_model_type(&model_type).ok_or_else(|| ModelError::UnknownFamily {
         path: config_path.clone(),
         model_type: model_type.clone(),
         known: families::known_model_types(),
     })?;
-    let spec = (family.from_config)(&cfg)?;
+    let spec = (family.from_config)(&config)?;
     let store =
         WeightStore::open_safetensors(dir, family.hf_tensor_names, family.hf_transposed, device)?;
+    Ok(HfCheckpoint {
+        config,
+        family,
+        spec,
+        store,
+    })
+}
+
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
+    let HfCheckpoint {
+        config: cfg,
+        spec,
+        store,
+        ..
+    } = open_hf_checkpoint(dir, device)?;
     let encoder = if spec.encoder_layers > 0 {
         Some(Transformer::load(spec.encoder_spec(), &store)?)
     } else {

@@ -11,8 +11,8 @@ use crate::kquants;
 use crate::tokenizer_export;
 use crate::types::{self, file_type, fit, is_quantized};
 use camelid_model::checkpoint::WeightStore;
-use camelid_model::config::HfConfig;
 use camelid_model::families;
+use camelid_model::model::{open_hf_checkpoint, HfCheckpoint};
 use camelid_model::ModelError;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -386,22 +386,12 @@ fn open_gguf(path: &Path, device: &Device) -> Result<Opened> {
 }
 
 fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opened> {
-    let config_path = dir.join("config.json");
-    if !config_path.exists() {
-        return Err(
-            ModelError::config(dir, "not a model directory: config.json is missing").into(),
-        );
-    }
-    let cfg = HfConfig::read(&config_path)?;
-    let model_type = cfg
-        .model_type()
-        .ok_or_else(|| cfg.err("missing \"model_type\""))?
-        .to_string();
-    let family = families::by_model_type(&model_type).ok_or_else(|| ModelError::UnknownFamily {
-        path: config_path.clone(),
-        model_type: model_type.clone(),
-        known: families::known_model_types(),
-    })?;
+    let HfCheckpoint {
+        family,
+        spec,
+        store,
+        ..
+    } = open_hf_checkpoint(dir, device)?;
     let export = families::gguf_export(family.name).ok_or_else(|| {
         QuantizeError::Input(format!(
             "{}: writing GGUF from an HF {} checkpoint is not supported (supported: {}); quantize a GGUF of it instead",
@@ -414,9 +404,6 @@ fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opene
                 .join(", ")
         ))
     })?;
-    let spec = (family.from_config)(&cfg)?;
-    let store =
-        WeightStore::open_safetensors(dir, family.hf_tensor_names, family.hf_transposed, device)?;
     let (_, unmapped) = store.canonical_names();
     for name in unmapped {
         let note = format!(
