@@ -5,12 +5,15 @@
 //!
 //! Needs `node`, Chromium (`$CAMELID_CHROMIUM`, else `/usr/bin/chromium`) and `npm ci` in
 //! `crates/server/tests/browser`. Without them the test says it skipped, unless
-//! `CAMELID_BROWSER_TEST=required` (as in CI), which makes their absence a failure.
+//! `CAMELID_BROWSER_TEST=required` (as in CI), which makes their absence a failure. A plain HTTP
+//! test of the embedded files runs everywhere.
 
 use camelid_engine::scheduler::SchedulerConfig;
 use camelid_model::{catalog, Model};
 use camelid_server::ServerConfig;
 use candle_core::Device;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -41,20 +44,13 @@ fn missing(browser_dir: &Path, chromium: &Path) -> Option<String> {
     None
 }
 
-#[test]
-fn chat_page_streams_stops_and_keeps_the_conversation() {
-    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    let chromium = std::env::var_os("CAMELID_CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    if let Some(why) = missing(&browser_dir, &chromium) {
-        if std::env::var("CAMELID_BROWSER_TEST").as_deref() == Ok("required") {
-            panic!("CAMELID_BROWSER_TEST=required but {why}");
-        }
-        eprintln!("skipped: {why}");
-        return;
-    }
-
+/// The default model served on an ephemeral loopback port: its address, the shutdown trigger
+/// and the server thread.
+fn start_server() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let entry = catalog::find(catalog::DEFAULT_MODEL).expect("default model");
     let path = catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull SmolLM2");
     let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"));
@@ -87,6 +83,72 @@ fn chat_page_streams_stops_and_keeps_the_conversation() {
         });
     });
     let addr = addr_rx.recv().expect("server address");
+    (addr, stop_tx, server)
+}
+
+/// GET `path` over HTTP/1.1: the status line, the headers and the body.
+fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.into(), headers.to_ascii_lowercase(), body.into())
+}
+
+/// Runs everywhere: the page and its two assets come from the binary, with their types, and
+/// name nothing outside the server.
+#[test]
+fn the_page_and_its_assets_are_served_from_the_binary() {
+    let (addr, stop_tx, server) = start_server();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/style.css", "text/css"),
+        ("/app.js", "text/javascript"),
+    ] {
+        let (status, headers, body) = get(addr, path);
+        assert!(status.contains(" 200 "), "{path}: {status}");
+        assert!(
+            headers.contains(&format!("content-type: {kind}")),
+            "{path}: {headers}"
+        );
+        assert!(!body.is_empty(), "{path}: empty");
+        assert!(!body.contains("://"), "{path} names an outside resource");
+        if path == "/" {
+            for part in [
+                "src=\"/app.js\"",
+                "href=\"/style.css\"",
+                "id=\"model\"",
+                "id=\"stop\"",
+            ] {
+                assert!(body.contains(part), "the page lacks {part}");
+            }
+        }
+    }
+    let _ = stop_tx.send(());
+    server.join().expect("server thread");
+}
+
+#[test]
+fn chat_page_streams_stops_and_keeps_the_conversation() {
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var_os("CAMELID_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    if let Some(why) = missing(&browser_dir, &chromium) {
+        if std::env::var("CAMELID_BROWSER_TEST").as_deref() == Ok("required") {
+            panic!("CAMELID_BROWSER_TEST=required but {why}");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    }
+
+    let (addr, stop_tx, server) = start_server();
 
     let out = Command::new("node")
         .arg("chat_page.mjs")
