@@ -116,7 +116,9 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
-        eprintln!("camelid: serving {model_id} on http://{local}/v1 (Ctrl-C or SIGTERM to stop)");
+        eprintln!(
+            "camelid: serving {model_id} on http://{local}/v1, chat page http://{local}/ (Ctrl-C or SIGTERM to stop)"
+        );
         camelid_server::serve(listener, model, config, camelid_server::shutdown_signal())
             .await
             .context("server")?;

@@ -1,5 +1,6 @@
 //! camelid's OpenAI-compatible HTTP server: `/v1/models`, `/v1/completions`,
-//! `/v1/chat/completions`, `/v1/embeddings`, `/health` and `/metrics` (Prometheus text).
+//! `/v1/chat/completions`, `/v1/embeddings`, `/health` and `/metrics` (Prometheus text), and
+//! a chat page at `/` (`webui.rs`).
 //!
 //! It owns HTTP, request validation, the OpenAI JSON shapes, server-sent-event streaming,
 //! `response_format` (turned into the engine's JSON-schema constraint) and function calling
@@ -14,6 +15,7 @@ mod metrics;
 mod openai;
 mod request;
 mod tools;
+mod webui;
 
 pub use error::ApiError;
 
@@ -91,6 +93,9 @@ pub async fn serve(
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(webui::index))
+        .route("/style.css", get(webui::style))
+        .route("/app.js", get(webui::script))
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))

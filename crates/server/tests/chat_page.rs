@@ -1,0 +1,175 @@
+//! The chat page at `/` in headless Chromium, driven by Playwright (`tests/browser/chat_page.mjs`)
+//! against the server on loopback with the default model: the model picker, a streamed reply
+//! (growing, equal to the API's), the stop button cancelling a long generation on the server,
+//! the conversation surviving a reload, and clearing it.
+//!
+//! Needs `node`, Chromium (`$CAMELID_CHROMIUM`, else `/usr/bin/chromium`) and `npm ci` in
+//! `crates/server/tests/browser`. Without them the test says it skipped, unless
+//! `CAMELID_BROWSER_TEST=required` (as in CI), which makes their absence a failure. A plain HTTP
+//! test of the embedded files runs everywhere.
+
+use camelid_engine::scheduler::SchedulerConfig;
+use camelid_model::{catalog, Model};
+use camelid_server::ServerConfig;
+use candle_core::Device;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+const MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// What is missing to run the browser, if anything.
+fn missing(browser_dir: &Path, chromium: &Path) -> Option<String> {
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        return Some("`node` is not on PATH".into());
+    }
+    if !chromium.is_file() {
+        return Some(format!(
+            "no Chromium at {} (apt-get install chromium, or set CAMELID_CHROMIUM)",
+            chromium.display()
+        ));
+    }
+    if !browser_dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
+        return Some(format!(
+            "playwright-core is not installed (run `npm ci` in {})",
+            browser_dir.display()
+        ));
+    }
+    None
+}
+
+/// The default model served on an ephemeral loopback port: its address, the shutdown trigger
+/// and the server thread.
+fn start_server() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let entry = catalog::find(catalog::DEFAULT_MODEL).expect("default model");
+    let path = catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull SmolLM2");
+    let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"));
+
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("send");
+            let config = ServerConfig {
+                model_id: MODEL_ID.into(),
+                scheduler: SchedulerConfig::default(),
+                max_n: 8,
+            };
+            camelid_server::serve(listener, model, config, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+    });
+    let addr = addr_rx.recv().expect("server address");
+    (addr, stop_tx, server)
+}
+
+/// GET `path` over HTTP/1.1: the status line, the headers and the body.
+fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.into(), headers.to_ascii_lowercase(), body.into())
+}
+
+/// Runs everywhere: the page and its two assets come from the binary, with their types, and
+/// name nothing outside the server.
+#[test]
+fn the_page_and_its_assets_are_served_from_the_binary() {
+    let (addr, stop_tx, server) = start_server();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/style.css", "text/css"),
+        ("/app.js", "text/javascript"),
+    ] {
+        let (status, headers, body) = get(addr, path);
+        assert!(status.contains(" 200 "), "{path}: {status}");
+        assert!(
+            headers.contains(&format!("content-type: {kind}")),
+            "{path}: {headers}"
+        );
+        assert!(!body.is_empty(), "{path}: empty");
+        assert!(!body.contains("://"), "{path} names an outside resource");
+        if path == "/" {
+            for part in [
+                "src=\"/app.js\"",
+                "href=\"/style.css\"",
+                "id=\"model\"",
+                "id=\"stop\"",
+            ] {
+                assert!(body.contains(part), "the page lacks {part}");
+            }
+        }
+    }
+    let _ = stop_tx.send(());
+    server.join().expect("server thread");
+}
+
+#[test]
+fn chat_page_streams_stops_and_keeps_the_conversation() {
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var_os("CAMELID_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    if let Some(why) = missing(&browser_dir, &chromium) {
+        if std::env::var("CAMELID_BROWSER_TEST").as_deref() == Ok("required") {
+            panic!("CAMELID_BROWSER_TEST=required but {why}");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    }
+
+    let (addr, stop_tx, server) = start_server();
+
+    let out = Command::new("node")
+        .arg("chat_page.mjs")
+        .arg(format!("http://{addr}"))
+        .arg(MODEL_ID)
+        .env("CHROMIUM", &chromium)
+        .current_dir(&browser_dir)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    let _ = stop_tx.send(());
+    server.join().expect("server thread");
+    assert!(
+        out.status.success(),
+        "the chat page test failed ({}):\n{stdout}{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("ok: the cleared conversation stays cleared after a reload"),
+        "the chat page test ended early:\n{stdout}"
+    );
+}
