@@ -127,6 +127,10 @@ pub struct TrainArgs {
     sample_prompt: String,
     #[arg(long, default_value_t = 64, value_name = "N")]
     sample_tokens: usize,
+    /// Draw the loss curve (training and validation loss by step, from metrics.jsonl) to this
+    /// PNG, redrawn at each validation and at the end
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Compute device
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: String,
@@ -514,6 +518,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         ));
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
             last_val = evaluate(&trainer, &mut log)?.or(last_val);
+            if let Some(p) = &a.plot {
+                if let Err(e) = camelid_train::plot::render_log(&log_path, p) {
+                    bar.println(format!("warning: loss curve not drawn: {e:#}"));
+                }
+            }
         }
         if a.sample_every > 0 && r.step % a.sample_every == 0 {
             if let Some(tok) = &sample_tokenizer {
@@ -550,6 +559,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         &config,
         tokenizer.as_deref(),
     )?;
+    if let Some(p) = &a.plot {
+        camelid_train::plot::render_log(&log_path, p)
+            .with_context(|| format!("cannot draw the loss curve to {}", p.display()))?;
+    }
     let last = trainer
         .state
         .last_loss
