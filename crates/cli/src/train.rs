@@ -439,6 +439,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    if let Some(dir) = a.plot.as_deref().and_then(Path::parent) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            bail!("--plot: directory {} does not exist", dir.display());
+        }
+    }
     let log_path = a.out.join("metrics.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)

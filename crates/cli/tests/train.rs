@@ -396,6 +396,24 @@ fn bad_training_input_is_a_clear_error() {
         "train",
         "--data",
         p(&tokens),
+        "--init",
+        p(&fixture("gpt2").join("init")),
+        "--seq-len",
+        "8",
+        "--plot",
+        p(&w.join("no/such/dir/loss.png")),
+        "--out",
+        p(&w.join("o")),
+    ]);
+    assert!(
+        e.contains("--plot: directory") && e.contains("does not exist"),
+        "{e}"
+    );
+
+    let e = fails(&[
+        "train",
+        "--data",
+        p(&tokens),
         "--resume",
         "--out",
         p(&w.join("none")),
