@@ -127,6 +127,10 @@ pub struct TrainArgs {
     sample_prompt: String,
     #[arg(long, default_value_t = 64, value_name = "N")]
     sample_tokens: usize,
+    /// Draw the loss curve (training and validation loss by step, from metrics.jsonl) to this
+    /// PNG, redrawn at each validation and at the end
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Compute device
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: String,
@@ -435,6 +439,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    if let Some(dir) = a.plot.as_deref().and_then(Path::parent) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            bail!("--plot: directory {} does not exist", dir.display());
+        }
+    }
     let log_path = a.out.join("metrics.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -514,6 +523,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         ));
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
             last_val = evaluate(&trainer, &mut log)?.or(last_val);
+            if let Some(p) = &a.plot {
+                if let Err(e) = camelid_train::plot::render_log(&log_path, p) {
+                    bar.println(format!("warning: loss curve not drawn: {e:#}"));
+                }
+            }
         }
         if a.sample_every > 0 && r.step % a.sample_every == 0 {
             if let Some(tok) = &sample_tokenizer {
@@ -550,6 +564,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         &config,
         tokenizer.as_deref(),
     )?;
+    if let Some(p) = &a.plot {
+        camelid_train::plot::render_log(&log_path, p)
+            .with_context(|| format!("cannot draw the loss curve to {}", p.display()))?;
+    }
     let last = trainer
         .state
         .last_loss

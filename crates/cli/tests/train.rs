@@ -294,8 +294,16 @@ fn walkthrough_tokenizer_data_train_resume_run() {
     std::fs::remove_dir_all(&model).unwrap();
     train("4", &["--stop-at", "2"]);
     assert!(model.join("checkpoint/trainer_state.json").exists());
-    train("4", &["--resume"]);
+    let plot = w.join("loss.png");
+    train("4", &["--resume", "--plot", p(&plot)]);
     assert_eq!(straight, losses(&model), "resumed run differs");
+    // The loss curve of the whole log (both pieces): a 720×440 PNG (crates/train/tests/plot.rs
+    // checks what is drawn).
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!(png[16..20], 720u32.to_be_bytes());
+    assert_eq!(png[20..24], 440u32.to_be_bytes());
 
     let text = ok(&[
         "run",
@@ -383,6 +391,24 @@ fn bad_training_input_is_a_clear_error() {
         p(&w.join("o")),
     ]);
     assert!(e.contains("--dtype bf16 is not supported"), "{e}");
+
+    let e = fails(&[
+        "train",
+        "--data",
+        p(&tokens),
+        "--init",
+        p(&fixture("gpt2").join("init")),
+        "--seq-len",
+        "8",
+        "--plot",
+        p(&w.join("no/such/dir/loss.png")),
+        "--out",
+        p(&w.join("o")),
+    ]);
+    assert!(
+        e.contains("--plot: directory") && e.contains("does not exist"),
+        "{e}"
+    );
 
     let e = fails(&[
         "train",

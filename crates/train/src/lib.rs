@@ -12,4 +12,5 @@ pub mod corpus;
 pub mod data;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod trainer;
