@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 pub struct KvCache {
     layers: Vec<candle_nn::kv_cache::KvCache>,
+    first_pass: Option<usize>,
 }
 
 impl KvCache {
@@ -17,6 +18,7 @@ impl KvCache {
             layers: (0..layers)
                 .map(|_| candle_nn::kv_cache::KvCache::new(2, capacity))
                 .collect(),
+            first_pass: None,
         }
     }
 
@@ -24,6 +26,7 @@ impl KvCache {
         for l in &mut self.layers {
             l.reset();
         }
+        self.first_pass = None;
     }
 }
 
@@ -42,5 +45,13 @@ impl KvStore for KvCache {
             Some(l) => l.append(k, v),
             None => candle_core::bail!("KV cache has no layer {layer}"),
         }
+    }
+
+    fn first_pass_len(&self) -> Option<usize> {
+        self.first_pass
+    }
+
+    fn set_first_pass_len(&mut self, len: usize) {
+        self.first_pass = Some(len);
     }
 }

@@ -27,7 +27,9 @@ impl Rope {
     pub fn new(spec: &RotarySpec, dims: usize) -> Self {
         let mut attention_factor = 1.0f64;
         let inv: Vec<f64> = match &spec.scaling {
-            RopeScaling::None | RopeScaling::DynamicNtk { .. } => base_inv_freq(spec.theta, dims),
+            RopeScaling::None | RopeScaling::DynamicNtk { .. } | RopeScaling::QwenNtk { .. } => {
+                base_inv_freq(spec.theta, dims)
+            }
             RopeScaling::Linear { factor } => base_inv_freq(spec.theta, dims)
                 .into_iter()
                 .map(|f| f / factor)
@@ -115,8 +117,31 @@ impl Rope {
 
     /// cos and sin, each `[len, dims/2]`, for positions `start..start+len`.
     pub fn cos_sin(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        self.cos_sin_at(start, len, start + len, device)
+    }
+
+    /// [`Rope::cos_sin`] for a sequence whose first forward pass had `first_pass` tokens
+    /// (Qwen's dynamic NTK fixes its base by that pass; 0 keeps the trained base).
+    pub fn cos_sin_at(
+        &self,
+        start: usize,
+        len: usize,
+        first_pass: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let dynamic;
         let inv_freq: &[f32] = match self.spec.scaling {
+            RopeScaling::QwenNtk { seq_length } if first_pass > seq_length => {
+                // Qwen computes `math.log(len / seq_length, 2)`, i.e. ln(x) / ln(2).
+                let context = (first_pass as f64 / seq_length as f64).ln() / 2f64.ln() + 1.0;
+                let alpha = (2f64.powf(context.ceil()) - 1.0).max(1.0);
+                let d = self.dims as f64;
+                dynamic = base_inv_freq(self.spec.theta * alpha.powf(d / (d - 2.0)), self.dims)
+                    .into_iter()
+                    .map(|f| f as f32)
+                    .collect::<Vec<_>>();
+                &dynamic
+            }
             // transformers recomputes the base from the longest position seen in this call.
             RopeScaling::DynamicNtk {
                 factor,

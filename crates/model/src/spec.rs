@@ -59,6 +59,12 @@ pub enum RopeScaling {
         factor: f64,
         max_positions: usize,
     },
+    /// Qwen (v1)'s dynamic NTK: a sequence whose first forward pass has `len > seq_length`
+    /// tokens runs with base `theta * alpha^(d/(d-2))`, `alpha = 2^ceil(log2(len/seq_length)
+    /// + 1) - 1`; later passes of the sequence (decoding) keep that alpha, as Qwen's code does.
+    QwenNtk {
+        seq_length: usize,
+    },
     /// LLaMA-3.1 frequency bands.
     Llama3 {
         factor: f64,
@@ -176,6 +182,10 @@ pub struct AttentionSpec {
     pub clip_qkv: Option<f64>,
     /// LayerNorm over the whole q and k projections (MPT `qk_ln`).
     pub qk_norm: bool,
+    /// Qwen (v1)'s log-n attention `n`: the query at position `p` (from 0) is multiplied by
+    /// `ln(p + 1) / ln(n)` when `p + 1 > n` (inference only).
+    #[serde(default)]
+    pub logn_queries: Option<usize>,
 }
 
 impl AttentionSpec {
@@ -322,6 +332,7 @@ impl ArchSpec {
                 qkv_packing: QkvPacking::Sequential,
                 clip_qkv: None,
                 qk_norm: false,
+                logn_queries: None,
             },
             mlp: MlpSpec::new(11008, Activation::SwiGlu, false),
             residual: Residual::Sequential,

@@ -42,6 +42,13 @@ pub trait KvStore {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)>;
+    /// Length of the sequence's first forward pass, where the store keeps it (Qwen's dynamic
+    /// NTK fixes its rotary base by it); `None` makes each pass use its own end position.
+    fn first_pass_len(&self) -> Option<usize> {
+        None
+    }
+    /// Records the length of the first forward pass (called when the store is empty).
+    fn set_first_pass_len(&mut self, _len: usize) {}
 }
 
 /// Keys and values of the several sequences of one batched pass
@@ -96,6 +103,7 @@ impl KvStore for BatchMember<'_> {
 
 /// Per-sequence attention inputs of a batched pass.
 struct SeqSlice {
+    start: usize,
     offset: usize,
     len: usize,
     rotary: Option<(Tensor, Tensor)>,
@@ -874,8 +882,16 @@ impl Transformer {
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
+        if start == 0 {
+            cache.set_first_pass_len(t);
+        }
+        let first_pass = match cache.first_pass_len() {
+            _ if self.train.differentiable => 0,
+            Some(n) => n,
+            None => start + t,
+        };
         let rotary = match &self.rope {
-            Some(r) => Some(r.cos_sin(start, t, &self.device)?),
+            Some(r) => Some(r.cos_sin_at(start, t, first_pass, &self.device)?),
             None => None,
         };
         let causal = self.attention_mask(start, t, None)?;
@@ -895,6 +911,7 @@ impl Transformer {
 
         for (i, block) in self.blocks.iter().enumerate() {
             let ctx = AttnContext {
+                start,
                 rel_bias: rel_bias.as_ref(),
                 cross: cross.and_then(|c| c.layers.get(i)),
                 layer: i,
@@ -1100,8 +1117,32 @@ impl Transformer {
             }
             _ => (q, k),
         };
+        let q = self.logn_scale(&q, ctx.start)?;
         let (k, v) = cache.append(ctx.layer, &k, &v)?;
         self.scores_values(attn, &q, &k, &v, ctx)
+    }
+
+    /// Qwen's log-n scaling of queries `[batch, heads, seq, head_dim]` starting at `start`.
+    fn logn_scale(&self, q: &Tensor, start: usize) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        match self.spec.attention.logn_queries {
+            Some(n) if !self.train.differentiable && start + t > n => {
+                let ln_n = (n as f64).ln();
+                let scale: Vec<f32> = (start + 1..=start + t)
+                    .map(|p| {
+                        if p > n {
+                            ((p as f64).ln() / ln_n) as f32
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                let scale =
+                    Tensor::from_vec(scale, (1, 1, t, 1), q.device())?.to_dtype(q.dtype())?;
+                Ok(q.broadcast_mul(&scale)?)
+            }
+            _ => Ok(q.clone()),
+        }
     }
 
     /// Queries `x` against precomputed encoder keys and values (no mask, no position bias).
@@ -1122,6 +1163,7 @@ impl Transformer {
             .transpose(1, 2)?
             .contiguous()?;
         let ctx = AttnContext {
+            start: 0,
             layer: 0,
             rotary: None,
             mask: None,
@@ -1244,6 +1286,7 @@ impl Transformer {
                 None => None,
             };
             slices.push(SeqSlice {
+                start,
                 offset: ids.len(),
                 len: t,
                 rotary: match &self.rope {
@@ -1280,6 +1323,7 @@ impl Transformer {
                 let mut outs = Vec::with_capacity(slices.len());
                 for (seq, s) in slices.iter().enumerate() {
                     let ctx = AttnContext {
+                        start: s.start,
                         layer,
                         rotary: s.rotary.as_ref(),
                         mask: if block.attn.windowed {
@@ -1350,6 +1394,8 @@ impl Transformer {
 }
 
 struct AttnContext<'a> {
+    /// Position of the first new token.
+    start: usize,
     layer: usize,
     rotary: Option<&'a (Tensor, Tensor)>,
     mask: Option<&'a Tensor>,

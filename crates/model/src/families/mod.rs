@@ -417,6 +417,9 @@ pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<GgufKeys> {
     if let Some(w) = a.sliding_window {
         m.push((k("attention.sliding_window"), u(w)));
     }
+    if a.logn_queries.is_some() {
+        return unsupported("log-n query scaling");
+    }
     let crate::spec::Positions::Rotary(r) = &s.positions else {
         return unsupported("a position scheme other than rotary");
     };

@@ -1,8 +1,13 @@
 //! Qwen (v1, "QWen"): the LLaMA recipe with q/k/v fused into a biased `c_attn`, and the
 //! SwiGLU halves named `w1` (up) and `w2` (gate, through SiLU) at half of `intermediate_size`.
+//! Past `seq_length`, Qwen's own code stretches the context with a dynamic-NTK rotary base
+//! (`use_dynamic_ntk`) and log-n query scaling (`use_logn_attn`); both are read as spec fields.
 
 use super::{llama_style_gguf, Family};
-use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RotarySpec};
+use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RopeScaling, RotarySpec};
+
+/// Positions Qwen's log-n table covers (`range(1, 32768)`): the window when it stretches.
+const STRETCHED_POSITIONS: usize = 32767;
 
 pub static QWEN: Family = Family {
     name: "qwen",
@@ -15,7 +20,16 @@ pub static QWEN: Family = Family {
         s.vocab_size = cfg.usize("vocab_size")?;
         s.hidden = cfg.usize("hidden_size")?;
         s.layers = cfg.usize("num_hidden_layers")?;
-        s.max_positions = cfg.usize_any(&["seq_length", "max_position_embeddings"])?;
+        let seq_length = cfg.usize_any(&["seq_length", "max_position_embeddings"])?;
+        s.max_positions = seq_length.max(cfg.opt_usize("max_position_embeddings")?.unwrap_or(0));
+        let dynamic_ntk = cfg.bool_or("use_dynamic_ntk", false)?;
+        let logn = cfg.bool_or("use_logn_attn", false)?;
+        if dynamic_ntk || logn {
+            s.max_positions = s.max_positions.max(STRETCHED_POSITIONS);
+        }
+        if logn {
+            s.attention.logn_queries = Some(seq_length);
+        }
         s.norm = NormSpec::rms(cfg.f64_or("layer_norm_epsilon", 1e-6)?);
         let heads = cfg.usize("num_attention_heads")?;
         s.set_heads(heads, heads).map_err(|m| cfg.err(m))?;
@@ -29,6 +43,9 @@ pub static QWEN: Family = Family {
             cfg.f64_or("rotary_pct", 1.0)?,
             false,
         ));
+        if let (true, Positions::Rotary(r)) = (dynamic_ntk, &mut s.positions) {
+            r.scaling = RopeScaling::QwenNtk { seq_length };
+        }
         s.mlp.hidden = cfg.usize("intermediate_size")? / 2;
         s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
         Ok(s)
