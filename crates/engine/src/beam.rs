@@ -72,12 +72,15 @@ pub struct Hypothesis {
 /// A KV cache whose sequences (the batch dimension) can be reordered as beams are selected.
 struct BeamCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Length of the prompt pass (Qwen's dynamic NTK keeps its rotary base from it).
+    first_pass: Option<usize>,
 }
 
 impl BeamCache {
     fn new(layers: usize) -> Self {
         Self {
             layers: vec![None; layers],
+            first_pass: None,
         }
     }
 
@@ -115,6 +118,14 @@ impl KvStore for BeamCache {
         };
         *slot = Some(kv.clone());
         Ok(kv)
+    }
+
+    fn first_pass_len(&self) -> Option<usize> {
+        self.first_pass
+    }
+
+    fn set_first_pass_len(&mut self, len: usize) {
+        self.first_pass = Some(len);
     }
 }
 

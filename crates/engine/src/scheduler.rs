@@ -703,7 +703,7 @@ impl Scheduler {
             self.token_texts = Some(Arc::new(texts));
         }
         let texts = self.token_texts.clone();
-        let spec_positions = self.model.spec().max_positions;
+        let spec_positions = self.model.spec().batched_positions();
         let eos = &self.model.eos_ids;
         let tokenizer = self.model.tokenizer.as_ref();
         let seq = &mut self.running[i];

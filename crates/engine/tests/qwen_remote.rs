@@ -163,3 +163,18 @@ fn qwen_window_without_flags() {
     let err = all_logits(&model, &ids).unwrap_err().to_string();
     assert!(err.contains("context window"), "{err}");
 }
+
+/// The batched serving path does not record the first-pass length Qwen's dynamic NTK keys on,
+/// so it stops at `seq_length` instead of drifting from the reference; `generate` goes on.
+#[test]
+fn qwen_batched_positions_stop_at_seq_length() {
+    let model = Model::load(&fixture().join("hf"), &Device::Cpu).expect("model loads");
+    assert_eq!(model.spec().batched_positions(), 8);
+    assert!(model.spec().max_positions > 8);
+    let plain = load_with_flags(false, true);
+    assert_eq!(
+        plain.spec().batched_positions(),
+        plain.spec().max_positions,
+        "log-n alone is per position and batches exactly"
+    );
+}

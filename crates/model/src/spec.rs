@@ -364,6 +364,20 @@ impl ArchSpec {
         e
     }
 
+    /// Positions a sequence may reach in the batched (serving) forward pass. Qwen's dynamic NTK
+    /// fixes its rotary base by the length of a sequence's first pass, which the paged cache
+    /// (chunked prefill, shared prefixes) does not reproduce, so serving stops at `seq_length`
+    /// for those models rather than drift from the reference.
+    pub fn batched_positions(&self) -> usize {
+        match &self.positions {
+            Positions::Rotary(RotarySpec {
+                scaling: RopeScaling::QwenNtk { seq_length },
+                ..
+            }) => self.max_positions.min(*seq_length),
+            _ => self.max_positions,
+        }
+    }
+
     /// Sets the head counts, deriving the head size from the hidden size.
     pub fn set_heads(&mut self, heads: usize, kv_heads: usize) -> Result<(), String> {
         if heads == 0 || !self.hidden.is_multiple_of(heads) {

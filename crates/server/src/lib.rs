@@ -49,7 +49,7 @@ pub(crate) struct AppState {
 
 impl AppState {
     pub fn context(&self) -> usize {
-        self.model.spec().max_positions
+        self.model.spec().batched_positions()
     }
 }
 
