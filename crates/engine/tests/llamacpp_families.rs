@@ -1,5 +1,5 @@
 //! Families whose transformers code needs remote code (Qwen v1, Baichuan-13B, Baichuan2,
-//! ChatGLM3), checked against llama.cpp on tiny random models
+//! ChatGLM3) or ignores a setting (MPT's `qk_ln`), checked against llama.cpp on tiny random models
 //! (`tests/fixtures/llamacpp_families`, made by `scripts/fixtures/make_llamacpp_families.py`).
 //! Each case is loaded twice, from llama.cpp's GGUF and from the same weights under the
 //! original checkpoint's tensor names; both must give llama.cpp's logits and greedy tokens.
@@ -73,4 +73,13 @@ fn chatglm3() {
 #[test]
 fn chatglm3_32k_rope_ratio() {
     check("chatglm3_32k");
+}
+
+/// MPT with `attn_config.qk_ln` (LayerNorms over the whole q and k projections) and `clip_qkv`,
+/// on ALiBi. transformers' MPT ignores `qk_ln`; llama.cpp applies it. Without the QK LayerNorms
+/// llama.cpp's logits move by up to 2.3, without the clamp by 2.2 (`ablation_max_abs_logit_diff`
+/// in the reference).
+#[test]
+fn mpt_qk_ln() {
+    check("mpt_qk_ln");
 }

@@ -312,7 +312,8 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
 fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> {
     let (mut store, meta) = WeightStore::open_gguf(path, device)?;
     store.set_dequantize(opts.dequantize);
-    let reader = GgufReader::new(&meta, path)?;
+    let mut reader = GgufReader::new(&meta, path)?;
+    reader.store = Some(&store);
     let family = families::by_gguf_arch(&reader.arch)
         .filter(|f| f.from_gguf.is_some())
         .ok_or_else(|| ModelError::UnknownFamily {

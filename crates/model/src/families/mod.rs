@@ -243,6 +243,8 @@ pub struct GgufReader<'a> {
     pub meta: &'a GgufMeta,
     pub path: &'a Path,
     pub arch: String,
+    /// The file's tensors, for architectures whose optional parts only show as tensors.
+    pub store: Option<&'a crate::checkpoint::WeightStore>,
 }
 
 impl<'a> GgufReader<'a> {
@@ -252,7 +254,17 @@ impl<'a> GgufReader<'a> {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| ModelError::format(path, "GGUF metadata has no general.architecture"))?;
-        Ok(Self { meta, path, arch })
+        Ok(Self {
+            meta,
+            path,
+            arch,
+            store: None,
+        })
+    }
+
+    /// Whether the file holds the tensor (llama.cpp's name, e.g. `blk.0.attn_q_norm.weight`).
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.store.is_some_and(|s| s.contains(name))
     }
 
     fn key(&self, k: &str) -> String {

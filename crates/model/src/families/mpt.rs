@@ -2,14 +2,15 @@
 //! optional `clip_qkv` and QK LayerNorm, tied head.
 
 use super::{activation, Family};
-use crate::spec::{AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
+use crate::error::ModelError;
+use crate::spec::{Activation, AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
 
 pub static MPT: Family = Family {
     name: "mpt",
     title: "MPT",
     checkpoints: "`mosaicml/mpt-7b`, `mosaicml/mpt-7b-instruct`",
     model_types: &["mpt"],
-    gguf_archs: &[],
+    gguf_archs: &["mpt"],
     from_config: |cfg| {
         let mut s = ArchSpec::llama_like("mpt");
         s.vocab_size = cfg.usize("vocab_size")?;
@@ -44,7 +45,50 @@ pub static MPT: Family = Family {
         s.tied_head = true;
         Ok(s)
     },
-    from_gguf: None,
+    // llama.cpp's keys (convert_hf_to_gguf.py, conversion/mpt.py); the QK LayerNorms show only
+    // as `attn_q_norm` / `attn_k_norm` tensors.
+    from_gguf: Some(|g| {
+        let mut s = ArchSpec::llama_like("mpt");
+        s.hidden = g.u64("embedding_length")? as usize;
+        s.layers = g.u64("block_count")? as usize;
+        s.max_positions = g.opt_u64("context_length").unwrap_or(2048) as usize;
+        s.vocab_size = g
+            .vocab_size()
+            .ok_or_else(|| ModelError::format(g.path, "GGUF metadata gives no vocabulary size"))?;
+        s.norm = NormSpec::layer(g.opt_f64("attention.layer_norm_epsilon").unwrap_or(1e-5));
+        s.norm.bias = g.has_tensor("output_norm.bias");
+        let max_bias = g.opt_f64("attention.max_alibi_bias").unwrap_or(0.0);
+        if max_bias <= 0.0 || g.has_tensor("position_embd.weight") {
+            return Err(ModelError::format(
+                g.path,
+                "MPT without ALiBi (learned positions) is not supported",
+            ));
+        }
+        s.positions = Positions::Alibi {
+            max_bias,
+            slopes: AlibiSlopes::Mpt,
+            scaled: false,
+        };
+        let heads = g.u64("attention.head_count")? as usize;
+        let kv_heads = g.opt_u64("attention.head_count_kv").unwrap_or(heads as u64) as usize;
+        s.set_heads(heads, kv_heads)
+            .map_err(|m| ModelError::format(g.path, m))?;
+        let a = &mut s.attention;
+        a.qkv_layout = QkvLayout::Fused;
+        a.qkv_bias = g.has_tensor("blk.0.attn_qkv.bias");
+        a.out_bias = g.has_tensor("blk.0.attn_output.bias");
+        a.clip_qkv = g.opt_f64("attention.clamp_kqv").filter(|c| *c > 0.0);
+        a.qk_norm = g.has_tensor("blk.0.attn_q_norm.weight");
+        // MPT's exact GELU (llama.cpp runs the tanh form; they differ by ~1e-3 on inputs of
+        // order 1).
+        s.mlp = MlpSpec::new(
+            g.u64("feed_forward_length")? as usize,
+            Activation::Gelu,
+            g.has_tensor("blk.0.ffn_up.bias"),
+        );
+        s.tied_head = !g.has_tensor("output.weight");
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "transformer.wte"),
         ("blk.{i}.attn_norm", "transformer.blocks.{i}.norm_1"),
