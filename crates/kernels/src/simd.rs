@@ -36,6 +36,66 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
+/// One block of one weight row against `NT` tokens; `k` is the block's index. `acc` gets the
+/// scaled integer sums, `mins` (Q4_1) the `m·s` terms. A macro so that it is always inlined
+/// with `ty` constant.
+macro_rules! block {
+    ($ty:expr, $p:expr, $a:expr, $k:expr, $acc:expr, $mins:expr, $idot:ident) => {{
+        let p: *const u8 = $p;
+        let dw = f16_at(p);
+        // Unsigned operand and the sign to move onto the activations (ggml's trick).
+        let (u, signs, mw) = match $ty {
+            0 => {
+                let qs = _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8));
+                (_mm256_sign_epi8(qs, qs), qs, 0.0)
+            }
+            1 => (nibbles(p.add(4)), _mm256_setzero_si256(), f16_at(p.add(2))),
+            _ => {
+                let qs = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                (_mm256_sign_epi8(qs, qs), qs, 0.0)
+            }
+        };
+        for t in 0..NT {
+            let ab = $a[t].get_unchecked($k);
+            let mut qa = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            if $ty == 1 {
+                $mins[t] += mw * ab.s;
+            } else {
+                qa = _mm256_sign_epi8(qa, signs);
+            }
+            let prod = $idot(u, qa);
+            $acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ab.d), _mm256_cvtepi32_ps(prod), $acc[t]);
+        }
+    }};
+}
+
+/// One weight row against `NT` tokens. `ty`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0; `bytes` per block.
+macro_rules! row {
+    ($ty:expr, $bytes:expr, $w:expr, $a:expr, $idot:ident) => {{
+        let (w, a): (&[u8], [&[ActBlock]; NT]) = ($w, $a);
+        let nb = w.len() / $bytes;
+        let p = w.as_ptr();
+        // Two independent accumulator sets, so consecutive blocks do not wait on each other's
+        // FMA latency.
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); NT], [_mm256_setzero_ps(); NT]);
+        let (mut mins0, mut mins1) = ([0f32; NT], [0f32; NT]);
+        let mut k = 0;
+        while k + 1 < nb {
+            block!($ty, p.add(k * $bytes), a, k, acc0, mins0, $idot);
+            block!($ty, p.add((k + 1) * $bytes), a, k + 1, acc1, mins1, $idot);
+            k += 2;
+        }
+        if k < nb {
+            block!($ty, p.add(k * $bytes), a, k, acc0, mins0, $idot);
+        }
+        let mut out = [0f32; NT];
+        for t in 0..NT {
+            out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (mins0[t] + mins1[t]);
+        }
+        out
+    }};
+}
+
 macro_rules! kernels {
     ($module:ident, $features:literal, $idot:ident) => {
         pub mod $module {
@@ -43,89 +103,17 @@ macro_rules! kernels {
 
             #[target_feature(enable = $features)]
             pub unsafe fn q4_0<const NT: usize>(w: &[u8], a: [&[ActBlock]; NT]) -> [f32; NT] {
-                let nb = w.len() / 18;
-                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
-                let eight = _mm256_set1_epi8(8);
-                for b in 0..nb {
-                    let p = w.as_ptr().add(b * 18);
-                    let dw = f16_at(p);
-                    let qs = _mm256_sub_epi8(nibbles(p.add(2)), eight);
-                    let ax = _mm256_sign_epi8(qs, qs);
-                    let acc = &mut acc[b & 1];
-                    for t in 0..NT {
-                        let ab = a[t].get_unchecked(b);
-                        let qa = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                        let prod = $idot(ax, _mm256_sign_epi8(qa, qs));
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * ab.d),
-                            _mm256_cvtepi32_ps(prod),
-                            acc[t],
-                        );
-                    }
-                }
-                let mut out = [0f32; NT];
-                for t in 0..NT {
-                    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
-                }
-                out
+                row!(0, 18, w, a, $idot)
             }
 
             #[target_feature(enable = $features)]
             pub unsafe fn q4_1<const NT: usize>(w: &[u8], a: [&[ActBlock]; NT]) -> [f32; NT] {
-                let nb = w.len() / 20;
-                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
-                let mut mins = [0f32; NT];
-                for b in 0..nb {
-                    let p = w.as_ptr().add(b * 20);
-                    let dw = f16_at(p);
-                    let mw = f16_at(p.add(2));
-                    let qw = nibbles(p.add(4));
-                    let acc = &mut acc[b & 1];
-                    for t in 0..NT {
-                        let ab = a[t].get_unchecked(b);
-                        mins[t] += mw * ab.s;
-                        let qa = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                        let prod = $idot(qw, qa);
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * ab.d),
-                            _mm256_cvtepi32_ps(prod),
-                            acc[t],
-                        );
-                    }
-                }
-                let mut out = [0f32; NT];
-                for t in 0..NT {
-                    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + mins[t];
-                }
-                out
+                row!(1, 20, w, a, $idot)
             }
 
             #[target_feature(enable = $features)]
             pub unsafe fn q8_0<const NT: usize>(w: &[u8], a: [&[ActBlock]; NT]) -> [f32; NT] {
-                let nb = w.len() / 34;
-                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
-                for b in 0..nb {
-                    let p = w.as_ptr().add(b * 34);
-                    let dw = f16_at(p);
-                    let qs = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                    let ax = _mm256_sign_epi8(qs, qs);
-                    let acc = &mut acc[b & 1];
-                    for t in 0..NT {
-                        let ab = a[t].get_unchecked(b);
-                        let qa = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                        let prod = $idot(ax, _mm256_sign_epi8(qa, qs));
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * ab.d),
-                            _mm256_cvtepi32_ps(prod),
-                            acc[t],
-                        );
-                    }
-                }
-                let mut out = [0f32; NT];
-                for t in 0..NT {
-                    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
-                }
-                out
+                row!(2, 34, w, a, $idot)
             }
         }
     };
