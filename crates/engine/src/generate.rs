@@ -88,7 +88,8 @@ pub fn generate(
     let mut out_text = String::new();
 
     while generated.len() < budget {
-        let logits = model.transformer.forward(&input, &mut cache, false)?;
+        let logits =
+            camelid_kernels::on_pool(|| model.transformer.forward(&input, &mut cache, false))?;
         if generated.is_empty() {
             prefill_time = t0.elapsed();
         }

@@ -265,6 +265,17 @@ pub fn matmul_group(
     Ok(())
 }
 
+/// Runs `f` on a thread of the pool the kernels use, so that the calling thread sleeps for the
+/// whole forward pass instead of competing for a core with the pool's workers between
+/// products (on 2 cores: 2 busy threads, not 3).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    // From outside the pool, `join` runs both closures on a worker and blocks until done.
+    rayon::join(f, || ()).0
+}
+
 /// Splits `0..n` rows into a few tasks per thread (fewer hand-offs than fine-grained tasks,
 /// enough for work stealing to even out a busy core).
 fn parallel_rows(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
