@@ -20,6 +20,7 @@ pub use quant::{
 
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::Arc;
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -93,18 +94,70 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     ty: QType,
-    data: Vec<u8>,
+    data: Data,
     isa: Isa,
 }
 
+/// Bytes the matrix owns, or bytes owned by someone else (a mapped file) that it reads in place.
+enum Data {
+    Owned(Vec<u8>),
+    Shared(Arc<dyn AsRef<[u8]> + Send + Sync>, std::ops::Range<usize>),
+}
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Owned(v) => v,
+            Data::Shared(owner, range) => &(**owner).as_ref()[range.clone()],
+        }
+    }
+}
+
 impl QMatrix {
-    /// From the raw GGUF bytes of a tensor of type `ty`.
+    /// From the raw GGUF bytes of a tensor of type `ty` (copied).
     pub fn from_bytes(
         ty: QType,
         rows: usize,
         cols: usize,
         bytes: &[u8],
     ) -> Result<Self, KernelError> {
+        Self::check(ty, rows, cols, bytes.len())?;
+        Ok(Self {
+            rows,
+            cols,
+            ty,
+            data: Data::Owned(bytes.to_vec()),
+            isa: Isa::detect(),
+        })
+    }
+
+    /// Reads the blocks in place at `range` of `owner` (a mapped file): no copy, and the pages
+    /// stay shared with the page cache.
+    pub fn from_shared(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self, KernelError> {
+        let len = (*owner).as_ref().len();
+        if range.start > range.end || range.end > len {
+            return Err(KernelError(format!(
+                "{} [{rows}, {cols}]: bytes {range:?} are outside the {len} available",
+                ty.name()
+            )));
+        }
+        Self::check(ty, rows, cols, range.len())?;
+        Ok(Self {
+            rows,
+            cols,
+            ty,
+            data: Data::Shared(owner, range),
+            isa: Isa::detect(),
+        })
+    }
+
+    fn check(ty: QType, rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
         if !cols.is_multiple_of(QK) {
             return Err(KernelError(format!(
                 "{} rows must be a multiple of {QK} values, got {cols}",
@@ -112,20 +165,13 @@ impl QMatrix {
             )));
         }
         let want = rows * cols / QK * ty.block_bytes();
-        if bytes.len() != want {
+        if len != want {
             return Err(KernelError(format!(
-                "{} [{rows}, {cols}] needs {want} bytes, got {}",
-                ty.name(),
-                bytes.len()
+                "{} [{rows}, {cols}] needs {want} bytes, got {len}",
+                ty.name()
             )));
         }
-        Ok(Self {
-            rows,
-            cols,
-            ty,
-            data: bytes.to_vec(),
-            isa: Isa::detect(),
-        })
+        Ok(())
     }
 
     /// Forces an instruction set (tests compare every path); ignored if the CPU lacks it.
@@ -146,7 +192,7 @@ impl QMatrix {
 
     fn row(&self, r: usize) -> &[u8] {
         let rb = self.cols / QK * self.ty.block_bytes();
-        &self.data[r * rb..(r + 1) * rb]
+        &self.data.bytes()[r * rb..(r + 1) * rb]
     }
 
     /// `NT` tokens' dot products with row `r`.
@@ -415,6 +461,24 @@ mod tests {
         assert_eq!(&b[0].qs[..4], &[127, 0, 2, -2]);
         assert_eq!(b[0].s, 127.0);
         assert_eq!(b[0].d, 1.0);
+    }
+
+    #[test]
+    fn shared_bytes_read_in_place_equal_owned() {
+        let cols = 64;
+        let bytes = quantize_weights(QType::Q4_0, &pseudo_random(3 * cols, 5));
+        let mut file = vec![0xAAu8; 7];
+        file.extend_from_slice(&bytes);
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(file);
+        let shared =
+            QMatrix::from_shared(QType::Q4_0, 3, cols, owner.clone(), 7..7 + bytes.len()).unwrap();
+        let owned = QMatrix::from_bytes(QType::Q4_0, 3, cols, &bytes).unwrap();
+        let x = pseudo_random(cols, 6);
+        let (mut a, mut b) = (vec![0f32; 3], vec![0f32; 3]);
+        shared.matmul(&x, 1, &mut a).unwrap();
+        owned.matmul(&x, 1, &mut b).unwrap();
+        assert_eq!(a, b);
+        assert!(QMatrix::from_shared(QType::Q4_0, 3, cols, owner, 8..8 + bytes.len()).is_err());
     }
 
     #[test]

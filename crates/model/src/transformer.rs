@@ -56,6 +56,16 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
+/// The GGUF types camelid's own kernels run.
+fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(camelid_kernels::QType::Q4_0),
+        GgmlDType::Q4_1 => Some(camelid_kernels::QType::Q4_1),
+        GgmlDType::Q8_0 => Some(camelid_kernels::QType::Q8_0),
+        _ => None,
+    }
+}
+
 /// Runs `f` on `x`'s values as one contiguous f32 slice, without copying when it already is.
 fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let x = x.contiguous()?;
@@ -73,26 +83,36 @@ fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Re
 
 impl Linear {
     fn load(store: &WeightStore, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let matrix = store.matrix(&format!("{name}.weight"), &[out, inp])?;
+        let wname = format!("{name}.weight");
         let bias = if bias {
             Some(store.dense(&format!("{name}.bias"), &[out])?)
         } else {
             None
         };
+        // Kernel types are read in place from the mapped file (no copy at load).
+        if store.device().is_cpu() {
+            if let Some(raw) = store.quantized_raw(&wname, &[out, inp])? {
+                if let Some(ty) = kernel_type(raw.dtype) {
+                    let m =
+                        camelid_kernels::QMatrix::from_shared(ty, out, inp, raw.file, raw.range)
+                            .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    return Ok(Self {
+                        weight: LinearWeight::Kernel(m),
+                        bias,
+                    });
+                }
+            }
+        }
+        let matrix = store.matrix(&wname, &[out, inp])?;
         Self::from_matrix(&matrix, bias)
     }
 
     fn from_matrix(m: &Matrix, bias: Option<Tensor>) -> Result<Self> {
-        let kernel_type = match m {
-            Matrix::Quantized(q) if q.device().is_cpu() => match q.dtype() {
-                GgmlDType::Q4_0 => Some(camelid_kernels::QType::Q4_0),
-                GgmlDType::Q4_1 => Some(camelid_kernels::QType::Q4_1),
-                GgmlDType::Q8_0 => Some(camelid_kernels::QType::Q8_0),
-                _ => None,
-            },
+        let ty = match m {
+            Matrix::Quantized(q) if q.device().is_cpu() => kernel_type(q.dtype()),
             _ => None,
         };
-        let weight = match (m, kernel_type) {
+        let weight = match (m, ty) {
             (Matrix::Quantized(q), Some(ty)) => {
                 let (rows, cols) = q.shape().dims2()?;
                 LinearWeight::Kernel(
