@@ -1,5 +1,6 @@
 //! Kernel throughput on one 4096×4096 matrix per type and instruction set:
-//! `cargo run --release -p camelid-kernels --example matvec [TOKENS] [REPS]`.
+//! `cargo run --release -p camelid-kernels --example matvec [TOKENS] [REPS] [ROWS]`
+//! (ROWS 16384 makes the Q4 matrices larger than a 32 MiB L3, so decode reads DRAM).
 //! Prints weight bytes read per second (decode, 1 token) or tokens·rows per second.
 
 use camelid_kernels::{quantize_weights, Isa, QMatrix, QType};
@@ -12,7 +13,7 @@ fn main() {
         .collect();
     let tokens = args.first().copied().unwrap_or(1);
     let reps = args.get(1).copied().unwrap_or(50);
-    let (rows, cols) = (4096, 4096);
+    let (rows, cols) = (args.get(2).copied().unwrap_or(4096), 4096);
     let mut s = 1u32;
     let mut rnd = || {
         s = s.wrapping_mul(1664525).wrapping_add(1013904223);
