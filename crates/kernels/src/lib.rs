@@ -190,14 +190,8 @@ impl QMatrix {
         self.ty
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        let rb = self.cols / QK * self.ty.block_bytes();
-        &self.data.bytes()[r * rb..(r + 1) * rb]
-    }
-
-    /// `NT` tokens' dot products with row `r`.
-    fn dot_tile<const NT: usize>(&self, r: usize, a: [&[ActBlock]; NT]) -> [f32; NT] {
-        let w = self.row(r);
+    /// `NT` tokens' dot products with the weight row `w` (one of this matrix's rows).
+    fn dot_tile<const NT: usize>(&self, w: &[u8], a: [&[ActBlock]; NT]) -> [f32; NT] {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a set detected on this CPU (`detect`, `with_isa`), and
         // every activation row holds `cols / 32` blocks (checked by the callers).
@@ -285,23 +279,31 @@ pub fn matmul_group(
             let mut t = 0;
             while t < tokens {
                 let nt = if tokens - t >= TILE { TILE } else { 1 };
-                for g in range.clone() {
-                    let mi = starts.partition_point(|&s| s <= g) - 1;
-                    let (m, r) = (mats[mi], g - starts[mi]);
-                    let rows = m.rows;
-                    let put = |k: usize, v: f32| {
-                        // SAFETY: row `r` of matrix `mi` belongs to this task alone, and
-                        // `(t + k) * rows + r` is in bounds (output lengths checked above).
-                        unsafe { dsts[mi].write((t + k) * rows + r, v) }
-                    };
-                    if nt == TILE {
-                        let v = m.dot_tile(r, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
-                        for (k, v) in v.into_iter().enumerate() {
-                            put(k, v);
+                // The matrices this task's rows fall in, each with its bytes looked up once.
+                let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
+                let mut g = range.start;
+                while g < range.end {
+                    let m = mats[mi];
+                    let end = (starts[mi] + m.rows).min(range.end);
+                    let (bytes, rb) = (m.data.bytes(), m.cols / QK * m.ty.block_bytes());
+                    for r in g - starts[mi]..end - starts[mi] {
+                        let w = &bytes[r * rb..(r + 1) * rb];
+                        let put = |k: usize, v: f32| {
+                            // SAFETY: row `r` of matrix `mi` belongs to this task alone, and
+                            // `(t + k) * rows + r` is in bounds (output lengths checked above).
+                            unsafe { dsts[mi].write((t + k) * m.rows + r, v) }
+                        };
+                        if nt == TILE {
+                            let v = m.dot_tile(w, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                            for (k, v) in v.into_iter().enumerate() {
+                                put(k, v);
+                            }
+                        } else {
+                            put(0, m.dot_tile(w, [act(t)])[0]);
                         }
-                    } else {
-                        put(0, m.dot_tile(r, [act(t)])[0]);
                     }
+                    g = end;
+                    mi += 1;
                 }
                 t += nt;
             }
@@ -427,9 +429,9 @@ mod tests {
         let x = pseudo_random(5 * cols, 9);
         let a = QMatrix::from_bytes(
             QType::Q4_1,
-            24,
+            21,
             cols,
-            &quantize_weights(QType::Q4_1, &pseudo_random(24 * cols, 7)),
+            &quantize_weights(QType::Q4_1, &pseudo_random(21 * cols, 7)),
         )
         .unwrap();
         let b = QMatrix::from_bytes(
@@ -439,9 +441,9 @@ mod tests {
             &quantize_weights(QType::Q8_0, &pseudo_random(40 * cols, 8)),
         )
         .unwrap();
-        let (mut ga, mut gb) = (vec![0f32; 5 * 24], vec![0f32; 5 * 40]);
+        let (mut ga, mut gb) = (vec![0f32; 5 * 21], vec![0f32; 5 * 40]);
         matmul_group(&[&a, &b], &x, 5, &mut [&mut ga, &mut gb]).unwrap();
-        let (mut sa, mut sb) = (vec![0f32; 5 * 24], vec![0f32; 5 * 40]);
+        let (mut sa, mut sb) = (vec![0f32; 5 * 21], vec![0f32; 5 * 40]);
         a.matmul(&x, 5, &mut sa).unwrap();
         b.matmul(&x, 5, &mut sb).unwrap();
         assert_eq!(ga, sa);
