@@ -296,6 +296,37 @@ pub fn presets() -> Result<()> {
 }
 
 /// Bytes of weights on disk: the GGUF file, or a directory's safetensors shards.
+/// The weight type that holds most of the bytes (GGUF: per tensor type; HF: `torch_dtype`).
+fn weight_type(path: &Path) -> String {
+    if path.is_dir() {
+        return std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|c| c.get("torch_dtype")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| "-".into());
+    }
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return "-".into();
+    };
+    let Ok(content) = candle_core::quantized::gguf_file::Content::read(&mut file) else {
+        return "-".into();
+    };
+    let mut bytes: Vec<(String, usize)> = Vec::new();
+    for info in content.tensor_infos.values() {
+        let dtype = info.ggml_dtype;
+        let n = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let name = format!("{dtype:?}");
+        match bytes.iter_mut().find(|(t, _)| *t == name) {
+            Some((_, b)) => *b += n,
+            None => bytes.push((name, n)),
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or_else(|| "-".into(), |(t, _)| t)
+}
+
 fn weight_bytes(path: &Path) -> u64 {
     let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     if !path.is_dir() {
@@ -331,14 +362,16 @@ pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -
     let size = weight_bytes(&model.path) as f64 / (1u64 << 20) as f64;
     let params = model.spec().parameter_count() as f64 / 1e6;
     println!(
-        "| model | size | params | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | ---: | --- | ---: |"
+        "| model | size | params | type | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | --- | ---: | --- | ---: |"
     );
+    let wtype = weight_type(&model.path);
     for r in &results {
         println!(
-            "| {} | {:.2} MiB | {:.2} M | CPU | {} | {} | {:.2} ± {:.2} |",
+            "| {} | {:.2} MiB | {:.2} M | {} | CPU | {} | {} | {:.2} ± {:.2} |",
             model.name,
             size,
             params,
+            wtype,
             resolve::threads_in_use(),
             r.test,
             r.tokens_per_s,

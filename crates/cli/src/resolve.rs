@@ -49,6 +49,12 @@ pub fn model_path(arg: Option<&str>) -> Result<PathBuf> {
 
 pub fn load(args: &ModelArgs) -> Result<Model> {
     set_threads(args.threads)?;
+    // Inference runs its large products on rayon's pool (`camelid_kernels::on_pool`); candle's
+    // own spinning pool for the small element-wise ops would make a third and fourth thread
+    // competing for the cores between products.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let device = device(&args.device)?;
     let path = model_path(args.model.as_deref())?;
     let spinner = indicatif::ProgressBar::new_spinner();

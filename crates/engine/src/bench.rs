@@ -39,7 +39,7 @@ pub fn prompt_processing(model: &Model, n: usize, reps: usize) -> Result<BenchRe
     for rep in 0..=reps {
         let mut cache = KvCache::new(spec.layers, n);
         let t = Instant::now();
-        model.transformer.forward(&input, &mut cache, false)?;
+        camelid_kernels::on_pool(|| model.transformer.forward(&input, &mut cache, false))?;
         if rep > 0 {
             samples.push(n as f64 / t.elapsed().as_secs_f64());
         }
@@ -62,7 +62,7 @@ pub fn text_generation(model: &Model, n: usize, reps: usize) -> Result<BenchResu
         let t = Instant::now();
         for &id in &ids {
             let input = Tensor::new(&[id], device)?.unsqueeze(0)?;
-            model.transformer.forward(&input, &mut cache, false)?;
+            camelid_kernels::on_pool(|| model.transformer.forward(&input, &mut cache, false))?;
         }
         if rep > 0 {
             samples.push(n as f64 / t.elapsed().as_secs_f64());

@@ -91,9 +91,11 @@ pub fn generate(
     let mut out_text = String::new();
 
     while generated.len() < budget {
-        let logits = model
-            .transformer
-            .forward_with(&input, &mut cache, cross.as_ref(), false)?;
+        let logits = camelid_kernels::on_pool(|| {
+            model
+                .transformer
+                .forward_with(&input, &mut cache, cross.as_ref(), false)
+        })?;
         if generated.is_empty() {
             prefill_time = t0.elapsed();
         }

@@ -639,7 +639,8 @@ impl Scheduler {
                 .collect(),
             starts: pieces.iter().map(|&(_, start, ..)| start).collect(),
         };
-        let result = model.transformer.forward_batch(&inputs, &mut batch);
+        let result =
+            camelid_kernels::on_pool(|| model.transformer.forward_batch(&inputs, &mut batch));
         drop(inputs);
         let members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
         let logits = match result {

@@ -1,28 +1,26 @@
 //! camelid's own CPU kernels, for the places where measurement showed candle's to be the
-//! bottleneck. Today: the quantized matrix product for GGUF `Q4_1` weights, which candle runs
-//! through a scalar loop (12× slower than llama.cpp on SmolLM2-135M).
+//! bottleneck: the quantized matrix products for GGUF `Q4_0`, `Q4_1` and `Q8_0` weights
+//! (candle runs `Q4_1` through a scalar loop, and its `Q4_0`/`Q8_0` paths use one thread pool
+//! hand-off per product and no token tiling).
 //!
-//! Numerics follow ggml's CPU backend (activations quantized to `Q8_1` blocks with
-//! round-half-even, `s = fp16(d · Σq)`), so logits agree with llama.cpp on the same file.
-//! The SIMD path is chosen at run time; the scalar path computes the same thing and is always
-//! tested. This crate knows nothing about tensors or models: it takes slices and returns slices.
+//! Numerics follow ggml's CPU backend (activations quantized to 8 bits with round-half-even and
+//! fp16 scales, `s = fp16(d · Σq)` for `Q4_1`), so logits agree with llama.cpp on the same file.
+//! The SIMD path (AVX2, or AVX-512 VNNI) is chosen at run time; the scalar path computes the
+//! same thing and is always tested. Several matrices that read the same input (q/k/v, gate/up)
+//! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
+//! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
-mod q4_1;
+mod quant;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
-pub use q4_1::{BlockQ4_1, BlockQ8_1};
+pub use quant::{
+    dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,
+};
 
 use rayon::prelude::*;
-
-/// A parallel loop: run the closure over disjoint ranges covering `0..n`.
-pub type ParallelFor = dyn Fn(usize, &(dyn Fn(std::ops::Range<usize>) + Sync)) + Sync;
-
-/// The default [`ParallelFor`]: rayon's global pool, 16 rows a task.
-pub fn rayon_for(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-    const ROWS_PER_TASK: usize = 16;
-    (0..n.div_ceil(ROWS_PER_TASK))
-        .into_par_iter()
-        .for_each(|c| f(c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(n)));
-}
+use std::cell::RefCell;
+use std::sync::Arc;
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -38,34 +36,46 @@ impl SharedOut {
     }
 }
 
-/// Instruction sets a kernel may use, detected once per call site.
+/// Instruction sets a kernel may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    /// AVX2 + FMA + F16C.
     Avx2,
+    /// The AVX2 set plus AVX-512 VNNI (`vpdpbusd`) on 256-bit registers.
+    Avx512Vnni,
 }
 
 impl Isa {
+    /// The best set this CPU supports (detected once).
     pub fn detect() -> Self {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Self::available();
+            all[all.len() - 1]
+        })
+    }
+
+    /// Every set this CPU supports, scalar first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
-                return Isa::Avx2;
+                v.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    v.push(Isa::Avx512Vnni);
+                }
             }
         }
-        Isa::Scalar
+        v
     }
-}
-
-/// A `[rows, cols]` weight matrix of `Q4_1` blocks, each row `cols / 32` blocks.
-pub struct Q4_1Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    blocks: Vec<BlockQ4_1>,
-    isa: Isa,
 }
 
 #[derive(Debug)]
@@ -79,93 +89,406 @@ impl std::fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
-impl Q4_1Matrix {
-    /// From the raw GGUF bytes of a `Q4_1` tensor.
-    pub fn from_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
-        if !cols.is_multiple_of(q4_1::QK) {
-            return Err(KernelError(format!(
-                "Q4_1 rows must be a multiple of {} values, got {cols}",
-                q4_1::QK
-            )));
+/// A `[rows, cols]` weight matrix of GGUF blocks, each row `cols / 32` blocks, as in the file.
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    ty: QType,
+    data: Data,
+    isa: Isa,
+}
+
+/// Bytes the matrix owns, or bytes owned by someone else (a mapped file) that it reads in place.
+enum Data {
+    Owned(Vec<u8>),
+    Shared(Arc<dyn AsRef<[u8]> + Send + Sync>, std::ops::Range<usize>),
+}
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Owned(v) => v,
+            Data::Shared(owner, range) => &(**owner).as_ref()[range.clone()],
         }
-        let n = rows * cols / q4_1::QK;
-        if bytes.len() != n * std::mem::size_of::<BlockQ4_1>() {
-            return Err(KernelError(format!(
-                "Q4_1 [{rows}, {cols}] needs {} bytes, got {}",
-                n * std::mem::size_of::<BlockQ4_1>(),
-                bytes.len()
-            )));
-        }
+    }
+}
+
+impl QMatrix {
+    /// From the raw GGUF bytes of a tensor of type `ty` (copied).
+    pub fn from_bytes(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self, KernelError> {
+        Self::check(ty, rows, cols, bytes.len())?;
         Ok(Self {
             rows,
             cols,
-            blocks: q4_1::blocks_from_bytes(bytes),
+            ty,
+            data: Data::Owned(bytes.to_vec()),
             isa: Isa::detect(),
         })
     }
 
-    /// Forces an instruction set (tests compare every path).
-    pub fn with_isa(mut self, isa: Isa) -> Self {
-        if isa == Isa::Avx2 && Isa::detect() != Isa::Avx2 {
-            return self;
+    /// Reads the blocks in place at `range` of `owner` (a mapped file): no copy, and the pages
+    /// stay shared with the page cache.
+    pub fn from_shared(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self, KernelError> {
+        let len = (*owner).as_ref().len();
+        if range.start > range.end || range.end > len {
+            return Err(KernelError(format!(
+                "{} [{rows}, {cols}]: bytes {range:?} are outside the {len} available",
+                ty.name()
+            )));
         }
-        self.isa = isa;
+        Self::check(ty, rows, cols, range.len())?;
+        Ok(Self {
+            rows,
+            cols,
+            ty,
+            data: Data::Shared(owner, range),
+            isa: Isa::detect(),
+        })
+    }
+
+    fn check(ty: QType, rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
+        if !cols.is_multiple_of(QK) {
+            return Err(KernelError(format!(
+                "{} rows must be a multiple of {QK} values, got {cols}",
+                ty.name()
+            )));
+        }
+        let want = rows * cols / QK * ty.block_bytes();
+        if len != want {
+            return Err(KernelError(format!(
+                "{} [{rows}, {cols}] needs {want} bytes, got {len}",
+                ty.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forces an instruction set (tests compare every path); ignored if the CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        if Isa::available().contains(&isa) {
+            self.isa = isa;
+        }
         self
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.ty
+    }
+
+    /// `NT` tokens' dot products with the weight row `w` (one of this matrix's rows).
+    fn dot_tile<const NT: usize>(&self, w: &[u8], a: [&[ActBlock]; NT]) -> [f32; NT] {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever a set detected on this CPU (`detect`, `with_isa`), and
+        // every activation row holds `cols / 32` blocks (checked by the callers).
+        unsafe {
+            match (self.isa, self.ty) {
+                (Isa::Avx2, QType::Q4_0) => return simd::avx2::q4_0(w, a),
+                (Isa::Avx2, QType::Q4_1) => return simd::avx2::q4_1(w, a),
+                (Isa::Avx2, QType::Q8_0) => return simd::avx2::q8_0(w, a),
+                (Isa::Avx512Vnni, QType::Q4_0) => return simd::vnni::q4_0(w, a),
+                (Isa::Avx512Vnni, QType::Q4_1) => return simd::vnni::q4_1(w, a),
+                (Isa::Avx512Vnni, QType::Q8_0) => return simd::vnni::q8_0(w, a),
+                (Isa::Scalar, _) => {}
+            }
+        }
+        a.map(|a| dot_scalar(self.ty, w, a))
     }
 
     /// `out[t][r] = Σ_c w[r][c] · x[t][c]` for `tokens` rows of `x` (`[tokens, cols]`),
     /// writing `[tokens, rows]`.
     pub fn matmul(&self, x: &[f32], tokens: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_on(x, tokens, out, &rayon_for)
+        matmul_group(&[self], x, tokens, &mut [out])
     }
+}
 
-    /// [`Self::matmul`] on a caller's thread pool: `par(n, f)` must call `f` on disjoint
-    /// ranges covering `0..n`, possibly from several threads, and return when all are done.
-    pub fn matmul_on(
-        &self,
-        x: &[f32],
-        tokens: usize,
-        out: &mut [f32],
-        par: &ParallelFor,
-    ) -> Result<(), KernelError> {
-        if x.len() != tokens * self.cols || out.len() != tokens * self.rows {
+thread_local! {
+    /// The quantized input, reused between calls (no allocation per token).
+    static ACTS: RefCell<Vec<ActBlock>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tokens per tile: each weight row is unpacked once per tile.
+const TILE: usize = 4;
+
+/// Several matrices with the same number of columns applied to the same input `x`
+/// (`[tokens, cols]`): `outs[i]` gets `[tokens, mats[i].rows]`. The input is quantized once, and
+/// all rows of all matrices are shared out in one parallel region.
+pub fn matmul_group(
+    mats: &[&QMatrix],
+    x: &[f32],
+    tokens: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    let Some(first) = mats.first() else {
+        return Ok(());
+    };
+    let cols = first.cols;
+    if outs.len() != mats.len() {
+        return Err(KernelError(format!(
+            "{} matrices but {} outputs",
+            mats.len(),
+            outs.len()
+        )));
+    }
+    for (m, o) in mats.iter().zip(outs.iter()) {
+        if m.cols != cols || x.len() != tokens * cols || o.len() != tokens * m.rows {
             return Err(KernelError(format!(
                 "matmul shapes: x has {} values for {tokens}×{}, out has {} for {tokens}×{}",
                 x.len(),
-                self.cols,
-                out.len(),
-                self.rows
+                m.cols,
+                o.len(),
+                m.rows
             )));
         }
-        let per_row = self.cols / q4_1::QK;
-        let xq: Vec<BlockQ8_1> = x
-            .chunks_exact(self.cols)
-            .flat_map(q4_1::quantize_q8_1)
+    }
+    let per_row = cols / QK;
+    ACTS.with(|acts| {
+        let mut acts = acts.borrow_mut();
+        acts.resize(tokens * per_row, ActBlock::default());
+        quantize_into(x, &mut acts);
+        let acts = &acts[..];
+        let act = |t: usize| &acts[t * per_row..(t + 1) * per_row];
+        let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+        // Global row index → (matrix, row).
+        let starts: Vec<usize> = mats
+            .iter()
+            .scan(0, |s, m| {
+                let start = *s;
+                *s += m.rows;
+                Some(start)
+            })
             .collect();
-        let isa = self.isa;
-        let dot = |row: usize, t: usize| {
-            let w = &self.blocks[row * per_row..(row + 1) * per_row];
-            let a = &xq[t * per_row..(t + 1) * per_row];
-            q4_1::dot(isa, w, a)
-        };
-        // Tasks own disjoint weight rows, and each reads its rows' blocks once for all tokens;
-        // `out[t][row]` of different rows never collide, so they write `out` in place.
-        let rows = self.rows;
-        let dst = SharedOut(out.as_mut_ptr());
+        let total: usize = mats.iter().map(|m| m.rows).sum();
+        // Tasks own disjoint rows and write `out[t][row]` in place. Within a task, a tile of
+        // tokens stays in L1 while the task's rows pass over it.
         let work = |range: std::ops::Range<usize>| {
-            for row in range {
-                for t in 0..tokens {
-                    // SAFETY: `row` belongs to this task alone, and `t * rows + row` is in
-                    // bounds (`out.len() == tokens * rows` was checked above).
-                    unsafe { dst.write(t * rows + row, dot(row, t)) };
+            let mut t = 0;
+            while t < tokens {
+                let nt = if tokens - t >= TILE { TILE } else { 1 };
+                // The matrices this task's rows fall in, each with its bytes looked up once.
+                let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
+                let mut g = range.start;
+                while g < range.end {
+                    let m = mats[mi];
+                    let end = (starts[mi] + m.rows).min(range.end);
+                    let (bytes, rb) = (m.data.bytes(), m.cols / QK * m.ty.block_bytes());
+                    for r in g - starts[mi]..end - starts[mi] {
+                        let w = &bytes[r * rb..(r + 1) * rb];
+                        let put = |k: usize, v: f32| {
+                            // SAFETY: row `r` of matrix `mi` belongs to this task alone, and
+                            // `(t + k) * rows + r` is in bounds (output lengths checked above).
+                            unsafe { dsts[mi].write((t + k) * m.rows + r, v) }
+                        };
+                        if nt == TILE {
+                            let v = m.dot_tile(w, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                            for (k, v) in v.into_iter().enumerate() {
+                                put(k, v);
+                            }
+                        } else {
+                            put(0, m.dot_tile(w, [act(t)])[0]);
+                        }
+                    }
+                    g = end;
+                    mi += 1;
                 }
+                t += nt;
             }
         };
-        par(rows, &work);
-        Ok(())
+        parallel_rows(total, tokens, &work);
+    });
+    Ok(())
+}
+
+/// Runs `f` on a thread of the pool the kernels use, so that the calling thread sleeps for the
+/// whole forward pass instead of competing for a core with the pool's workers between
+/// products (on 2 cores: 2 busy threads, not 3).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    // From outside the pool, `join` runs both closures on a worker and blocks until done.
+    rayon::join(f, || ()).0
+}
+
+/// Splits `0..n` rows into a few tasks per thread (fewer hand-offs than fine-grained tasks,
+/// enough for work stealing to even out a busy core).
+fn parallel_rows(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let threads = rayon::current_num_threads();
+    // Below this much work a hand-off costs more than it saves.
+    if threads == 1 || n * tokens < 256 {
+        return f(0..n);
+    }
+    let tasks = threads * 4;
+    let chunk = n.div_ceil(tasks).max(8);
+    (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
     }
 
-    pub fn isa(&self) -> Isa {
-        self.isa
+    const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
+
+    /// Every type on every path this CPU has, against the exact product of the dequantized
+    /// weights with the unquantized input in f64: the only error left is the activations'
+    /// 8-bit rounding (≤ max|x|/254 per value), bounded relative to Σ|w·x|.
+    #[test]
+    fn every_type_and_path_matches_an_f64_reference() {
+        // 6 tokens: one tile of 4 and two single tokens; 37 rows: uneven task split.
+        let (rows, cols, tokens) = (37, 256, 6);
+        let x = pseudo_random(tokens * cols, 2);
+        for ty in TYPES {
+            let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 1));
+            let bb = ty.block_bytes();
+            for isa in Isa::available() {
+                let m = QMatrix::from_bytes(ty, rows, cols, &bytes)
+                    .unwrap()
+                    .with_isa(isa);
+                assert_eq!(m.isa(), isa);
+                let mut out = vec![0f32; tokens * rows];
+                m.matmul(&x, tokens, &mut out).unwrap();
+                let mut worst = 0f64;
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for b in 0..cols / QK {
+                            let off = (r * cols / QK + b) * bb;
+                            let wv = dequantize_block(ty, &bytes[off..off + bb]);
+                            for (j, w) in wv.iter().enumerate() {
+                                let xv = x[t * cols + b * QK + j] as f64;
+                                want += w * xv;
+                                mag += (w * xv).abs();
+                            }
+                        }
+                        let err = (out[t * rows + r] as f64 - want).abs() / mag;
+                        worst = worst.max(err);
+                    }
+                }
+                assert!(worst <= 1e-2, "{ty:?} {isa:?}: relative error {worst}");
+            }
+        }
+    }
+
+    /// The SIMD paths compute the same integer sums as the scalar one; only the f32
+    /// summation order differs.
+    #[test]
+    fn simd_paths_agree_with_scalar_closely() {
+        let (rows, cols, tokens) = (16, 4096, 5);
+        let x = pseudo_random(tokens * cols, 4);
+        for ty in TYPES {
+            let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 3));
+            let run = |isa| {
+                let m = QMatrix::from_bytes(ty, rows, cols, &bytes)
+                    .unwrap()
+                    .with_isa(isa);
+                let mut out = vec![0f32; tokens * rows];
+                m.matmul(&x, tokens, &mut out).unwrap();
+                out
+            };
+            let s = run(Isa::Scalar);
+            for isa in Isa::available() {
+                for (a, b) in s.iter().zip(run(isa)) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                        "{ty:?} {isa:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_equals_separate_products() {
+        let cols = 128;
+        let x = pseudo_random(5 * cols, 9);
+        let a = QMatrix::from_bytes(
+            QType::Q4_1,
+            21,
+            cols,
+            &quantize_weights(QType::Q4_1, &pseudo_random(21 * cols, 7)),
+        )
+        .unwrap();
+        let b = QMatrix::from_bytes(
+            QType::Q8_0,
+            40,
+            cols,
+            &quantize_weights(QType::Q8_0, &pseudo_random(40 * cols, 8)),
+        )
+        .unwrap();
+        let (mut ga, mut gb) = (vec![0f32; 5 * 21], vec![0f32; 5 * 40]);
+        matmul_group(&[&a, &b], &x, 5, &mut [&mut ga, &mut gb]).unwrap();
+        let (mut sa, mut sb) = (vec![0f32; 5 * 21], vec![0f32; 5 * 40]);
+        a.matmul(&x, 5, &mut sa).unwrap();
+        b.matmul(&x, 5, &mut sb).unwrap();
+        assert_eq!(ga, sa);
+        assert_eq!(gb, sb);
+    }
+
+    #[test]
+    fn activations_round_half_to_even_and_keep_the_sum() {
+        // max 127 → id 1: 0.5 → 0, 1.5 → 2, -2.5 → -2.
+        let mut x = vec![0f32; QK];
+        x[0] = 127.0;
+        x[1] = 0.5;
+        x[2] = 1.5;
+        x[3] = -2.5;
+        let mut b = [ActBlock::default()];
+        quantize_into(&x, &mut b);
+        assert_eq!(&b[0].qs[..4], &[127, 0, 2, -2]);
+        assert_eq!(b[0].s, 127.0);
+        assert_eq!(b[0].d, 1.0);
+    }
+
+    #[test]
+    fn shared_bytes_read_in_place_equal_owned() {
+        let cols = 64;
+        let bytes = quantize_weights(QType::Q4_0, &pseudo_random(3 * cols, 5));
+        let mut file = vec![0xAAu8; 7];
+        file.extend_from_slice(&bytes);
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(file);
+        let shared =
+            QMatrix::from_shared(QType::Q4_0, 3, cols, owner.clone(), 7..7 + bytes.len()).unwrap();
+        let owned = QMatrix::from_bytes(QType::Q4_0, 3, cols, &bytes).unwrap();
+        let x = pseudo_random(cols, 6);
+        let (mut a, mut b) = (vec![0f32; 3], vec![0f32; 3]);
+        shared.matmul(&x, 1, &mut a).unwrap();
+        owned.matmul(&x, 1, &mut b).unwrap();
+        assert_eq!(a, b);
+        assert!(QMatrix::from_shared(QType::Q4_0, 3, cols, owner, 8..8 + bytes.len()).is_err());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(QMatrix::from_bytes(QType::Q4_1, 2, 30, &[0; 40]).is_err());
+        assert!(QMatrix::from_bytes(QType::Q4_1, 2, 32, &[0; 39]).is_err());
+        assert!(QMatrix::from_bytes(QType::Q8_0, 2, 32, &[0; 40]).is_err());
+        let m = QMatrix::from_bytes(QType::Q4_1, 2, 32, &[0; 40]).unwrap();
+        assert!(m.matmul(&[0.0; 31], 1, &mut [0.0; 2]).is_err());
     }
 }

@@ -19,6 +19,13 @@ pub enum Matrix {
     Quantized(Arc<QTensor>),
 }
 
+/// A quantized tensor's blocks inside a mapped GGUF file.
+pub struct RawTensor {
+    pub dtype: GgmlDType,
+    pub file: Arc<memmap2::Mmap>,
+    pub range: std::ops::Range<usize>,
+}
+
 enum Source {
     Safetensors {
         files: candle_core::safetensors::MmapedSafetensors,
@@ -29,7 +36,8 @@ enum Source {
     },
     Gguf {
         content: gguf_file::Content,
-        file: memmap2::Mmap,
+        /// Shared with kernels that read quantized blocks in place ([`RawTensor`]).
+        file: Arc<memmap2::Mmap>,
     },
     /// Tensors already in memory under their canonical names (a trainer's parameters).
     Memory(HashMap<String, Tensor>),
@@ -156,7 +164,7 @@ impl WeightStore {
             Self {
                 source: Source::Gguf {
                     content,
-                    file: mmap,
+                    file: Arc::new(mmap),
                 },
                 path: path.to_path_buf(),
                 device: device.clone(),
@@ -390,6 +398,34 @@ impl WeightStore {
         } else {
             Ok(None)
         }
+    }
+
+    /// A quantized GGUF matrix `[out, in]` as the bytes of its blocks inside the mapped file,
+    /// without copying them (kernels read them in place). `None` for float tensors, other
+    /// checkpoint formats, or when the store dequantizes.
+    pub fn quantized_raw(&self, canonical: &str, shape: &[usize]) -> Result<Option<RawTensor>> {
+        let (Source::Gguf { content, file }, false) = (&self.source, self.dequantize) else {
+            return Ok(None);
+        };
+        let Some(info) = content.tensor_infos.get(canonical) else {
+            return Ok(None);
+        };
+        if matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) {
+            return Ok(None);
+        }
+        self.check_shape(canonical, info.shape.dims(), shape)?;
+        let dtype = info.ggml_dtype;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        // In bounds: every tensor's range was checked against the file size at open.
+        let start = (content.tensor_data_offset + info.offset) as usize;
+        Ok(Some(RawTensor {
+            dtype,
+            file: file.clone(),
+            range: start..start + len,
+        }))
     }
 
     /// A matmul weight `[out, in]`: quantized GGUF blocks stay quantized, floats become f32.

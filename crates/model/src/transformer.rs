@@ -115,8 +115,8 @@ struct SeqSlice {
 enum LinearWeight {
     /// Dense f32 or a quantized type candle runs well.
     Candle(QMatMul),
-    /// GGUF Q4_1 on the CPU: candle only has a scalar loop for it.
-    Q4_1(camelid_kernels::Q4_1Matrix),
+    /// GGUF Q4_0, Q4_1 or Q8_0 on the CPU: camelid's kernels (`crates/kernels`).
+    Kernel(camelid_kernels::QMatrix),
 }
 
 struct Linear {
@@ -124,23 +124,67 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
+/// The GGUF types camelid's own kernels run.
+fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(camelid_kernels::QType::Q4_0),
+        GgmlDType::Q4_1 => Some(camelid_kernels::QType::Q4_1),
+        GgmlDType::Q8_0 => Some(camelid_kernels::QType::Q8_0),
+        _ => None,
+    }
+}
+
+/// Runs `f` on `x`'s values as one contiguous f32 slice, without copying when it already is.
+fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+        }
+        _ => {
+            drop(storage);
+            Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
+        }
+    }
+}
+
 impl Linear {
     fn load(store: &WeightStore, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let matrix = store.matrix(&format!("{name}.weight"), &[out, inp])?;
+        let wname = format!("{name}.weight");
         let bias = if bias {
             Some(store.dense(&format!("{name}.bias"), &[out])?)
         } else {
             None
         };
+        // Kernel types are read in place from the mapped file (no copy at load).
+        if store.device().is_cpu() {
+            if let Some(raw) = store.quantized_raw(&wname, &[out, inp])? {
+                if let Some(ty) = kernel_type(raw.dtype) {
+                    let m =
+                        camelid_kernels::QMatrix::from_shared(ty, out, inp, raw.file, raw.range)
+                            .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    return Ok(Self {
+                        weight: LinearWeight::Kernel(m),
+                        bias,
+                    });
+                }
+            }
+        }
+        let matrix = store.matrix(&wname, &[out, inp])?;
         Self::from_matrix(&matrix, bias)
     }
 
     fn from_matrix(m: &Matrix, bias: Option<Tensor>) -> Result<Self> {
-        let weight = match m {
-            Matrix::Quantized(q) if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() => {
+        let ty = match m {
+            Matrix::Quantized(q) if q.device().is_cpu() => kernel_type(q.dtype()),
+            _ => None,
+        };
+        let weight = match (m, ty) {
+            (Matrix::Quantized(q), Some(ty)) => {
                 let (rows, cols) = q.shape().dims2()?;
-                LinearWeight::Q4_1(
-                    camelid_kernels::Q4_1Matrix::from_bytes(rows, cols, &q.data()?)
+                LinearWeight::Kernel(
+                    camelid_kernels::QMatrix::from_bytes(ty, rows, cols, &q.data()?)
                         .map_err(|e| ModelError::Input(e.to_string()))?,
                 )
             }
@@ -150,24 +194,52 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::Q4_1(w) => {
-                let mut dims = x.dims().to_vec();
-                dims.pop();
-                let tokens = dims.iter().product::<usize>();
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; tokens * w.rows];
-                w.matmul(&input, tokens, &mut out)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                dims.push(w.rows);
-                Tensor::from_vec(out, dims, x.device())?
+        match &self.weight {
+            LinearWeight::Candle(w) => {
+                let y = w.forward(x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
             }
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+            LinearWeight::Kernel(_) => Ok(Self::forward_group(&[self], x)?.remove(0)),
         }
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up). Kernel-backed ones share one
+    /// quantized copy of `x` and one parallel region.
+    fn forward_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let mats: Option<Vec<&camelid_kernels::QMatrix>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Kernel(m) => Some(m),
+                LinearWeight::Candle(_) => None,
+            })
+            .collect();
+        let Some(mats) = mats else {
+            return linears.iter().map(|l| l.forward(x)).collect();
+        };
+        let mut dims = x.dims().to_vec();
+        dims.pop();
+        let tokens = dims.iter().product::<usize>();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
+        with_f32_slice(x, |input| {
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            camelid_kernels::matmul_group(&mats, input, tokens, &mut views)
+        })?
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        outs.into_iter()
+            .zip(mats.iter().zip(linears))
+            .map(|(out, (m, l))| {
+                let mut d = dims.clone();
+                d.push(m.rows);
+                let y = Tensor::from_vec(out, d, x.device())?;
+                match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            })
+            .collect()
     }
 }
 
@@ -254,10 +326,18 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let up = self.up.forward(x)?;
-        let h = match (&self.gate, self.activation) {
-            (Some(gate), Activation::GeGlu) => (gate.forward(x)?.gelu()? * up)?,
-            (Some(gate), _) => (candle_nn::ops::silu(&gate.forward(x)?)? * up)?,
+        let (gate, up) = match &self.gate {
+            Some(g) => {
+                let mut both = Linear::forward_group(&[g, &self.up], x)?;
+                let up = both.pop();
+                (both.pop(), up)
+            }
+            None => (None, Some(self.up.forward(x)?)),
+        };
+        let up = up.ok_or_else(|| candle_core::Error::Msg("missing up projection".into()))?;
+        let h = match (gate, self.activation) {
+            (Some(gate), Activation::GeGlu) => (gate.gelu()? * up)?,
+            (Some(gate), _) => (candle_nn::ops::silu(&gate)? * up)?,
             (None, Activation::Gelu) => up.gelu_erf()?,
             (None, Activation::GeluTanh) => up.gelu()?,
             (None, Activation::Relu) => up.relu()?,
@@ -1066,7 +1146,14 @@ impl Transformer {
     fn qkv(&self, attn: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
         let (q, k, v) = match &attn.qkv {
-            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Split { q, k, v } => {
+                let mut qkv = Linear::forward_group(&[q, k, v], x)?;
+                let (v, k) = (qkv.pop(), qkv.pop());
+                match (qkv.pop(), k, v) {
+                    (Some(q), Some(k), Some(v)) => (q, k, v),
+                    _ => return Err(ModelError::Input("q/k/v projection missing".into())),
+                }
+            }
             Qkv::Fused(l) => {
                 let qkv = l.forward(x)?;
                 (

@@ -1,0 +1,210 @@
+//! Block formats (ggml's, byte for byte), activation quantization and the scalar dot products.
+//!
+//! Weights: `Q4_0` (`w = d·(q − 8)`), `Q4_1` (`w = d·q + m`), `Q8_0` (`w = d·q`), 32 values a
+//! block. Activations are quantized to 8 bits per 32 values as ggml's x86 path does for the
+//! matching `vec_dot_type` (`Q8_0` for `Q4_0`/`Q8_0` weights, `Q8_1` for `Q4_1`): scale
+//! `127 / max|x|`, round half to even, `d` stored as fp16, and for `Q8_1` also
+//! `s = fp16(d · Σq)`. [`ActBlock`] keeps both already converted to f32 so the kernels read them
+//! without conversion; the values are exactly the fp16 ones.
+
+use half::f16;
+
+pub const QK: usize = 32;
+
+/// How a GGUF quantized weight type lays out one block of 32 values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QType {
+    /// 18 bytes: fp16 `d`, 16 bytes of nibbles; `w = d·(q − 8)`.
+    Q4_0,
+    /// 20 bytes: fp16 `d`, fp16 `m`, 16 bytes of nibbles; `w = d·q + m`.
+    Q4_1,
+    /// 34 bytes: fp16 `d`, 32 signed bytes; `w = d·q`.
+    Q8_0,
+}
+
+impl QType {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Q4_0 => "Q4_0",
+            QType::Q4_1 => "Q4_1",
+            QType::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+/// One quantized activation block: `a = d·q`, `s = fp16(d·Σq)` (used by `Q4_1` only).
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(8))]
+pub struct ActBlock {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+impl Default for ActBlock {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; QK],
+        }
+    }
+}
+
+fn fp16_round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+pub fn h(b: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+#[inline(always)]
+fn quantize_into_impl(x: &[f32], out: &mut [ActBlock]) {
+    for (v, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = v.iter().fold(0f32, |m, &a| m.max(a.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &a) in blk.qs.iter_mut().zip(v) {
+            let r = (a * id).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        blk.d = fp16_round(d);
+        blk.s = fp16_round(d * sum as f32);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_into_avx2(x: &[f32], out: &mut [ActBlock]) {
+    // The same code: with these features `round_ties_even` is one instruction, not a libm call.
+    quantize_into_impl(x, out)
+}
+
+/// Quantizes `x` (a multiple of 32 values) into `out` (`x.len() / 32` blocks).
+pub fn quantize_into(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::detect() != crate::Isa::Scalar {
+        // SAFETY: avx2, fma and f16c were detected at run time.
+        return unsafe { quantize_into_avx2(x, out) };
+    }
+    quantize_into_impl(x, out)
+}
+
+/// Scalar dot product of one weight row (raw blocks) with one activation row.
+pub fn dot_scalar(ty: QType, w: &[u8], a: &[ActBlock]) -> f32 {
+    let bb = ty.block_bytes();
+    let mut sum = 0f32;
+    for (blk, ab) in w.chunks_exact(bb).zip(a) {
+        let d = h(blk);
+        match ty {
+            QType::Q4_0 => {
+                let mut si = 0i32;
+                for j in 0..QK / 2 {
+                    si += ((blk[2 + j] & 0x0F) as i32 - 8) * ab.qs[j] as i32;
+                    si += ((blk[2 + j] >> 4) as i32 - 8) * ab.qs[j + QK / 2] as i32;
+                }
+                sum += si as f32 * (d * ab.d);
+            }
+            QType::Q4_1 => {
+                let mut si = 0i32;
+                for j in 0..QK / 2 {
+                    si += (blk[4 + j] & 0x0F) as i32 * ab.qs[j] as i32;
+                    si += (blk[4 + j] >> 4) as i32 * ab.qs[j + QK / 2] as i32;
+                }
+                sum += si as f32 * (d * ab.d) + h(&blk[2..]) * ab.s;
+            }
+            QType::Q8_0 => {
+                let mut si = 0i32;
+                for j in 0..QK {
+                    si += (blk[2 + j] as i8) as i32 * ab.qs[j] as i32;
+                }
+                sum += si as f32 * (d * ab.d);
+            }
+        }
+    }
+    sum
+}
+
+/// Dequantizes one block to f64 (tests' reference).
+pub fn dequantize_block(ty: QType, blk: &[u8]) -> [f64; QK] {
+    let d = h(blk) as f64;
+    let mut v = [0f64; QK];
+    match ty {
+        QType::Q4_0 => {
+            for j in 0..QK / 2 {
+                v[j] = ((blk[2 + j] & 15) as f64 - 8.0) * d;
+                v[j + 16] = ((blk[2 + j] >> 4) as f64 - 8.0) * d;
+            }
+        }
+        QType::Q4_1 => {
+            let m = h(&blk[2..]) as f64;
+            for j in 0..QK / 2 {
+                v[j] = (blk[4 + j] & 15) as f64 * d + m;
+                v[j + 16] = (blk[4 + j] >> 4) as f64 * d + m;
+            }
+        }
+        QType::Q8_0 => {
+            for (j, x) in v.iter_mut().enumerate() {
+                *x = (blk[2 + j] as i8) as f64 * d;
+            }
+        }
+    }
+    v
+}
+
+/// Quantizes f32 rows like ggml's reference quantizers (test data and tools).
+pub fn quantize_weights(ty: QType, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK * ty.block_bytes());
+    for v in x.chunks_exact(QK) {
+        match ty {
+            QType::Q4_0 => {
+                let max = v
+                    .iter()
+                    .copied()
+                    .fold(0f32, |m, a| if a.abs() > m.abs() { a } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                for j in 0..QK / 2 {
+                    let lo = ((v[j] * id + 8.5) as u8).min(15);
+                    let hi = ((v[j + QK / 2] * id + 8.5) as u8).min(15);
+                    out.push(lo | (hi << 4));
+                }
+            }
+            QType::Q4_1 => {
+                let min = v.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(min).to_bits().to_le_bytes());
+                for j in 0..QK / 2 {
+                    let lo = (((v[j] - min) * id + 0.5) as u8).min(15);
+                    let hi = (((v[j + QK / 2] - min) * id + 0.5) as u8).min(15);
+                    out.push(lo | (hi << 4));
+                }
+            }
+            QType::Q8_0 => {
+                let amax = v.iter().fold(0f32, |m, &a| m.max(a.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                for &a in v {
+                    out.push(((a * id).round() as i8) as u8);
+                }
+            }
+        }
+    }
+    out
+}
