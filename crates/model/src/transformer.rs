@@ -126,6 +126,15 @@ struct Linear {
 
 /// The GGUF types camelid's own kernels run.
 fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
+    // `CAMELID_KERNELS=candle` leaves every quantized matmul to candle, whose AVX2 path sums in
+    // ggml's order: for comparisons with llama.cpp that must agree to the last bit (camelid's
+    // kernels round activations as ggml does but sum in another order).
+    static USE_KERNELS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*USE_KERNELS
+        .get_or_init(|| std::env::var("CAMELID_KERNELS").map_or(true, |v| v != "candle"))
+    {
+        return None;
+    }
     match dtype {
         GgmlDType::Q4_0 => Some(camelid_kernels::QType::Q4_0),
         GgmlDType::Q4_1 => Some(camelid_kernels::QType::Q4_1),
