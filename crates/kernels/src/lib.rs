@@ -256,11 +256,14 @@ pub fn matmul_group(
         }
     }
     let per_row = cols / QK;
-    ACTS.with(|acts| {
-        let mut acts = acts.borrow_mut();
-        acts.resize(tokens * per_row, ActBlock::default());
-        quantize_into(x, &mut acts);
-        let acts = &acts[..];
+    // The buffer is taken out of the thread-local for the call: while this thread waits in the
+    // parallel region, the pool may run another forward pass's matmul on it (two requests
+    // served at once), which then starts from an empty buffer instead of a double borrow.
+    let mut buffer = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    {
+        buffer.resize(tokens * per_row, ActBlock::default());
+        quantize_into(x, &mut buffer);
+        let acts = &buffer[..];
         let act = |t: usize| &acts[t * per_row..(t + 1) * per_row];
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
         // Global row index → (matrix, row).
@@ -309,7 +312,8 @@ pub fn matmul_group(
             }
         };
         parallel_rows(total, tokens, &work);
-    });
+    }
+    ACTS.with(|a| *a.borrow_mut() = buffer);
     Ok(())
 }
 
@@ -393,6 +397,29 @@ mod tests {
                 assert!(worst <= 1e-2, "{ty:?} {isa:?}: relative error {worst}");
             }
         }
+    }
+
+    /// Forward passes of two requests share the pool: while one waits in its parallel region,
+    /// its thread may run the other's matmul. Both must finish with their own results.
+    #[test]
+    fn concurrent_matmuls_on_the_pool_do_not_collide() {
+        let (rows, cols, tokens) = (512, 1024, 5);
+        let bytes = quantize_weights(QType::Q8_0, &pseudo_random(rows * cols, 5));
+        let m = QMatrix::from_bytes(QType::Q8_0, rows, cols, &bytes).unwrap();
+        let x = pseudo_random(tokens * cols, 6);
+        let mut want = vec![0f32; tokens * rows];
+        m.matmul(&x, tokens, &mut want).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..30 {
+                        let mut out = vec![0f32; tokens * rows];
+                        on_pool(|| m.matmul(&x, tokens, &mut out)).unwrap();
+                        assert_eq!(out, want);
+                    }
+                });
+            }
+        });
     }
 
     /// The SIMD paths compute the same integer sums as the scalar one; only the f32
