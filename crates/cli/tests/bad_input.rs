@@ -3,29 +3,23 @@
 
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
+
+const SUITE: &str = "bad-input";
 
 fn camelid(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_camelid"))
-        .args(args)
-        .env("CAMELID_HOME", scratch("home"))
-        .output()
-        .expect("run camelid")
+    common::camelid(SUITE, args)
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir()
-        .join(format!("camelid-bad-input-{}", std::process::id()))
-        .join(name);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    common::scratch(SUITE, name)
 }
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/parity")
-        .join(case)
+    common::fixture(&format!("parity/{case}"))
 }
 
 /// Copies a parity fixture so a test can damage it.

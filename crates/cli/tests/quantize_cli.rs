@@ -1,29 +1,20 @@
 //! `camelid quantize` and `camelid perplexity` on bad input and at their edges: one-line errors,
 //! fallbacks announced, and never a partial output file.
 
+mod common;
+
+use common::fixture;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+const SUITE: &str = "quantize-cli";
 
 fn camelid(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_camelid"))
-        .args(args)
-        .env("CAMELID_HOME", scratch("home"))
-        .output()
-        .expect("run camelid")
+    common::camelid(SUITE, args)
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir()
-        .join(format!("camelid-quantize-cli-{}", std::process::id()))
-        .join(name);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(path)
+    common::scratch(SUITE, name)
 }
 
 fn s(p: &Path) -> &str {
