@@ -9,16 +9,14 @@
 //! test of the embedded files runs everywhere.
 
 use camelid_engine::scheduler::SchedulerConfig;
-use camelid_model::{catalog, Model};
-use camelid_server::ServerConfig;
-use candle_core::Device;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
-const MODEL_ID: &str = "smollm2-135m-instruct";
+mod common;
+
+use common::{TestServer, MODEL_ID};
 
 /// What is missing to run the browser, if anything.
 fn missing(browser_dir: &Path, chromium: &Path) -> Option<String> {
@@ -44,48 +42,6 @@ fn missing(browser_dir: &Path, chromium: &Path) -> Option<String> {
     None
 }
 
-/// The default model served on an ephemeral loopback port: its address, the shutdown trigger
-/// and the server thread.
-fn start_server() -> (
-    SocketAddr,
-    tokio::sync::oneshot::Sender<()>,
-    std::thread::JoinHandle<()>,
-) {
-    let entry = catalog::find(catalog::DEFAULT_MODEL).expect("default model");
-    let path = catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull SmolLM2");
-    let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"));
-
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            addr_tx
-                .send(listener.local_addr().expect("addr"))
-                .expect("send");
-            let config = ServerConfig {
-                model_id: MODEL_ID.into(),
-                scheduler: SchedulerConfig::default(),
-                max_n: 8,
-            };
-            camelid_server::serve(listener, model, config, async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .expect("serve");
-        });
-    });
-    let addr = addr_rx.recv().expect("server address");
-    (addr, stop_tx, server)
-}
-
 /// GET `path` over HTTP/1.1: the status line, the headers and the body.
 fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -105,7 +61,8 @@ fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
 /// name nothing outside the server.
 #[test]
 fn the_page_and_its_assets_are_served_from_the_binary() {
-    let (addr, stop_tx, server) = start_server();
+    let mut server = TestServer::start(SchedulerConfig::default());
+    let addr = server.addr;
     for (path, kind) in [
         ("/", "text/html"),
         ("/style.css", "text/css"),
@@ -130,8 +87,7 @@ fn the_page_and_its_assets_are_served_from_the_binary() {
             }
         }
     }
-    let _ = stop_tx.send(());
-    server.join().expect("server thread");
+    server.begin_shutdown().join().expect("server thread");
 }
 
 #[test]
@@ -148,7 +104,8 @@ fn chat_page_streams_stops_and_keeps_the_conversation() {
         return;
     }
 
-    let (addr, stop_tx, server) = start_server();
+    let mut server = TestServer::start(SchedulerConfig::default());
+    let addr = server.addr;
 
     let out = Command::new("node")
         .arg("chat_page.mjs")
@@ -161,8 +118,7 @@ fn chat_page_streams_stops_and_keeps_the_conversation() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}{stderr}");
-    let _ = stop_tx.send(());
-    server.join().expect("server thread");
+    server.begin_shutdown().join().expect("server thread");
     assert!(
         out.status.success(),
         "the chat page test failed ({}):\n{stdout}{stderr}",
