@@ -88,8 +88,24 @@ enum Action {
 struct Planned {
     info: TensorInfo,
     action: Action,
-    /// Rows reordered for pair-wise rotary: the number of heads to permute over.
-    permute_heads: Option<usize>,
+    /// The checkpoint tensor (canonical name) the values come from, and its shape as the
+    /// loader returns it (Conv1D weights already transposed).
+    source: String,
+    source_dims: Vec<usize>,
+    /// What turns the checkpoint's layout into the file's, in order.
+    steps: Vec<Step>,
+}
+
+/// A change of layout between an HF checkpoint and the GGUF architecture (all rows of the
+/// outermost dimension).
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    /// Keep these rows, in this order (fused-QKV reorders and splits).
+    Rows(Vec<u32>),
+    /// Rotate-half → pair-wise rotary over this many heads (llama.cpp's `permute`).
+    Permute(usize),
+    /// Scale each row to unit L2 norm (Baichuan2's NormHead).
+    NormalizeRows,
 }
 
 /// The default tensor order: embeddings first, blocks by layer (and name), then the head.
@@ -142,7 +158,7 @@ pub fn quantize(
     }
     let device = Device::Cpu;
     let mut notes = Vec::new();
-    let (store, mut metadata, permute) = if input.is_dir() {
+    let (store, mut metadata, layout) = if input.is_dir() {
         open_hf(input, &device, &mut notes)?
     } else if input.is_file() {
         open_gguf(input, &device)?
@@ -155,15 +171,26 @@ pub fn quantize(
     };
 
     // The plan: every tensor's output type, decided before anything is written.
-    let (mut names, _) = store.canonical_names();
-    names.sort_by_key(|n| order_key(n));
-    let has_output = names.iter().any(|n| n == "output.weight");
-    let mut plan = Vec::with_capacity(names.len());
-    for name in &names {
-        let dims = store
-            .stored_shape(name)
+    let mut sources = Vec::new();
+    for name in store.canonical_names().0 {
+        let stored = store
+            .stored_shape(&name)
             .ok_or_else(|| QuantizeError::Input(format!("{name}: no shape in the checkpoint")))?;
-        let stored_q = store.stored_block_type(name);
+        match &layout {
+            Some(l) => sources.extend(l.outputs(&name, stored)?),
+            None => sources.push((name.clone(), name, stored.clone(), stored, vec![])),
+        }
+    }
+    sources.sort_by_key(|s| order_key(&s.0));
+    let has_output = sources.iter().any(|s| s.0 == "output.weight");
+    let mut plan = Vec::with_capacity(sources.len());
+    for (name, source, source_dims, dims, steps) in sources {
+        let name = &name;
+        let stored_q = if steps.is_empty() {
+            store.stored_block_type(&source)
+        } else {
+            None
+        };
         let is_head = name == "output.weight" || (!has_output && name == "token_embd.weight");
         let keep =
             (opts.keep_output && is_head) || (opts.keep_embeddings && name == "token_embd.weight");
@@ -195,7 +222,6 @@ pub fn quantize(
                 (t, Action::Convert)
             }
         };
-        let permute_heads = permute.as_ref().and_then(|p| p.heads_for(name));
         plan.push(Planned {
             info: TensorInfo {
                 name: name.clone(),
@@ -203,7 +229,9 @@ pub fn quantize(
                 dtype,
             },
             action,
-            permute_heads,
+            source,
+            source_dims,
+            steps,
         });
     }
 
@@ -270,23 +298,143 @@ impl Drop for TempFile {
     }
 }
 
-/// q/k row permutation of LLaMA-family HF checkpoints (llama.cpp's `LlamaModel.permute`).
-struct Permute {
-    heads: usize,
-    kv_heads: usize,
+/// One output tensor: its name, the source tensor and the source's shape as loaded, the output
+/// shape, and the layout changes between them.
+type Output = (String, String, Vec<usize>, Vec<usize>, Vec<Step>);
+
+/// How an HF checkpoint's tensors become the GGUF architecture's, from the family's
+/// [`families::GgufExport`] data and the spec.
+struct Layout {
+    export: &'static families::GgufExport,
+    spec: camelid_model::ArchSpec,
+    /// Canonical patterns (`blk.{i}.attn_qkv`) of weights the loader transposes.
+    transposed: &'static [&'static str],
 }
 
-impl Permute {
-    fn heads_for(&self, name: &str) -> Option<usize> {
-        let base = name.rsplit_once('.').map(|(b, _)| b).unwrap_or(name);
-        if base.ends_with(".attn_q") {
-            Some(self.heads)
-        } else if base.ends_with(".attn_k") {
-            Some(self.kv_heads)
-        } else {
-            None
+/// `blk.3.attn_qkv.weight` → (`blk.{i}.attn_qkv`, `weight`).
+fn pattern(name: &str) -> (String, &str) {
+    let (base, suffix) = name.rsplit_once('.').unwrap_or((name, ""));
+    let mut parts = base.splitn(3, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("blk"), Some(i), Some(rest)) if i.parse::<usize>().is_ok() => {
+            (format!("blk.{{i}}.{rest}"), suffix)
+        }
+        _ => (base.to_string(), suffix),
+    }
+}
+
+impl Layout {
+    fn outputs(&self, name: &str, stored: Vec<usize>) -> Result<Vec<Output>> {
+        let (pat, suffix) = pattern(name);
+        let mut dims = stored;
+        if suffix == "weight" && dims.len() == 2 && self.transposed.contains(&pat.as_str()) {
+            dims.reverse();
+        }
+        let a = &self.spec.attention;
+        let e = self.export;
+        let one = |steps: Vec<Step>| {
+            Ok(vec![(
+                name.to_string(),
+                name.to_string(),
+                dims.clone(),
+                dims.clone(),
+                steps,
+            )])
+        };
+        match pat.as_str() {
+            "blk.{i}.attn_qkv" => {
+                let order = qkv_order(a.qkv_packing, a.heads, a.kv_heads, a.head_dim);
+                if dims.first() != Some(&order.len()) {
+                    return Err(QuantizeError::Input(format!(
+                        "{name}: {} rows, but {} heads and {} kv heads of {} imply {}",
+                        dims.first().copied().unwrap_or(0),
+                        a.heads,
+                        a.kv_heads,
+                        a.head_dim,
+                        order.len()
+                    )));
+                }
+                if !e.split_qkv {
+                    let reorder = a.qkv_packing != camelid_model::spec::QkvPacking::Sequential;
+                    return one(if reorder {
+                        vec![Step::Rows(order)]
+                    } else {
+                        vec![]
+                    });
+                }
+                let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+                let base = name
+                    .strip_suffix(&format!(".attn_qkv.{suffix}"))
+                    .unwrap_or(name);
+                let parts = [
+                    ("attn_q", 0, q, e.permute_qk.then_some(a.heads)),
+                    ("attn_k", q, kv, e.permute_qk.then_some(a.kv_heads)),
+                    ("attn_v", q + kv, kv, None),
+                ];
+                Ok(parts
+                    .into_iter()
+                    .map(|(part, start, len, permute)| {
+                        let mut out_dims = dims.clone();
+                        out_dims[0] = len;
+                        let mut steps = vec![Step::Rows(order[start..start + len].to_vec())];
+                        steps.extend(permute.map(Step::Permute));
+                        (
+                            format!("{base}.{part}.{suffix}"),
+                            name.to_string(),
+                            dims.clone(),
+                            out_dims,
+                            steps,
+                        )
+                    })
+                    .collect())
+            }
+            "blk.{i}.attn_q" if e.permute_qk => one(vec![Step::Permute(a.heads)]),
+            "blk.{i}.attn_k" if e.permute_qk => one(vec![Step::Permute(a.kv_heads)]),
+            "output" if suffix == "weight" && self.spec.normalize_head_rows => {
+                one(vec![Step::NormalizeRows])
+            }
+            _ => one(vec![]),
         }
     }
+}
+
+/// Rows of a fused QKV projection in `[q | k | v]` order: `order[new_row] = old_row` for a
+/// checkpoint packed per head (GPT-NeoX, BLOOM) or per kv group (Falcon-40B).
+fn qkv_order(
+    packing: camelid_model::spec::QkvPacking,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Vec<u32> {
+    use camelid_model::spec::QkvPacking;
+    let rows = |start: usize| (start..start + head_dim).map(|r| r as u32);
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    match packing {
+        QkvPacking::Sequential => {
+            return (0..((heads + 2 * kv_heads.max(1)) * head_dim) as u32).collect()
+        }
+        QkvPacking::PerHead => {
+            for h in 0..heads {
+                q.extend(rows(3 * h * head_dim));
+                k.extend(rows((3 * h + 1) * head_dim));
+                v.extend(rows((3 * h + 2) * head_dim));
+            }
+        }
+        QkvPacking::PerKvGroup => {
+            let rep = heads / kv_heads.max(1);
+            for g in 0..kv_heads {
+                let base = g * (rep + 2) * head_dim;
+                for i in 0..rep {
+                    q.extend(rows(base + i * head_dim));
+                }
+                k.extend(rows(base + rep * head_dim));
+                v.extend(rows(base + (rep + 1) * head_dim));
+            }
+        }
+    }
+    q.extend(k);
+    q.extend(v);
+    q
 }
 
 /// `w.reshape(heads, 2, rows/heads/2, ...).swapaxes(1, 2)`: rotate-half rows → pair-wise.
@@ -306,16 +454,26 @@ fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 fn tensor_bytes(store: &WeightStore, p: &Planned) -> Result<Vec<u8>> {
-    let name = &p.info.name;
+    let name = &p.source;
     if p.action == Action::Copy {
         let q = store.stored_quantized(name)?.ok_or_else(|| {
             QuantizeError::Input(format!("{name}: expected a quantized tensor to copy"))
         })?;
         return Ok(q.data()?.into_owned());
     }
-    let mut t = store.dense(name, &p.info.dims)?;
-    if let Some(heads) = p.permute_heads {
-        t = permute_rows(&t, heads)?;
+    let mut t = store.dense(&p.source, &p.source_dims)?;
+    for step in &p.steps {
+        t = match step {
+            Step::Rows(order) => {
+                let idx = Tensor::new(order.as_slice(), t.device())?;
+                t.index_select(&idx, 0)?
+            }
+            Step::Permute(heads) => permute_rows(&t, *heads)?,
+            Step::NormalizeRows => {
+                let norms = t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+                t.broadcast_div(&norms)?
+            }
+        };
     }
     encode(&t, p.info.dtype)
 }
@@ -358,7 +516,7 @@ pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     })
 }
 
-type Opened = (WeightStore, Vec<(String, Value)>, Option<Permute>);
+type Opened = (WeightStore, Vec<(String, Value)>, Option<Layout>);
 
 fn open_gguf(path: &Path, device: &Device) -> Result<Opened> {
     let (store, meta) = WeightStore::open_gguf(path, device)?;
@@ -413,7 +571,25 @@ fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opene
         notes.push(note);
     }
 
+    let mut spec = spec;
+    if let Some((adapted, note)) = export.adapt.and_then(|f| f(&spec)) {
+        spec = adapted;
+        notes.push(note);
+    }
     let arch = export.arch;
+    let layout = Layout {
+        export,
+        spec: spec.clone(),
+        transposed: family.hf_transposed,
+    };
+    // The names the file will hold (what `from_gguf` sees as tensors).
+    let mut written = std::collections::HashMap::new();
+    for name in store.canonical_names().0 {
+        let dims = store.stored_shape(&name).unwrap_or_default();
+        for out in layout.outputs(&name, dims)? {
+            written.insert(out.0, Tensor::zeros(1, DType::F32, device)?);
+        }
+    }
     let mut meta = vec![
         (
             "general.architecture".to_string(),
@@ -432,32 +608,34 @@ fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opene
 
     // What the file says must read back into the same spec, or camelid and llama.cpp would
     // run a different model from the checkpoint's.
+    let has_output = written.contains_key("output.weight");
+    let names = WeightStore::from_tensors(written, device);
     let reread = {
         let map: families::GgufMeta = meta.iter().cloned().collect();
-        let reader = families::GgufReader::new(&map, dir)?;
+        let mut reader = families::GgufReader::new(&map, dir)?;
+        reader.store = Some(&names);
         let back = families::by_gguf_arch(arch)
             .and_then(|f| f.from_gguf)
             .ok_or_else(|| QuantizeError::Input(format!("no GGUF reader for {arch}")))?;
         back(&reader)?
     };
-    let (a, b) = (&spec.attention, &reread.attention);
-    let same = spec.hidden == reread.hidden
-        && spec.layers == reread.layers
-        && spec.mlp.hidden == reread.mlp.hidden
-        && spec.mlp.bias == reread.mlp.bias
-        && a.heads == b.heads
-        && a.kv_heads == b.kv_heads
-        && a.head_dim == b.head_dim
-        && a.qkv_bias == b.qkv_bias
-        && a.out_bias == b.out_bias
-        && a.sliding_window == b.sliding_window
-        && (spec.norm.eps as f32) == (reread.norm.eps as f32);
-    if !same {
+    let differ = spec_differences(
+        &expected_spec(&spec, export, has_output),
+        &reread,
+        has_output,
+    );
+    if !differ.is_empty() {
         return Err(QuantizeError::Input(format!(
-            "{}: this {} configuration (biases or attention layout) cannot be expressed in llama.cpp's {arch} GGUF metadata",
+            "{}: this {} configuration cannot be expressed in the {arch} GGUF architecture (it would read back with other {})",
             dir.display(),
-            family.name
+            family.name,
+            differ.join(", ")
         )));
+    }
+    if !export.llama_cpp {
+        notes.push(format!(
+            "llama.cpp has no {arch} graph: the file runs in camelid only"
+        ));
     }
 
     if let (Some(w), "llama") = (spec.attention.sliding_window, arch) {
@@ -466,11 +644,67 @@ fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opene
         ));
     }
     meta.extend(tokenizer_export::from_hf_dir(dir, spec.vocab_size, notes)?);
-    let permute = export.permute_qk.then_some(Permute {
-        heads: spec.attention.heads,
-        kv_heads: spec.attention.kv_heads,
-    });
-    Ok((store, meta, permute))
+    Ok((store, meta, Some(layout)))
+}
+
+/// The spec a GGUF reader should give for a file written from `spec`: the export's layout
+/// changes applied (pair-wise rotary after the q/k permutation, `[q | k | v]` or split
+/// projections, a normalized head) and floats rounded to the f32 the file stores.
+fn expected_spec(
+    spec: &camelid_model::ArchSpec,
+    export: &families::GgufExport,
+    has_output: bool,
+) -> camelid_model::ArchSpec {
+    use camelid_model::spec::{Positions, QkvLayout, QkvPacking};
+    let f32r = |x: f64| x as f32 as f64;
+    let mut s = spec.clone();
+    let head_dim = s.attention.head_dim;
+    let a = &mut s.attention;
+    a.qkv_packing = QkvPacking::Sequential;
+    if export.split_qkv {
+        a.qkv_layout = QkvLayout::Split;
+    }
+    a.clip_qkv = a.clip_qkv.map(f32r);
+    s.norm.eps = f32r(s.norm.eps);
+    s.normalize_head_rows = false;
+    s.tied_head = !has_output;
+    match &mut s.positions {
+        Positions::Rotary(r) => {
+            r.interleaved |= export.permute_qk;
+            r.theta = f32r(r.theta);
+            if head_dim > 0 {
+                r.fraction = (head_dim as f64 * r.fraction).round() / head_dim as f64;
+            }
+        }
+        Positions::Alibi { max_bias, .. } => *max_bias = f32r(*max_bias),
+        _ => {}
+    }
+    s
+}
+
+/// The spec fields (as serialized) in which `back` differs from `want`.
+fn spec_differences(
+    want: &camelid_model::ArchSpec,
+    back: &camelid_model::ArchSpec,
+    has_output: bool,
+) -> Vec<String> {
+    let mut back = back.clone();
+    back.family = want.family.clone();
+    // Readers that leave the head to the tensors (the transformer ties it when the file has
+    // no `output.weight`).
+    back.tied_head |= !has_output;
+    let (Ok(serde_json::Value::Object(w)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(want), serde_json::to_value(&back))
+    else {
+        return vec!["settings".into()];
+    };
+    let mut out = Vec::new();
+    for (k, v) in &w {
+        if b.get(k) != Some(v) {
+            out.push(format!("{k} ({v} here)"));
+        }
+    }
+    out
 }
 
 /// `general.file_type`, `general.quantization_version` (when blocks are written) and

@@ -3,7 +3,7 @@
 //! llama.cpp decides by the 40-layer count), and Baichuan2 normalizes the head's rows
 //! (NormHead), which camelid does at load.
 
-use super::Family;
+use super::{llama_style_gguf_metadata, Family, GgufExport};
 use crate::spec::{AlibiSlopes, Positions, QkvLayout};
 
 const ALIBI: Positions = Positions::Alibi {
@@ -51,4 +51,17 @@ pub static BAICHUAN: Family = Family {
         ("output", "lm_head"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter splits `W_pack` into q, k and v and permutes q/k rows for pair-wise
+/// rotary (also for the ALiBi 13B, where the same permutation of q and k leaves scores as they
+/// are); Baichuan2's head is written normalized.
+pub static BAICHUAN_EXPORT: GgufExport = GgufExport {
+    family: "baichuan",
+    arch: "baichuan",
+    permute_qk: true,
+    split_qkv: true,
+    llama_cpp: true,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

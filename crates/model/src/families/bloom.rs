@@ -1,15 +1,17 @@
 //! BLOOM / BLOOMZ: ALiBi instead of positions (BLOOM's slopes for any head count), a LayerNorm
 //! on the embeddings, fused QKV packed per head, GELU-tanh, tied head.
 
-use super::{activation, Family};
-use crate::spec::{AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking};
+use super::{activation, classic_gguf, llama_style_gguf_metadata, Family, GgufExport};
+use crate::spec::{
+    Activation, AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking,
+};
 
 pub static BLOOM: Family = Family {
     name: "bloom",
     title: "BLOOM / BLOOMZ",
     checkpoints: "`bigscience/bloom-560m`, `bigscience/bloomz-7b1`",
     model_types: &["bloom"],
-    gguf_archs: &[],
+    gguf_archs: &["bloom"],
     from_config: |cfg| {
         let mut s = ArchSpec::llama_like("bloom");
         s.vocab_size = cfg.usize("vocab_size")?;
@@ -42,7 +44,20 @@ pub static BLOOM: Family = Family {
         s.tied_head = true;
         Ok(s)
     },
-    from_gguf: None,
+    // llama.cpp's bloom graph: ALiBi with a fixed maximum bias of 8, the embedding LayerNorm,
+    // fused [q | k | v] (the converter reorders BLOOM's per-head packing).
+    from_gguf: Some(|g| {
+        let mut s = classic_gguf(g, "bloom")?;
+        s.positions = Positions::Alibi {
+            max_bias: 8.0,
+            slopes: AlibiSlopes::Bloom,
+            scaled: false,
+        };
+        s.embed_norm = true;
+        s.attention.qkv_layout = QkvLayout::Fused;
+        s.mlp.activation = Activation::GeluTanh;
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "transformer.word_embeddings|word_embeddings"),
         (
@@ -76,4 +91,15 @@ pub static BLOOM: Family = Family {
         ("output_norm", "transformer.ln_f|ln_f"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter reorders the per-head QKV rows to `[q | k | v]`.
+pub static BLOOM_EXPORT: GgufExport = GgufExport {
+    family: "bloom",
+    arch: "bloom",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

@@ -1,7 +1,7 @@
 //! ChatGLM2 / ChatGLM3 (GLM): multi-query groups, bias on q/k/v only, rotary on the first half
 //! of each head in adjacent pairs, gate and up fused in `dense_h_to_4h`, RMSNorm.
 
-use super::{llama_style_gguf, Family};
+use super::{llama_style_gguf, llama_style_gguf_metadata, Family, GgufExport};
 use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RotarySpec};
 
 pub static CHATGLM: Family = Family {
@@ -84,4 +84,15 @@ pub static CHATGLM: Family = Family {
         ("output", "transformer.output_layer"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter keeps ChatGLM's fused QKV and fused gate/up tensors as they are.
+pub static CHATGLM_EXPORT: GgufExport = GgufExport {
+    family: "chatglm",
+    arch: "chatglm",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

@@ -2,7 +2,8 @@
 //! `new_decoder_architecture` (40B: `ln_attn` + `ln_mlp`, QKV packed per kv group), rotary
 //! or an ALiBi variant whose bias is scaled with the scores.
 
-use super::{activation, Family};
+use super::{activation, classic_gguf, gguf_rotary, llama_style_gguf_metadata, Family, GgufExport};
+use crate::error::ModelError;
 use crate::spec::{
     AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking, Residual,
     RotarySpec,
@@ -13,7 +14,7 @@ pub static FALCON: Family = Family {
     title: "Falcon",
     checkpoints: "`tiiuae/falcon-7b`, `tiiuae/falcon-40b`, `tiiuae/falcon-rw-1b`",
     model_types: &["falcon", "RefinedWeb", "RefinedWebModel"],
-    gguf_archs: &[],
+    gguf_archs: &["falcon"],
     from_config: |cfg| {
         let mut s = ArchSpec::llama_like("falcon");
         s.vocab_size = cfg.usize("vocab_size")?;
@@ -66,7 +67,24 @@ pub static FALCON: Family = Family {
         s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
         Ok(s)
     },
-    from_gguf: None,
+    // llama.cpp's falcon graph: one norm feeding attention and MLP in parallel, rotate-half
+    // rotary, [q | k | v] (the converter reorders the per-kv-group packing), no biases.
+    from_gguf: Some(|g| {
+        let mut s = classic_gguf(g, "falcon")?;
+        if g.has_tensor("blk.0.attn_norm_2.weight") {
+            return Err(ModelError::format(
+                g.path,
+                "Falcon with a second norm per block (attn_norm_2, Falcon-40B) is not supported from GGUF",
+            ));
+        }
+        s.positions = gguf_rotary(g, s.attention.head_dim, false);
+        s.residual = Residual::Parallel { shared_norm: true };
+        s.attention.qkv_layout = QkvLayout::Fused;
+        s.attention.qkv_bias = false;
+        s.attention.out_bias = false;
+        s.mlp.bias = false;
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "transformer.word_embeddings"),
         (
@@ -91,4 +109,16 @@ pub static FALCON: Family = Family {
         ("output", "lm_head"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter reorders the per-kv-group QKV rows to `[q | k | v]` (a no-op for
+/// Falcon-7B's multi-query `[q | k | v]`).
+pub static FALCON_EXPORT: GgufExport = GgufExport {
+    family: "falcon",
+    arch: "falcon",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

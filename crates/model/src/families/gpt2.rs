@@ -1,15 +1,15 @@
 //! GPT-2 (and DistilGPT-2): pre-LayerNorm, learned positions, GELU-tanh, fused `c_attn`,
 //! tied head. Its Conv1D layers store weights `[in, out]`; the loader transposes them.
 
-use super::{activation, Family};
-use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
+use super::{activation, classic_gguf, llama_style_gguf_metadata, Family, GgufExport};
+use crate::spec::{Activation, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
 
 pub static GPT2: Family = Family {
     name: "gpt2",
     title: "GPT-2",
     checkpoints: "`gpt2`, `gpt2-xl`, `distilgpt2`",
     model_types: &["gpt2"],
-    gguf_archs: &[],
+    gguf_archs: &["gpt2"],
     from_config: |cfg| {
         let mut s = ArchSpec::llama_like("gpt2");
         s.vocab_size = cfg.usize("vocab_size")?;
@@ -32,7 +32,14 @@ pub static GPT2: Family = Family {
         s.tied_head = true;
         Ok(s)
     },
-    from_gguf: None,
+    // llama.cpp's gpt2 graph: learned positions, fused [q | k | v], GELU-tanh, biases.
+    from_gguf: Some(|g| {
+        let mut s = classic_gguf(g, "gpt2")?;
+        s.positions = Positions::Learned { offset: 0 };
+        s.attention.qkv_layout = QkvLayout::Fused;
+        s.mlp.activation = Activation::GeluTanh;
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "transformer.wte|wte"),
         ("position_embd", "transformer.wpe|wpe"),
@@ -62,4 +69,16 @@ pub static GPT2: Family = Family {
         "blk.{i}.ffn_up",
         "blk.{i}.ffn_down",
     ],
+};
+
+/// llama.cpp's converter transposes the Conv1D weights (the loader already has) and keeps
+/// every other tensor as it is.
+pub static GPT2_EXPORT: GgufExport = GgufExport {
+    family: "gpt2",
+    arch: "gpt2",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

@@ -1,17 +1,21 @@
 //! GPT-NeoX / Pythia: fused QKV packed per head, partial rotary (`rotary_pct`), parallel or
 //! sequential residual with two LayerNorms.
 
-use super::{activation, rope_scaling, Family};
+use super::{
+    activation, classic_gguf, gguf_rotary, llama_style_gguf_metadata, rope_scaling, Family,
+    GgufExport,
+};
 use crate::spec::{
     ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking, Residual, RotarySpec,
 };
+use candle_core::quantized::gguf_file::Value;
 
 pub static GPT_NEOX: Family = Family {
     name: "gpt_neox",
     title: "GPT-NeoX / Pythia",
     checkpoints: "`EleutherAI/gpt-neox-20b`, `EleutherAI/pythia-160m`",
     model_types: &["gpt_neox"],
-    gguf_archs: &[],
+    gguf_archs: &["gptneox"],
     from_config: |cfg| {
         let mut s = ArchSpec::llama_like("gpt_neox");
         s.vocab_size = cfg.usize("vocab_size")?;
@@ -50,7 +54,25 @@ pub static GPT_NEOX: Family = Family {
         s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
         Ok(s)
     },
-    from_gguf: None,
+    // llama.cpp's gptneox graph: fused [q | k | v] (the converter reorders Pythia's per-head
+    // packing), rotate-half rotary on `rope.dimension_count` channels, a separate head.
+    from_gguf: Some(|g| {
+        let mut s = classic_gguf(g, "gpt_neox")?;
+        s.positions = gguf_rotary(g, s.attention.head_dim, false);
+        s.attention.qkv_layout = QkvLayout::Fused;
+        let parallel = g
+            .meta
+            .get("gptneox.use_parallel_residual")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        s.residual = if parallel {
+            Residual::Parallel { shared_norm: false }
+        } else {
+            Residual::Sequential
+        };
+        s.tied_head = false;
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "gpt_neox.embed_in"),
         ("blk.{i}.attn_norm", "gpt_neox.layers.{i}.input_layernorm"),
@@ -69,4 +91,23 @@ pub static GPT_NEOX: Family = Family {
         ("output", "embed_out"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter reorders the per-head QKV rows to `[q | k | v]` and writes
+/// `use_parallel_residual`.
+pub static GPT_NEOX_EXPORT: GgufExport = GgufExport {
+    family: "gpt_neox",
+    arch: "gptneox",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: |s, arch| {
+        let mut m = llama_style_gguf_metadata(s, arch)?;
+        m.push((
+            format!("{arch}.use_parallel_residual"),
+            Value::Bool(matches!(s.residual, Residual::Parallel { .. })),
+        ));
+        Ok(m)
+    },
+    adapt: None,
 };

@@ -1,15 +1,15 @@
 //! GPT-J: one LayerNorm feeding attention and MLP in parallel, interleaved rotary on the first
 //! `rotary_dim` channels of each head, a biased output head.
 
-use super::{activation, Family};
-use crate::spec::{ArchSpec, MlpSpec, NormSpec, Positions, Residual, RotarySpec};
+use super::{activation, classic_gguf, gguf_rotary, llama_style_gguf_metadata, Family, GgufExport};
+use crate::spec::{Activation, ArchSpec, MlpSpec, NormSpec, Positions, Residual, RotarySpec};
 
 pub static GPTJ: Family = Family {
     name: "gptj",
     title: "GPT-J",
     checkpoints: "`EleutherAI/gpt-j-6b`",
     model_types: &["gptj"],
-    gguf_archs: &[],
+    gguf_archs: &["gptj"],
     from_config: |cfg| {
         let mut s = ArchSpec::llama_like("gptj");
         s.vocab_size = cfg.usize("vocab_size")?;
@@ -35,7 +35,14 @@ pub static GPTJ: Family = Family {
         s.head_bias = true;
         Ok(s)
     },
-    from_gguf: None,
+    // gguf-py's gptj tensor names; llama.cpp 0.3.36 lists the architecture but cannot run it.
+    from_gguf: Some(|g| {
+        let mut s = classic_gguf(g, "gptj")?;
+        s.positions = gguf_rotary(g, s.attention.head_dim, true);
+        s.residual = Residual::Parallel { shared_norm: true };
+        s.mlp.activation = Activation::GeluTanh;
+        Ok(s)
+    }),
     hf_tensor_names: &[
         ("token_embd", "transformer.wte"),
         ("blk.{i}.attn_norm", "transformer.h.{i}.ln_1"),
@@ -49,4 +56,15 @@ pub static GPTJ: Family = Family {
         ("output", "lm_head"),
     ],
     hf_transposed: &[],
+};
+
+/// GPT-J's rotary already rotates adjacent pairs (ggml's normal rope): nothing is permuted.
+pub static GPTJ_EXPORT: GgufExport = GgufExport {
+    family: "gptj",
+    arch: "gptj",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: false,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

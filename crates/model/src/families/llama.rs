@@ -24,5 +24,8 @@ pub static LLAMA_EXPORT: GgufExport = GgufExport {
     family: "llama",
     arch: "llama",
     permute_qk: true,
+    split_qkv: false,
+    llama_cpp: true,
     metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

@@ -26,5 +26,8 @@ pub static MISTRAL_EXPORT: GgufExport = GgufExport {
     family: "mistral",
     arch: "llama",
     permute_qk: true,
+    split_qkv: false,
+    llama_cpp: true,
     metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

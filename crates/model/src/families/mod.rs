@@ -368,9 +368,54 @@ pub fn llama_style_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
     Ok(s)
 }
 
+/// The keys every classic (LayerNorm) architecture of llama.cpp shares, read into a spec the
+/// family then completes: sizes, heads, the LayerNorm epsilon, and what only shows as tensors
+/// (biases, a separate head, a head bias).
+pub fn classic_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
+    let mut s = ArchSpec::llama_like(family);
+    s.hidden = g.u64("embedding_length")? as usize;
+    s.layers = g.u64("block_count")? as usize;
+    s.max_positions = g.opt_u64("context_length").unwrap_or(2048) as usize;
+    s.vocab_size = g
+        .vocab_size()
+        .ok_or_else(|| ModelError::format(g.path, "GGUF metadata gives no vocabulary size"))?;
+    s.norm =
+        crate::spec::NormSpec::layer(g.opt_f64("attention.layer_norm_epsilon").unwrap_or(1e-5));
+    s.norm.bias = g.has_tensor("output_norm.bias");
+    let heads = g.u64("attention.head_count")? as usize;
+    let kv_heads = g.opt_u64("attention.head_count_kv").unwrap_or(heads as u64) as usize;
+    s.set_heads(heads, kv_heads)
+        .map_err(|m| ModelError::format(g.path, m))?;
+    if let Some(d) = g.opt_u64("attention.key_length") {
+        s.attention.head_dim = d as usize;
+    }
+    let a = &mut s.attention;
+    a.qkv_bias = g.has_tensor("blk.0.attn_qkv.bias") || g.has_tensor("blk.0.attn_q.bias");
+    a.out_bias = g.has_tensor("blk.0.attn_output.bias");
+    s.mlp = crate::spec::MlpSpec::new(
+        g.u64("feed_forward_length")? as usize,
+        Activation::Gelu,
+        g.has_tensor("blk.0.ffn_up.bias"),
+    );
+    s.tied_head = !g.has_tensor("output.weight");
+    s.head_bias = g.has_tensor("output.bias");
+    Ok(s)
+}
+
+/// Rotary settings from llama.cpp's `rope.*` keys (rotating `rope.dimension_count` of each
+/// head's channels; rotate-half unless `interleaved`).
+pub fn gguf_rotary(g: &GgufReader, head_dim: usize, interleaved: bool) -> crate::spec::Positions {
+    let dims = g.opt_u64("rope.dimension_count").unwrap_or(head_dim as u64);
+    crate::spec::Positions::Rotary(crate::spec::RotarySpec::new(
+        g.opt_f64("rope.freq_base").unwrap_or(10000.0),
+        dims as f64 / head_dim as f64,
+        interleaved,
+    ))
+}
+
 /// How a family's HF checkpoints are written as GGUF: the inverse of its `from_gguf`, used by
-/// the quantizer. Only families whose GGUF layout is their HF layout tensor for tensor (up to a
-/// row permutation) have one.
+/// the quantizer. The tensors keep their canonical names; what changes between the HF and the
+/// GGUF layout (row permutations, fused-QKV orders, splits) is said here as data.
 pub struct GgufExport {
     /// [`Family::name`] this applies to.
     pub family: &'static str,
@@ -380,9 +425,22 @@ pub struct GgufExport {
     /// layout to pair-wise rotary (`LlamaModel.permute`); camelid's `from_gguf` then reads the
     /// file as interleaved.
     pub permute_qk: bool,
+    /// llama.cpp's converter splits the fused `[q | k | v]` projection into `attn_q`, `attn_k`
+    /// and `attn_v` (Baichuan's `W_pack`). Fused projections packed per head or per kv group
+    /// are always reordered to `[q | k | v]`, the only fused layout GGUF architectures have.
+    pub split_qkv: bool,
+    /// Whether llama.cpp (0.3.36) runs this architecture. The others are written under an
+    /// architecture name only camelid reads back (listed in the README).
+    pub llama_cpp: bool,
     /// The architecture's metadata keys from the spec.
     pub metadata: fn(&ArchSpec, &str) -> Result<GgufKeys>,
+    /// Settings that act only past the trained context and that the architecture has no keys
+    /// for: the spec the file holds instead, and what the user is told.
+    pub adapt: Option<AdaptSpec>,
 }
+
+/// The spec a file can hold instead of `spec`, and the note saying what changed.
+pub type AdaptSpec = fn(&ArchSpec) -> Option<(ArchSpec, String)>;
 
 /// GGUF metadata in the order it is written.
 pub type GgufKeys = Vec<(String, Value)>;
@@ -391,6 +449,15 @@ pub static GGUF_EXPORTS: &[&GgufExport] = &[
     &llama::LLAMA_EXPORT,
     &mistral::MISTRAL_EXPORT,
     &qwen2::QWEN2_EXPORT,
+    &baichuan::BAICHUAN_EXPORT,
+    &gpt2::GPT2_EXPORT,
+    &gptj::GPTJ_EXPORT,
+    &gpt_neox::GPT_NEOX_EXPORT,
+    &bloom::BLOOM_EXPORT,
+    &falcon::FALCON_EXPORT,
+    &mpt::MPT_EXPORT,
+    &qwen::QWEN_EXPORT,
+    &chatglm::CHATGLM_EXPORT,
 ];
 
 pub fn gguf_export(family: &str) -> Option<&'static GgufExport> {
@@ -409,6 +476,10 @@ pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<GgufKeys> {
     let a = &s.attention;
     let k = |key: &str| format!("{arch}.{key}");
     let u = |v: usize| Value::U32(v as u32);
+    let eps_key = match s.norm.kind {
+        crate::spec::NormKind::RmsNorm => "attention.layer_norm_rms_epsilon",
+        crate::spec::NormKind::LayerNorm => "attention.layer_norm_epsilon",
+    };
     let mut m = vec![
         (k("context_length"), u(s.max_positions)),
         (k("embedding_length"), u(s.hidden)),
@@ -416,10 +487,7 @@ pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<GgufKeys> {
         (k("feed_forward_length"), u(s.mlp.hidden)),
         (k("attention.head_count"), u(a.heads)),
         (k("attention.head_count_kv"), u(a.kv_heads)),
-        (
-            k("attention.layer_norm_rms_epsilon"),
-            Value::F32(s.norm.eps as f32),
-        ),
+        (k(eps_key), Value::F32(s.norm.eps as f32)),
         (k("vocab_size"), u(s.vocab_size)),
     ];
     if a.heads == 0 || a.head_dim != s.hidden / a.heads {
@@ -432,8 +500,20 @@ pub fn llama_style_gguf_metadata(s: &ArchSpec, arch: &str) -> Result<GgufKeys> {
     if a.logn_queries.is_some() {
         return unsupported("log-n query scaling");
     }
-    let crate::spec::Positions::Rotary(r) = &s.positions else {
-        return unsupported("a position scheme other than rotary");
+    if a.softmax_scale.is_some() || a.window_layers.is_some() {
+        return unsupported("a custom attention scale or per-layer windows");
+    }
+    if let Some(c) = a.clip_qkv {
+        m.push((k("attention.clamp_kqv"), Value::F32(c as f32)));
+    }
+    let r = match &s.positions {
+        crate::spec::Positions::Rotary(r) => r,
+        crate::spec::Positions::Alibi { max_bias, .. } => {
+            m.push((k("attention.max_alibi_bias"), Value::F32(*max_bias as f32)));
+            return Ok(m);
+        }
+        crate::spec::Positions::Learned { offset: 0 } => return Ok(m),
+        _ => return unsupported("this position scheme"),
     };
     m.push((k("rope.freq_base"), Value::F32(r.theta as f32)));
     m.push((

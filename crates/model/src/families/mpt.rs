@@ -1,7 +1,7 @@
 //! MPT: ALiBi (MPT's slopes), no biases anywhere (LayerNorms included), fused `Wqkv`,
 //! optional `clip_qkv` and QK LayerNorm, tied head.
 
-use super::{activation, Family};
+use super::{activation, llama_style_gguf_metadata, Family, GgufExport};
 use crate::error::ModelError;
 use crate::spec::{Activation, AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout};
 
@@ -105,4 +105,15 @@ pub static MPT: Family = Family {
         ("output_norm", "transformer.norm_f"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter keeps MPT's tensors as they are.
+pub static MPT_EXPORT: GgufExport = GgufExport {
+    family: "mpt",
+    arch: "mpt",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: llama_style_gguf_metadata,
+    adapt: None,
 };

@@ -3,8 +3,9 @@
 //! Past `seq_length`, Qwen's own code stretches the context with a dynamic-NTK rotary base
 //! (`use_dynamic_ntk`) and log-n query scaling (`use_logn_attn`); both are read as spec fields.
 
-use super::{llama_style_gguf, Family};
+use super::{llama_style_gguf, llama_style_gguf_metadata, Family, GgufExport};
 use crate::spec::{ArchSpec, NormSpec, Positions, QkvLayout, RopeScaling, RotarySpec};
+use candle_core::quantized::gguf_file::Value;
 
 /// Positions Qwen's log-n table covers (`range(1, 32768)`): the window when it stretches.
 const STRETCHED_POSITIONS: usize = 32767;
@@ -74,4 +75,46 @@ pub static QWEN: Family = Family {
         ("output", "lm_head"),
     ],
     hf_transposed: &[],
+};
+
+/// llama.cpp's converter keeps Qwen's tensors (and rotate-half rotary) as they are and writes
+/// the full `intermediate_size` as the feed-forward length.
+pub static QWEN_EXPORT: GgufExport = GgufExport {
+    family: "qwen",
+    arch: "qwen",
+    permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
+    metadata: |s, arch| {
+        let mut m = llama_style_gguf_metadata(s, arch)?;
+        let key = format!("{arch}.feed_forward_length");
+        for (k, v) in m.iter_mut() {
+            if *k == key {
+                *v = Value::U32(2 * s.mlp.hidden as u32);
+            }
+        }
+        Ok(m)
+    },
+    adapt: Some(|s| {
+        let Positions::Rotary(r) = &s.positions else {
+            return None;
+        };
+        let seq_length = match (&r.scaling, s.attention.logn_queries) {
+            (RopeScaling::QwenNtk { seq_length }, _) => *seq_length,
+            (_, Some(n)) => n,
+            _ => return None,
+        };
+        let mut t = s.clone();
+        t.attention.logn_queries = None;
+        t.max_positions = seq_length;
+        if let Positions::Rotary(r) = &mut t.positions {
+            r.scaling = RopeScaling::None;
+        }
+        Some((
+            t,
+            format!(
+                "use_dynamic_ntk / use_logn_attn act only past seq_length {seq_length}; llama.cpp's qwen architecture has neither, so the GGUF holds the model up to {seq_length} tokens"
+            ),
+        ))
+    }),
 };

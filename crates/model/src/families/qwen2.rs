@@ -38,5 +38,8 @@ pub static QWEN2_EXPORT: GgufExport = GgufExport {
     family: "qwen2",
     arch: "qwen2",
     permute_qk: false,
+    split_qkv: false,
+    llama_cpp: true,
     metadata: llama_style_gguf_metadata,
+    adapt: None,
 };
