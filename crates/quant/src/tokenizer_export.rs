@@ -2,7 +2,8 @@
 //! `convert_hf_to_gguf.py` writes them for byte-level BPE tokenizers (`_set_vocab_gpt2`):
 //! tokens by id (gaps padded `[PAD{i}]`, type UNUSED), token types (NORMAL, CONTROL for special
 //! added tokens, USER_DEFINED for the other added tokens), merges, the pre-tokenizer name, the
-//! special ids from `tokenizer_config.json` / `config.json`, and the chat template.
+//! special ids from `tokenizer_config.json` / `config.json`, and the chat template; and
+//! SentencePiece `tokenizer.model` files as its `_set_vocab_sentencepiece` writes them.
 
 use camelid_model::ModelError;
 use candle_core::quantized::gguf_file::Value;
@@ -59,13 +60,12 @@ pub fn from_hf_dir(
 ) -> Result<Vec<(String, Value)>> {
     let s = |v: &str| Value::String(v.to_string());
     let tok_path = dir.join("tokenizer.json");
+    // llama.cpp's converter prefers the SentencePiece model when a directory has both.
+    let spm = dir.join("tokenizer.model");
+    if spm.exists() {
+        return sentencepiece(dir, &spm, vocab_size, notes);
+    }
     let Some(tok) = read_json(&tok_path)? else {
-        if dir.join("tokenizer.model").exists() {
-            return Err(ModelError::tokenizer(
-                &dir.join("tokenizer.model"),
-                "writing a SentencePiece tokenizer.model into GGUF is not supported yet (a tokenizer.json is)",
-            ));
-        }
         notes.push(format!(
             "{}: no tokenizer; the GGUF has no vocabulary (token ids only)",
             dir.display()
@@ -184,9 +184,6 @@ pub fn from_hf_dir(
         ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
     ];
 
-    // Special ids: tokenizer_config.json's token texts, else config.json's ids.
-    let tc = read_json(&dir.join("tokenizer_config.json"))?;
-    let cfg = read_json(&dir.join("config.json"))?;
     let lookup = |text: &str| -> Option<u32> {
         vocab
             .get(text)
@@ -194,12 +191,91 @@ pub fn from_hf_dir(
             .map(|v| v as u32)
             .or_else(|| added.iter().find(|a| a.1 == text).map(|a| a.0 as u32))
     };
-    for (field, key) in [
+    special_keys(dir, &lookup, [None; 4], &mut out)?;
+    Ok(out)
+}
+
+/// A SentencePiece `tokenizer.model` as `convert_hf_to_gguf.py`'s `_set_vocab_sentencepiece`
+/// writes it: model `llama`, pre-tokenizer `default`, the pieces with their scores and types,
+/// ids past the pieces up to the model's vocabulary padded `[PAD{i}]` (score -1000, UNUSED),
+/// then the special ids, `add_bos_token` / `add_eos_token` and the chat template.
+fn sentencepiece(
+    dir: &Path,
+    path: &Path,
+    vocab_size: usize,
+    notes: &mut Vec<String>,
+) -> Result<Vec<(String, Value)>> {
+    let p = camelid_model::tokenizer::sentencepiece_pieces(path)?;
+    if p.tokens.len() > vocab_size {
+        return Err(ModelError::tokenizer(
+            path,
+            format!(
+                "{} pieces, more than the model's vocab_size {vocab_size}",
+                p.tokens.len()
+            ),
+        ));
+    }
+    let (mut tokens, mut scores, mut types) = (p.tokens, p.scores, p.types);
+    let pieces = tokens.len();
+    for i in pieces..vocab_size {
+        tokens.push(format!("[PAD{i}]"));
+        scores.push(-1000.0);
+        types.push(UNUSED);
+    }
+    if vocab_size > pieces {
+        notes.push(format!(
+            "tokenizer: ids {pieces}..{vocab_size} have no piece; written as [PAD<id>] (unused)"
+        ));
+    }
+    let lookup = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    let mut out = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("default".into()),
+        ),
+    ];
+    let fallback = [p.bos, p.eos, p.unk, p.pad];
+    let mut rest = Vec::new();
+    special_keys(dir, &lookup, fallback, &mut rest)?;
+    out.push((
+        "tokenizer.ggml.tokens".to_string(),
+        Value::Array(tokens.into_iter().map(Value::String).collect()),
+    ));
+    out.push((
+        "tokenizer.ggml.scores".to_string(),
+        Value::Array(scores.into_iter().map(Value::F32).collect()),
+    ));
+    out.push((
+        "tokenizer.ggml.token_type".to_string(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    out.extend(rest);
+    Ok(out)
+}
+
+/// The special ids (`tokenizer_config.json`'s token texts, else `config.json`'s ids, else
+/// `fallback` in the order bos, eos, unk, pad), the `add_*_token` flags and the chat template.
+fn special_keys(
+    dir: &Path,
+    lookup: &dyn Fn(&str) -> Option<u32>,
+    fallback: [Option<u32>; 4],
+    out: &mut Vec<(String, Value)>,
+) -> Result<()> {
+    let tc = read_json(&dir.join("tokenizer_config.json"))?;
+    let cfg = read_json(&dir.join("config.json"))?;
+    for ((field, key), fallback) in [
         ("bos", "bos_token_id"),
         ("eos", "eos_token_id"),
         ("unk", "unknown_token_id"),
         ("pad", "padding_token_id"),
-    ] {
+    ]
+    .into_iter()
+    .zip(fallback)
+    {
         let text = tc
             .as_ref()
             .and_then(|t| t.get(format!("{field}_token")))
@@ -208,12 +284,16 @@ pub fn from_hf_dir(
                 Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
                 _ => None,
             });
-        let id = text.as_deref().and_then(lookup).or_else(|| {
-            cfg.as_ref()
-                .and_then(|c| c.get(format!("{field}_token_id")))
-                .and_then(Json::as_u64)
-                .map(|v| v as u32)
-        });
+        let id = text
+            .as_deref()
+            .and_then(lookup)
+            .or_else(|| {
+                cfg.as_ref()
+                    .and_then(|c| c.get(format!("{field}_token_id")))
+                    .and_then(Json::as_u64)
+                    .map(|v| v as u32)
+            })
+            .or(fallback);
         if let Some(id) = id {
             out.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
         }
@@ -246,7 +326,7 @@ pub fn from_hf_dir(
     if let Some(t) = template {
         out.push(("tokenizer.chat_template".to_string(), Value::String(t)));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -63,5 +63,17 @@ pub static BAICHUAN_EXPORT: GgufExport = GgufExport {
     split_qkv: true,
     llama_cpp: true,
     metadata: llama_style_gguf_metadata,
-    adapt: None,
+    // llama.cpp's baichuan graph picks rotary by a 32-layer count and ALiBi by 40; at other
+    // depths it applies no positions at all (camelid reads the file as the checkpoint is).
+    adapt: Some(|s| {
+        (!matches!(s.layers, 32 | 40)).then(|| {
+            (
+                s.clone(),
+                format!(
+                    "llama.cpp's baichuan graph applies positions only to 32-layer (rotary) and 40-layer (ALiBi) models; with {} layers llama.cpp runs this file without positions, camelid as the checkpoint",
+                    s.layers
+                ),
+            )
+        })
+    }),
 };

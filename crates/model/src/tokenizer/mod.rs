@@ -408,3 +408,43 @@ impl Default for DecodeStream {
         Self::new()
     }
 }
+
+/// A SentencePiece `tokenizer.model`'s pieces as GGUF stores them (`tokenizer.ggml.tokens`,
+/// `scores`, `token_type` with SentencePiece's type codes, which are GGUF's) and the special ids
+/// its trainer spec names. Used to write the vocabulary into GGUF files.
+pub struct SentencePiecePieces {
+    pub tokens: Vec<String>,
+    pub scores: Vec<f32>,
+    pub types: Vec<i32>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub unk: Option<u32>,
+    pub pad: Option<u32>,
+}
+
+/// Reads a SentencePiece BPE `tokenizer.model` (LLaMA-1/2 style).
+pub fn sentencepiece_pieces(path: &Path) -> Result<SentencePiecePieces> {
+    use vocab::TokType;
+    let v = sentencepiece::read(path)?.vocab;
+    Ok(SentencePiecePieces {
+        types: v
+            .types
+            .iter()
+            .map(|t| match t {
+                TokType::Undefined => 0,
+                TokType::Normal => 1,
+                TokType::Unknown => 2,
+                TokType::Control => 3,
+                TokType::UserDefined => 4,
+                TokType::Unused => 5,
+                TokType::Byte => 6,
+            })
+            .collect(),
+        tokens: v.tokens,
+        scores: v.scores,
+        bos: v.bos,
+        eos: v.eos,
+        unk: v.unk,
+        pad: v.pad,
+    })
+}
