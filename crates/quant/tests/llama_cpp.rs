@@ -515,3 +515,96 @@ fn chatglm_file_matches_llama_cpp() {
     // Measured: 3.6e-6.
     check_case("chatglm3_f32", 1e-4);
 }
+
+/// A file under the shared data folder beside the checkout (`shared/data/`), or
+/// `$CAMELID_SHARED_DATA`.
+fn shared_data(rel: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAMELID_SHARED_DATA").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join(rel);
+    }
+    root()
+        .ancestors()
+        .map(|d| d.join("shared").join("data").join(rel))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("shared/data/{rel} not found beside the checkout"))
+}
+
+/// LLaMA-2's SentencePiece `tokenizer.model` written into GGUF (`make_quant_fixtures.py spm`):
+/// the file is the one llama.cpp read, gguf-py finds llama.cpp's SentencePiece keys, and
+/// camelid's tokenization from the file equals llama.cpp's on every text, with BOS and special
+/// tokens parsed and without.
+#[test]
+fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
+    let rec = reference("spm_llama_f32");
+    let dir = std::env::temp_dir().join(format!("camelid-quant-spm-{}", std::process::id()));
+    let src = dir.join("spm_llama");
+    std::fs::create_dir_all(&src).unwrap();
+    let fixture = root().join("tests/fixtures/quant/spm_llama");
+    for f in ["config.json", "tokenizer_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), src.join(f)).unwrap();
+    }
+    std::fs::copy(
+        shared_data("llama2-tokenizer/tokenizer.model"),
+        src.join("tokenizer.model"),
+    )
+    .unwrap();
+    let out = dir.join("spm.gguf");
+    let opts = QuantizeOptions {
+        to: types::parse("F32").unwrap(),
+        keep_output: false,
+        keep_embeddings: false,
+    };
+    quantize(&src, &out, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(
+        sha256(&bytes),
+        rec["sha256"].as_str().unwrap(),
+        "bytes changed"
+    );
+
+    assert_eq!(meta(&rec, "tokenizer.ggml.model").unwrap(), "llama");
+    assert_eq!(meta(&rec, "tokenizer.ggml.pre").unwrap(), "default");
+    let tokens = meta(&rec, "tokenizer.ggml.tokens").unwrap();
+    assert_eq!(tokens["len"], 32000);
+    assert_eq!(
+        tokens["head"],
+        serde_json::json!([
+            "<unk>", "<s>", "</s>", "<0x00>", "<0x01>", "<0x02>", "<0x03>", "<0x04>"
+        ])
+    );
+    assert_eq!(meta(&rec, "tokenizer.ggml.scores").unwrap()["len"], 32000);
+    let kinds = meta(&rec, "tokenizer.ggml.token_type").unwrap();
+    assert_eq!(kinds["head"], serde_json::json!([2, 3, 3, 6, 6, 6, 6, 6]));
+    assert_eq!(meta(&rec, "tokenizer.ggml.bos_token_id").unwrap(), 1);
+    assert_eq!(meta(&rec, "tokenizer.ggml.eos_token_id").unwrap(), 2);
+    assert_eq!(meta(&rec, "tokenizer.ggml.unknown_token_id").unwrap(), 0);
+    assert_eq!(meta(&rec, "tokenizer.ggml.add_bos_token").unwrap(), true);
+    assert_eq!(rec["llama_cpp_vocab"]["n_tokens"], 32000);
+
+    let gguf = Model::load(&out, &Device::Cpu).unwrap();
+    let hf = Model::load(&src, &Device::Cpu).unwrap();
+    for t in rec["texts"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        let ids = |k: &str| -> Vec<u32> {
+            t[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        };
+        for (name, m) in [("GGUF", &gguf), ("tokenizer.model", &hf)] {
+            let tok = m.tokenizer().unwrap();
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                ids("special"),
+                "{name}: {text:?}"
+            );
+            assert_eq!(
+                tok.encode_plain(text).unwrap(),
+                ids("plain"),
+                "{name}: {text:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
