@@ -177,7 +177,8 @@ enum Command {
         /// Model: a catalog name, an HF model directory, or a .gguf file
         #[arg(short, long, value_name = "MODEL")]
         model: Option<String>,
-        /// Weight type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16, F32
+        /// Weight type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16, F32, or a
+        /// llama.cpp mixed type: Q4_K_M, Q5_K_M, Q4_K_S, Q5_K_S
         #[arg(long, value_name = "TYPE")]
         to: String,
         /// Output .gguf file (written atomically)

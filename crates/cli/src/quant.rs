@@ -44,12 +44,13 @@ pub fn quantize(
     keep_output: bool,
     keep_embeddings: bool,
 ) -> Result<()> {
-    let to = types::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let (to, mix) = types::parse_target(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
     let input = resolve::model_path(model)?;
     let opts = QuantizeOptions {
         to,
         keep_output,
         keep_embeddings,
+        mix,
     };
     catch_interrupt();
     let pb = bar(0, "{bar:30} {pos}/{len} tensors  {msg}");

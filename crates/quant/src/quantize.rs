@@ -51,6 +51,10 @@ pub struct QuantizeOptions {
     pub keep_output: bool,
     /// Write `token_embd.weight` as F16 (a quantized source is copied unchanged).
     pub keep_embeddings: bool,
+    /// A llama.cpp mixed file type (Q4_K_M ...): `to` is its base type, and llama.cpp's
+    /// per-tensor rules raise some tensors; tensors and metadata are then ordered as
+    /// `llama-quantize` writes them.
+    pub mix: Option<types::Mix>,
 }
 
 /// Progress, one event per tensor.
@@ -121,6 +125,17 @@ fn order_key(name: &str) -> (u8, usize, String) {
     }
 }
 
+/// `llama-quantize`'s tensor order (its `weight_name_comparer`): tensors outside the blocks first,
+/// then block by block, by name within each.
+fn llama_quantize_order(name: &str) -> (i64, String) {
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<i64>().ok())
+        .unwrap_or(-1);
+    (layer, name.to_string())
+}
+
 /// llama.cpp's `tensor_allows_quantization` for the tensors camelid's families have.
 fn allows_quantization(name: &str, dims: &[usize]) -> bool {
     dims.len() >= 2
@@ -181,8 +196,28 @@ pub fn quantize(
             None => sources.push((name.clone(), name, stored.clone(), stored, vec![])),
         }
     }
-    sources.sort_by_key(|s| order_key(&s.0));
+    match opts.mix {
+        None => sources.sort_by_key(|s| order_key(&s.0)),
+        Some(_) => sources.sort_by_key(|s| llama_quantize_order(&s.0)),
+    }
     let has_output = sources.iter().any(|s| s.0 == "output.weight");
+    let arch = metadata
+        .iter()
+        .find(|(k, _)| k == "general.architecture")
+        .and_then(|(_, v)| v.to_string().ok().cloned())
+        .unwrap_or_default();
+    let is_attn_v = |n: &str| n.contains("attn_v.weight") || n.contains("attn_qkv.weight");
+    let n_attn_v = sources
+        .iter()
+        .filter(|s| is_attn_v(&s.0) && allows_quantization(&s.0, &s.3))
+        .count();
+    let n_layers = sources
+        .iter()
+        .filter_map(|s| llama_quantize_order(&s.0).0.try_into().ok())
+        .map(|l: usize| l + 1)
+        .max()
+        .unwrap_or(0);
+    let (mut i_attn_v, mut i_ffn_down) = (0, 0);
     let mut plan = Vec::with_capacity(sources.len());
     for (name, source, source_dims, dims, steps) in sources {
         let name = &name;
@@ -205,12 +240,31 @@ pub fn quantize(
             }
         } else {
             let cols = *dims.last().unwrap_or(&0);
-            let t = fit(opts.to, cols);
-            if t != opts.to {
+            let want = match opts.mix {
+                None => opts.to,
+                Some(mix) => {
+                    let t = mix.tensor_type(&types::TensorPlace {
+                        name,
+                        cols,
+                        arch: &arch,
+                        tied: !has_output,
+                        attn_v: (i_attn_v, n_attn_v),
+                        ffn_down: (i_ffn_down, n_layers),
+                    });
+                    if is_attn_v(name) {
+                        i_attn_v += 1;
+                    } else if name.contains("ffn_down") {
+                        i_ffn_down += 1;
+                    }
+                    t
+                }
+            };
+            let t = fit(want, cols);
+            if t != want {
                 let note = format!(
                     "{name}: rows of {cols} values are not a multiple of {}'s block of {}; written as {}",
-                    types::name(opts.to),
-                    opts.to.block_size(),
+                    types::name(want),
+                    want.block_size(),
                     types::name(t)
                 );
                 on_event(Event::Note(&note));
@@ -235,7 +289,7 @@ pub fn quantize(
         });
     }
 
-    set_general(&mut metadata, opts.to);
+    set_general(&mut metadata, opts.to, opts.mix);
     let infos: Vec<TensorInfo> = plan.iter().map(|p| p.info.clone()).collect();
 
     // Write into a temporary file beside the target; rename when complete.
@@ -708,8 +762,26 @@ fn spec_differences(
 }
 
 /// `general.file_type`, `general.quantization_version` (when blocks are written) and
-/// `general.alignment`, placed after `general.architecture`.
-fn set_general(meta: &mut Vec<(String, Value)>, to: GgmlDType) {
+/// `general.alignment`, placed after `general.architecture`. For a mixed type, where the file
+/// is what `llama-quantize` writes from camelid's F32 file, the alignment stays there and the
+/// other two go last (llama.cpp's `gguf_set_val` appends).
+fn set_general(meta: &mut Vec<(String, Value)>, to: GgmlDType, mix: Option<types::Mix>) {
+    if let Some(mix) = mix {
+        let at = meta
+            .iter()
+            .position(|(k, _)| !k.starts_with("general."))
+            .unwrap_or(meta.len());
+        meta.insert(
+            at,
+            (
+                "general.alignment".to_string(),
+                Value::U32(DEFAULT_ALIGNMENT as u32),
+            ),
+        );
+        meta.push(("general.quantization_version".to_string(), Value::U32(2)));
+        meta.push(("general.file_type".to_string(), Value::U32(mix.file_type())));
+        return;
+    }
     let mut extra = vec![("general.file_type".to_string(), Value::U32(file_type(to)))];
     if is_quantized(to) {
         extra.push(("general.quantization_version".to_string(), Value::U32(2)));

@@ -34,6 +34,7 @@ fn cancelled_run_leaves_nothing() {
         to: GgmlDType::Q4_0,
         keep_output: false,
         keep_embeddings: false,
+        mix: None,
     };
     let mut seen = 0;
     let cancel = AtomicBool::new(false);
@@ -60,6 +61,7 @@ fn existing_output_survives_a_failed_run() {
         to: GgmlDType::Q8_0,
         keep_output: false,
         keep_embeddings: false,
+        mix: None,
     };
     let cancel = AtomicBool::new(true);
     assert!(quantize(&source(), &target, &opts, &cancel, &mut |_| {}).is_err());
@@ -75,6 +77,7 @@ fn keep_flags_write_f16() {
         to: GgmlDType::Q4K,
         keep_output: true,
         keep_embeddings: true,
+        mix: None,
     };
     let r = quantize(
         &source(),

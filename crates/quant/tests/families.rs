@@ -38,6 +38,7 @@ fn to_f32_from(src: &std::path::Path, case: &str) -> Result<PathBuf, String> {
         to: types::parse("F32").unwrap(),
         keep_output: false,
         keep_embeddings: false,
+        mix: None,
     };
     quantize(src, &out, &opts, &AtomicBool::new(false), &mut |_| {})
         .map(|_| out)

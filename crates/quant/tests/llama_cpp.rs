@@ -123,7 +123,12 @@ fn meta<'a>(rec: &'a Value, key: &str) -> Option<&'a Value> {
 
 /// Quantizes the case's source as the fixture did; returns the file and camelid's report.
 fn requantize(rec: &Value, dir: &Path) -> (PathBuf, camelid_quant::Report) {
-    let src = root().join(rec["source"].as_str().unwrap());
+    let source = rec["source"].as_str().unwrap();
+    let src = if source.starts_with("mix_llama") {
+        mix_llama(dir)
+    } else {
+        root().join(source)
+    };
     let out = dir.join(format!("{}.gguf", rec["case"].as_str().unwrap()));
     let flags: Vec<&str> = rec["flags"]
         .as_array()
@@ -131,10 +136,12 @@ fn requantize(rec: &Value, dir: &Path) -> (PathBuf, camelid_quant::Report) {
         .iter()
         .map(|f| f.as_str().unwrap())
         .collect();
+    let (to, mix) = types::parse_target(rec["type"].as_str().unwrap()).unwrap();
     let opts = QuantizeOptions {
-        to: types::parse(rec["type"].as_str().unwrap()).unwrap(),
+        to,
         keep_output: flags.contains(&"--keep-output"),
         keep_embeddings: flags.contains(&"--keep-embeddings"),
+        mix,
     };
     let report = quantize(&src, &out, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
     (out, report)
@@ -149,6 +156,14 @@ fn ggml_numerics() {
 }
 
 fn check_case(case: &str, logit_tol: f32) {
+    check_case_with(case, logit_tol, N_IDS / 2);
+}
+
+const N_IDS: usize = 16;
+
+/// [`check_case`] where top-1 must agree on at least `min_decided` positions whose lead in
+/// llama.cpp's logits is wider than twice the tolerance.
+fn check_case_with(case: &str, logit_tol: f32, min_decided: usize) {
     ggml_numerics();
     let rec = reference(case);
     let dir =
@@ -177,10 +192,10 @@ fn check_case(case: &str, logit_tol: f32) {
     let arch = rec["arch"].as_str().unwrap_or("llama");
     assert_eq!(meta(&rec, "general.architecture").unwrap(), arch);
     assert_eq!(meta(&rec, "general.alignment").unwrap(), 32);
-    let to = types::parse(rec["type"].as_str().unwrap()).unwrap();
+    let (to, mix) = types::parse_target(rec["type"].as_str().unwrap()).unwrap();
     assert_eq!(
         meta(&rec, "general.file_type").unwrap().as_u64().unwrap(),
-        types::file_type(to) as u64
+        mix.map_or(types::file_type(to), |m| m.file_type()) as u64
     );
     let mut keys = vec![
         "block_count",
@@ -260,7 +275,7 @@ fn check_case(case: &str, logit_tol: f32) {
     );
     assert_eq!(top1_same, decided, "{case}: top-1 differs");
     assert!(
-        decided >= ids.len() / 2,
+        decided >= min_decided,
         "{case}: only {decided} positions decided"
     );
     std::fs::remove_dir_all(&dir).ok();
@@ -335,6 +350,7 @@ fn perplexity_matches_llama_perplexity_and_transformers() {
         to: types::parse("Q8_0").unwrap(),
         keep_output: false,
         keep_embeddings: false,
+        mix: None,
     };
     let src = root().join("tests/fixtures/quant/tiny_llama");
     quantize(&src, &file, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
@@ -553,6 +569,7 @@ fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
         to: types::parse("F32").unwrap(),
         keep_output: false,
         keep_embeddings: false,
+        mix: None,
     };
     quantize(&src, &out, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
     let bytes = std::fs::read(&out).unwrap();
@@ -608,3 +625,93 @@ fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `make_quant_fixtures.py`'s `splitmix64`.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+/// The generated 8-layer LLaMA of `make_quant_fixtures.py mix` (`mix_tensors`, `mix_config`):
+/// hidden 256, 4 heads, 1 KV head, FFN 256, vocabulary 264, tied head, no tokenizer.
+fn mix_llama(dir: &Path) -> PathBuf {
+    use candle_core::Tensor;
+    let (layers, h, heads, kv, ff, v) = (8usize, 256usize, 4usize, 1usize, 256usize, 264usize);
+    let hd = h / heads;
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        for (n, s) in [
+            ("input_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.k_proj.weight", vec![kv * hd, h]),
+            ("self_attn.v_proj.weight", vec![kv * hd, h]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("mlp.gate_proj.weight", vec![ff, h]),
+            ("mlp.up_proj.weight", vec![ff, h]),
+            ("mlp.down_proj.weight", vec![h, ff]),
+        ] {
+            shapes.push((format!("{p}{n}"), s));
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![h]));
+    let mut tensors = std::collections::HashMap::new();
+    for (t, (name, shape)) in shapes.into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let norm = name.ends_with("norm.weight");
+        let vals: Vec<f32> = (0..n as u64)
+            .map(|e| {
+                let z = splitmix64(((t as u64) << 32) | e);
+                let x = ((z % 2001) as i64 - 1000) as f32 / 8192.0;
+                if norm {
+                    x + 1.0
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let tensor = Tensor::from_vec(vals, shape, &Device::Cpu).unwrap();
+        tensors.insert(name, tensor);
+    }
+    let d = dir.join("mix_llama");
+    std::fs::create_dir_all(&d).unwrap();
+    candle_core::safetensors::save(&tensors, d.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": ff, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": v,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "tie_word_embeddings": true,
+    });
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    d
+}
+
+// llama.cpp's mixed types: camelid's file from the generated HF directory is byte for byte what
+// llama-quantize wrote from camelid's F32 file of it (`make_quant_fixtures.py mix`): the same
+// per-tensor types (llama-quant.cpp's rules), tensor order, metadata order and blocks.
+
+#[test]
+fn q4_k_m_is_llama_quantizes_file() {
+    check_case("mix_llama_q4_k_m", 1e-4);
+}
+
+#[test]
+fn q5_k_m_is_llama_quantizes_file() {
+    check_case_with("mix_llama_q5_k_m", Q5_K_TOL, 4);
+}
+
+#[test]
+fn q4_k_s_and_q5_k_s_are_llama_quantizes_files() {
+    check_case_with("mix_llama_q4_k_s", Q5_K_TOL, 4);
+    check_case_with("mix_llama_q5_k_s", Q5_K_TOL, 4);
+}
+
+/// Files with Q5_K tensors: the bytes are llama-quantize's, but candle's Q5_K matmul sums
+/// differently from ggml's (measured up to 9.0e-2 for Q5_K_M and 1.7e-1 for Q4_K_S on this
+/// model, top-1 equal everywhere); Q4_K_M, whose raised tensors are Q6_K, matches to 1.9e-6.
+const Q5_K_TOL: f32 = 0.25;
