@@ -218,6 +218,16 @@ pub fn quantize(
         .max()
         .unwrap_or(0);
     let (mut i_attn_v, mut i_ffn_down) = (0, 0);
+    let meta_u64 = |k: &str| {
+        metadata
+            .iter()
+            .find(|(key, _)| key == &format!("{arch}.{k}"))
+            .and_then(|(_, v)| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+    };
+    let llama_70b = arch == "llama"
+        && meta_u64("block_count") == Some(80)
+        && meta_u64("attention.head_count")
+            != meta_u64("attention.head_count_kv").or(meta_u64("attention.head_count"));
     let mut plan = Vec::with_capacity(sources.len());
     for (name, source, source_dims, dims, steps) in sources {
         let name = &name;
@@ -250,6 +260,7 @@ pub fn quantize(
                         tied: !has_output,
                         attn_v: (i_attn_v, n_attn_v),
                         ffn_down: (i_ffn_down, n_layers),
+                        llama_70b,
                     });
                     if is_attn_v(name) {
                         i_attn_v += 1;
@@ -753,12 +764,27 @@ fn spec_differences(
         return vec!["settings".into()];
     };
     let mut out = Vec::new();
-    for (k, v) in &w {
-        if b.get(k) != Some(v) {
-            out.push(format!("{k} ({v} here)"));
+    diff_json("", &w, &b, &mut out);
+    out
+}
+
+/// `path (value here)` for each leaf of `want` that `back` does not have.
+fn diff_json(
+    prefix: &str,
+    want: &serde_json::Map<String, serde_json::Value>,
+    back: &serde_json::Map<String, serde_json::Value>,
+    out: &mut Vec<String>,
+) {
+    for (k, v) in want {
+        let path = format!("{prefix}{k}");
+        match (v, back.get(k)) {
+            (serde_json::Value::Object(a), Some(serde_json::Value::Object(b))) => {
+                diff_json(&format!("{path}."), a, b, out)
+            }
+            (v, b) if b != Some(v) => out.push(format!("{path} ({v} here)")),
+            _ => {}
         }
     }
-    out
 }
 
 /// `general.file_type`, `general.quantization_version` (when blocks are written) and

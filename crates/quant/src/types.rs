@@ -108,6 +108,9 @@ pub struct TensorPlace<'a> {
     pub attn_v: (usize, usize),
     /// Which `ffn_down` this is, in file order, of how many layers.
     pub ffn_down: (usize, usize),
+    /// llama.cpp's `LLM_TYPE_70B` (LLaMA with 80 layers and grouped KV heads), whose attention
+    /// values are raised from Q4_K to Q5_K.
+    pub llama_70b: bool,
 }
 
 impl Mix {
@@ -158,10 +161,15 @@ impl Mix {
         }
         if name.contains("attn_qkv.weight") || name.contains("attn_v.weight") {
             let (i, n) = t.attn_v;
-            return match self {
+            let ty = match self {
                 Mix::Q4KM | Mix::Q5KM if more_bits(i, n) => GgmlDType::Q6K,
                 Mix::Q4KS if i < 4 => GgmlDType::Q5K,
                 _ => base,
+            };
+            return if t.llama_70b && ty == GgmlDType::Q4K {
+                GgmlDType::Q5K
+            } else {
+                ty
             };
         }
         // llama.cpp tests `ffn_up` and `ffn_gate` first (they keep the base type).
@@ -246,6 +254,7 @@ mod tests {
             tied: false,
             attn_v: (i, n),
             ffn_down: (i, n),
+            llama_70b: false,
         };
         // 32 layers: use_more_bits picks 0..4, 28..32 and every third from 6.
         let more: Vec<usize> = (0..32)
