@@ -2,7 +2,9 @@
 //! same model (camelid's logits on the file = on the HF directory = transformers' recorded ones),
 //! which checks the metadata, the q/k permutation (LLaMA, Mistral, Baichuan) or its absence
 //! (Qwen2, Qwen, GPT-NeoX), fused-QKV reorders (GPT-NeoX, BLOOM) and splits (Baichuan),
-//! transposed Conv1D weights (GPT-2), tied heads and sharded checkpoints. For the families whose
+//! transposed Conv1D weights (GPT-2), tied heads and sharded checkpoints, and camelid's own
+//! architectures for OPT (position offset, post-norm, embedding projections) and GPT-Neo
+//! (per-layer windows, unscaled attention). For the families whose
 //! fixtures come with the file llama.cpp's own converter layout gives (`llamacpp_families`), the
 //! tensors must equal that file's. Settings the architecture's keys cannot express are refused.
 
@@ -65,6 +67,9 @@ fn f32_gguf_holds_the_same_model() {
         "mpt",
         "mpt_clip_qkv",
         "baichuan7b",
+        "gpt_neo",
+        "opt_pre",
+        "opt_350m_style",
     ] {
         let file = to_f32(case).unwrap_or_else(|e| panic!("{case}: {e}"));
         let rec: Value = serde_json::from_str(

@@ -381,7 +381,7 @@ pub fn classic_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
         .ok_or_else(|| ModelError::format(g.path, "GGUF metadata gives no vocabulary size"))?;
     s.norm =
         crate::spec::NormSpec::layer(g.opt_f64("attention.layer_norm_epsilon").unwrap_or(1e-5));
-    s.norm.bias = g.has_tensor("output_norm.bias");
+    s.norm.bias = g.has_tensor("blk.0.attn_norm.bias");
     let heads = g.u64("attention.head_count")? as usize;
     let kv_heads = g.opt_u64("attention.head_count_kv").unwrap_or(heads as u64) as usize;
     s.set_heads(heads, kv_heads)
@@ -400,6 +400,51 @@ pub fn classic_gguf(g: &GgufReader, family: &str) -> Result<ArchSpec> {
     s.tied_head = !g.has_tensor("output.weight");
     s.head_bias = g.has_tensor("output.bias");
     Ok(s)
+}
+
+/// camelid's own `{arch}.feed_forward_activation` values (architectures llama.cpp has no graph
+/// for, where the activation cannot be implied by the architecture).
+pub const ACTIVATION_NAMES: &[(&str, Activation)] = &[
+    ("gelu", Activation::Gelu),
+    ("gelu_tanh", Activation::GeluTanh),
+    ("relu", Activation::Relu),
+    ("silu", Activation::Silu),
+];
+
+/// Reads `{arch}.feed_forward_activation` (default `default`).
+pub fn gguf_activation(g: &GgufReader, default: Activation) -> Result<Activation> {
+    match g.opt_str("feed_forward_activation") {
+        None => Ok(default),
+        Some(name) => ACTIVATION_NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| {
+                ModelError::format(
+                    g.path,
+                    format!("{}.feed_forward_activation \"{name}\" is not known", g.arch),
+                )
+            }),
+    }
+}
+
+/// `{arch}.feed_forward_activation` for a spec's (plain, ungated) activation.
+pub fn activation_key(s: &ArchSpec, arch: &str) -> Result<(String, Value)> {
+    ACTIVATION_NAMES
+        .iter()
+        .find(|(_, a)| *a == s.mlp.activation)
+        .map(|(n, _)| {
+            (
+                format!("{arch}.feed_forward_activation"),
+                Value::String((*n).to_string()),
+            )
+        })
+        .ok_or_else(|| {
+            ModelError::Input(format!(
+                "{}: activation {:?} has no GGUF name",
+                s.family, s.mlp.activation
+            ))
+        })
 }
 
 /// Rotary settings from llama.cpp's `rope.*` keys (rotating `rope.dimension_count` of each
@@ -458,6 +503,8 @@ pub static GGUF_EXPORTS: &[&GgufExport] = &[
     &mpt::MPT_EXPORT,
     &qwen::QWEN_EXPORT,
     &chatglm::CHATGLM_EXPORT,
+    &opt::OPT_EXPORT,
+    &gpt_neo::GPT_NEO_EXPORT,
 ];
 
 pub fn gguf_export(family: &str) -> Option<&'static GgufExport> {
