@@ -847,6 +847,52 @@ mod tests {
     }
 
     #[test]
+    fn fused_qkv_orders() {
+        use camelid_model::spec::QkvPacking;
+        // [q0 k0 v0 | q1 k1 v1], one row per head.
+        assert_eq!(
+            qkv_order(QkvPacking::PerHead, 2, 2, 1),
+            vec![0, 3, 1, 4, 2, 5]
+        );
+        // Two kv groups of two query heads: [q q k v | q q k v].
+        assert_eq!(
+            qkv_order(QkvPacking::PerKvGroup, 4, 2, 1),
+            vec![0, 1, 4, 5, 2, 6, 3, 7]
+        );
+        assert_eq!(
+            qkv_order(QkvPacking::Sequential, 2, 1, 2),
+            (0..8).collect::<Vec<u32>>()
+        );
+        assert_eq!(
+            pattern("blk.12.attn_qkv.weight"),
+            ("blk.{i}.attn_qkv".to_string(), "weight")
+        );
+        assert_eq!(pattern("output.bias"), ("output".to_string(), "bias"));
+    }
+
+    #[test]
+    fn llama_quantize_tensor_order() {
+        let mut v = vec![
+            "blk.1.attn_q.weight",
+            "token_embd.weight",
+            "blk.0.ffn_up.weight",
+            "output_norm.weight",
+            "blk.10.attn_k.weight",
+        ];
+        v.sort_by_key(|n| llama_quantize_order(n));
+        assert_eq!(
+            v,
+            vec![
+                "output_norm.weight",
+                "token_embd.weight",
+                "blk.0.ffn_up.weight",
+                "blk.1.attn_q.weight",
+                "blk.10.attn_k.weight"
+            ]
+        );
+    }
+
+    #[test]
     fn order_and_rules() {
         let mut v = vec![
             "output.weight",
