@@ -27,6 +27,10 @@ pub struct TrainMode {
     pub differentiable: bool,
     /// Dropout on the embeddings, the attention probabilities and both residual branches.
     pub dropout: Option<Arc<DropoutFn>>,
+    /// Mixed precision: every matrix product (projections, head, attention scores and
+    /// values) runs in this type, forward and backward, as `torch.autocast` does; norms,
+    /// softmax, activations and the residual stream stay f32. `None`: all f32.
+    pub compute: Option<DType>,
 }
 
 /// Where attention keys and values are kept between forward passes (the engine decides how:
@@ -122,6 +126,9 @@ enum LinearWeight {
 struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// Training in mixed precision: the input is cast to this type for the product (the
+    /// weight already is), the output back to the input's type.
+    compute: Option<DType>,
 }
 
 /// The GGUF types camelid's own kernels run.
@@ -176,6 +183,7 @@ impl Linear {
                     return Ok(Self {
                         weight: LinearWeight::Kernel(m),
                         bias,
+                        compute: None,
                     });
                 }
             }
@@ -199,13 +207,31 @@ impl Linear {
             }
             _ => LinearWeight::Candle(m.to_qmatmul()?),
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            compute: None,
+        })
+    }
+
+    /// Switches a dense f32 projection to products in `dtype` (mixed-precision training);
+    /// the cast of the weight is part of the recorded graph, so its gradient reaches the f32
+    /// weight.
+    fn set_compute(&mut self, dtype: Option<DType>) -> candle_core::Result<()> {
+        if let (Some(dt), LinearWeight::Candle(QMatMul::Tensor(w))) = (dtype, &self.weight) {
+            self.weight = LinearWeight::Candle(QMatMul::Tensor(w.to_dtype(dt)?));
+            self.compute = Some(dt);
+        }
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             LinearWeight::Candle(w) => {
-                let y = w.forward(x)?;
+                let y = match self.compute {
+                    Some(dt) => w.forward(&x.to_dtype(dt)?)?.to_dtype(x.dtype())?,
+                    None => w.forward(x)?,
+                };
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
@@ -807,7 +833,7 @@ impl Transformer {
     }
 
     /// Switches between inference (the default) and a training forward pass.
-    pub fn set_training(&mut self, mode: TrainMode) {
+    pub fn set_training(&mut self, mode: TrainMode) -> candle_core::Result<()> {
         let differentiable = mode.differentiable;
         let norms = self.blocks.iter_mut().flat_map(|b| {
             [Some(&mut b.attn_norm), b.mlp_norm.as_mut()]
@@ -819,7 +845,48 @@ impl Transformer {
         for n in norms.flatten() {
             n.differentiable = differentiable;
         }
+        let compute = mode.compute;
+        for l in self.linears_mut() {
+            l.set_compute(compute)?;
+        }
         self.train = mode;
+        Ok(())
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        fn attn_linears(a: &mut Attention) -> Vec<&mut Linear> {
+            let mut v: Vec<&mut Linear> = match &mut a.qkv {
+                Qkv::Split { q, k, v } => vec![q, k, v],
+                Qkv::Fused(l) => vec![l],
+            };
+            v.push(&mut a.out);
+            v
+        }
+        let mut out: Vec<&mut Linear> = Vec::new();
+        for b in &mut self.blocks {
+            out.extend(attn_linears(&mut b.attn));
+            if let Some(c) = &mut b.cross {
+                out.extend(attn_linears(&mut c.attn));
+            }
+            out.extend(b.mlp.gate.as_mut());
+            out.push(&mut b.mlp.up);
+            out.push(&mut b.mlp.down);
+        }
+        out.extend(self.proj_in.as_mut());
+        out.extend(self.proj_out.as_mut());
+        out.extend(self.head.as_mut());
+        out
+    }
+
+    /// `a · b` in the training compute type (mixed precision), the result in `a`'s type.
+    fn product(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        match self.train.compute {
+            Some(dt) if dt != a.dtype() => a
+                .to_dtype(dt)?
+                .matmul(&b.to_dtype(dt)?)?
+                .to_dtype(a.dtype()),
+            _ => a.matmul(b),
+        }
     }
 
     fn dropout(&self, x: Tensor) -> candle_core::Result<Tensor> {
@@ -1289,7 +1356,7 @@ impl Transformer {
         // Group query heads by the kv head they share instead of copying keys per head.
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * attn.scale)?;
+        let scores = (self.product(&q, &k.t()?)? * attn.scale)?;
         let mut scores = scores.reshape((b, nkv, rep, t, s))?;
         if let Some(mask) = ctx.mask {
             scores = scores.broadcast_add(mask)?;
@@ -1307,9 +1374,8 @@ impl Transformer {
         } else {
             candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
         };
-        Ok(probs
-            .reshape((b, nkv, rep * t, s))?
-            .matmul(&v.contiguous()?)?
+        Ok(self
+            .product(&probs.reshape((b, nkv, rep * t, s))?, &v.contiguous()?)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?)

@@ -6,6 +6,7 @@
 //! to `<dir>.old`, the new one renamed into place, and only then is `.old` removed. A crash at
 //! any point leaves either the previous or the new checkpoint complete.
 
+use crate::amp::{LossScaler, Precision};
 use crate::optim::AdamW;
 use crate::params::Params;
 use anyhow::{anyhow, bail, Context, Result};
@@ -28,6 +29,12 @@ pub struct TrainerState {
     pub batch: usize,
     pub grad_accum: usize,
     pub last_loss: Option<f64>,
+    /// The matmul type (`--dtype`); checkpoints before mixed precision were f32.
+    #[serde(default)]
+    pub dtype: Precision,
+    /// The dynamic loss scale of f16 training.
+    #[serde(default)]
+    pub scaler: Option<LossScaler>,
 }
 
 /// Writes an HF model directory (config + weights + tokenizer) into `dir`, creating it.

@@ -267,7 +267,7 @@ impl Params {
             .collect();
         let store = WeightStore::from_tensors(map, &self.device);
         let mut t = Transformer::load(self.spec.clone(), &store)?;
-        t.set_training(mode);
+        t.set_training(mode)?;
         Ok(t)
     }
 
@@ -293,7 +293,11 @@ impl Params {
     /// The tensors under their names in the family's checkpoint layout (Conv1D matrices
     /// transposed back to `[in, out]`).
     pub fn hf_tensors(&self, family: &Family) -> Result<HashMap<String, Tensor>> {
-        let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().detach()).collect();
+        let values = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().detach().to_device(&Device::Cpu))
+            .collect::<candle_core::Result<Vec<Tensor>>>()?;
         self.hf_named(family, &values)
     }
 

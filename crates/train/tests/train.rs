@@ -106,6 +106,7 @@ fn training_forward_equals_inference_forward() {
         let mode = TrainMode {
             differentiable: true,
             dropout: None,
+            compute: None,
         };
         let b = params.logits(&x, mode).unwrap();
         let diff = (a - b)
