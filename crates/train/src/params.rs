@@ -65,7 +65,16 @@ pub fn parameter_shapes(spec: &ArchSpec) -> Result<Vec<(String, Vec<usize>, Kind
             Kind::Embedding,
         ),
         Positions::Rotary(_) | Positions::Alibi { .. } | Positions::None => {}
-        _ => bail!("relative-position attention cannot be trained yet"),
+        // T5-style bucketed relative positions: one table of per-head biases, kept by block 0.
+        Positions::RelativeBuckets { buckets, .. } => add(
+            "blk.0.attn_rel_b.weight".into(),
+            vec![buckets, a.heads],
+            Kind::Embedding,
+        ),
+        _ => bail!(
+            "{} uses Transformer-XL relative attention, which the transformer does not run yet",
+            spec.family
+        ),
     }
     if spec.embed_norm {
         norm(&mut add, "token_embd_norm", h);
