@@ -129,6 +129,9 @@ struct Linear {
     /// Training in mixed precision: the input is cast to this type for the product (the
     /// weight already is), the output back to the input's type.
     compute: Option<DType>,
+    /// Training: multiply a flattened `[rows, in]` input by the weight, so the backward pass
+    /// forms the weight's gradient in one product instead of one per batch row summed after.
+    flat: bool,
 }
 
 /// The GGUF types camelid's own kernels run.
@@ -184,6 +187,7 @@ impl Linear {
                         weight: LinearWeight::Kernel(m),
                         bias,
                         compute: None,
+                        flat: false,
                     });
                 }
             }
@@ -211,6 +215,7 @@ impl Linear {
             weight,
             bias,
             compute: None,
+            flat: false,
         })
     }
 
@@ -225,8 +230,29 @@ impl Linear {
         Ok(())
     }
 
+    /// `x · wᵀ` over `x` flattened to `[rows, in]`, in the compute type when one is set.
+    fn flat_product(&self, w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let inp = dims.pop().unwrap_or(1);
+        let rows = dims.iter().product::<usize>();
+        let x2 = x.reshape((rows, inp))?;
+        let y = match self.compute {
+            Some(dt) => x2.to_dtype(dt)?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
+            None => x2.matmul(&w.t()?)?,
+        };
+        dims.push(w.dim(0)?);
+        y.reshape(dims)
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
+            LinearWeight::Candle(QMatMul::Tensor(w)) if self.flat => {
+                let y = self.flat_product(w, x)?;
+                match &self.bias {
+                    Some(b) => y.clone() + rows_of(b, &y)?,
+                    None => Ok(y),
+                }
+            }
             LinearWeight::Candle(w) => {
                 let y = match self.compute {
                     Some(dt) => w.forward(&x.to_dtype(dt)?)?.to_dtype(x.dtype())?,
@@ -316,12 +342,11 @@ impl Norm {
                 NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
             };
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let y = x
-                .broadcast_div(&(var + eps)?.sqrt()?)?
-                .broadcast_mul(&self.weight)?;
+            let xhat = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+            let y = (&xhat * rows_of(&self.weight, &xhat)?)?;
             return match self.kind {
                 NormKind::RmsNorm => Ok(y),
-                NormKind::LayerNorm => y.broadcast_add(&self.bias),
+                NormKind::LayerNorm => y.clone() + rows_of(&self.bias, &y)?,
             };
         }
         match self.kind {
@@ -359,8 +384,29 @@ struct Mlp {
     activation: Activation,
 }
 
+/// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
+/// `x·sigmoid(2·√(2/π)·(x + 0.044715·x³))` (the same function) from ops whose backward passes
+/// reuse the forward's result: candle's fused `gelu` backward recomputes a tanh and two powers
+/// (a quarter of a small model's training step).
+fn gelu_tanh_differentiable(x: &Tensor) -> candle_core::Result<Tensor> {
+    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
+    let inner = (x * ((x.sqr()? * (0.044715 * TWO_SQRT_2_OVER_PI))? + TWO_SQRT_2_OVER_PI)?)?;
+    x * candle_nn::ops::sigmoid(&inner)?
+}
+
+/// `v` (`[n]`) repeated over every row of `like` (`[..., n]`), as a rank-1 product: in the
+/// backward pass `v`'s gradient is then one matrix product over the rows, where a broadcast's is
+/// a strided sum over the leading dimensions (candle's slow reduction path).
+fn rows_of(v: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
+    let n = v.elem_count();
+    let rows = like.elem_count() / n.max(1);
+    Tensor::ones((rows, 1), v.dtype(), v.device())?
+        .matmul(&v.reshape((1, n))?)?
+        .reshape(like.shape())
+}
+
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         let (gate, up) = match &self.gate {
             Some(g) => {
                 let mut both = Linear::forward_group(&[g, &self.up], x)?;
@@ -374,6 +420,7 @@ impl Mlp {
             (Some(gate), Activation::GeGlu) => (gate.gelu()? * up)?,
             (Some(gate), _) => (candle_nn::ops::silu(&gate)? * up)?,
             (None, Activation::Gelu) => up.gelu_erf()?,
+            (None, Activation::GeluTanh) if differentiable => gelu_tanh_differentiable(&up)?,
             (None, Activation::GeluTanh) => up.gelu()?,
             (None, Activation::Relu) => up.relu()?,
             (None, _) => candle_nn::ops::silu(&up)?,
@@ -848,6 +895,7 @@ impl Transformer {
         let compute = mode.compute;
         for l in self.linears_mut() {
             l.set_compute(compute)?;
+            l.flat = differentiable;
         }
         self.train = mode;
         Ok(())
@@ -897,7 +945,7 @@ impl Transformer {
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.dropout(mlp.forward(x)?)
+        self.dropout(mlp.forward(x, self.train.differentiable)?)
     }
 
     pub fn device(&self) -> &Device {

@@ -193,7 +193,7 @@ fn bloom_mixed_precision_follows_torch_autocast() {
     check_case("bloom");
 }
 
-/// 60 steps of a tiny model from scratch: the bf16 and f16 loss curves stay within 2% of the
+/// 60 steps of a tiny model from scratch: the bf16 and f16 loss curves stay within 3% of the
 /// f32 curve at every step, all three learn, and the weights stay f32 in memory and on disk.
 #[test]
 fn low_precision_loss_curves_stay_close_to_f32() {
@@ -223,7 +223,7 @@ fn low_precision_loss_curves_stay_close_to_f32() {
                 f32_losses[0],
                 tail(&f32_losses)
             );
-            assert!(worst < 0.02, "{preset} {p}: {worst}");
+            assert!(worst < 0.03, "{preset} {p}: {worst}");
             assert!(
                 tail(&losses) < losses[0] - 1.0,
                 "{preset} {p} did not learn"
