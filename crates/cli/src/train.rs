@@ -108,6 +108,10 @@ pub struct TrainArgs {
     /// weights, optimizer state and checkpoints stay f32; f16 uses a dynamic loss scale)
     #[arg(long, default_value = "f32", value_name = "TYPE")]
     dtype: String,
+    /// Type of the weights in the final model written to OUT: f32, bf16 or f16 (OUT/checkpoint
+    /// stays f32, to resume from)
+    #[arg(long, default_value = "f32", value_name = "TYPE")]
+    save_dtype: String,
     /// Take batches in file order: micro-batch i, row r starts at (i·batch + r)·(seq-len + 1)
     #[arg(long)]
     no_shuffle: bool,
@@ -307,6 +311,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
     crate::resolve::set_threads(a.threads)?;
     keep_freed_memory();
     let precision: Precision = a.dtype.parse()?;
+    let save_dtype = match a.save_dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => bail!("unknown --save-dtype \"{other}\" (f32, bf16, f16)"),
+    };
     let device = crate::resolve::device(&a.device)?;
     let data = TokenData::open(&a.data)?;
     let val_path = a.val.clone().or_else(|| {
@@ -571,12 +581,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
         last_val
     };
     save(&trainer)?;
-    checkpoint::write_model(
+    checkpoint::write_model_as(
         &a.out,
         &trainer.params,
         family,
         &config,
         tokenizer.as_deref(),
+        save_dtype,
     )?;
     if let Some(p) = &a.plot {
         camelid_train::plot::render_log(&log_path, p)

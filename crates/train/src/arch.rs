@@ -1,5 +1,6 @@
 //! What is trained: an [`ArchSpec`] from a preset plus overrides, written as the
-//! `config.json` of the transformers family that can hold it.
+//! `config.json` of the transformers family that can hold it, or else as a camelid-native
+//! checkpoint config.
 //!
 //! The spec the trainer uses is the one read back from that config by the family's own
 //! reader, so the parameters it trains are exactly what loading the checkpoint expects.

@@ -236,6 +236,18 @@ fn low_precision_loss_curves_stay_close_to_f32() {
             let st =
                 candle_core::safetensors::load(ck.join("model.safetensors"), &Device::Cpu).unwrap();
             assert!(st.values().all(|t| t.dtype() == DType::F32));
+            // The final model may be stored in the low type (`--save-dtype`); it still loads.
+            let out = dir.join(format!("{preset}-{p}-model"));
+            checkpoint::write_model_as(&out, &tr.params, family, &config, None, DType::BF16)
+                .unwrap();
+            let st = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+            assert!(st.values().all(|t| t.dtype() == DType::BF16));
+            let cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(cfg["torch_dtype"], "bfloat16");
+            camelid_model::Model::load(&out, &Device::Cpu).unwrap();
         }
     }
 }
