@@ -417,6 +417,9 @@ impl Mlp {
         };
         let up = up.ok_or_else(|| candle_core::Error::Msg("missing up projection".into()))?;
         let h = match (gate, self.activation) {
+            (Some(gate), Activation::GeGlu) if differentiable => {
+                (gelu_tanh_differentiable(&gate)? * up)?
+            }
             (Some(gate), Activation::GeGlu) => (gate.gelu()? * up)?,
             (Some(gate), _) => (candle_nn::ops::silu(&gate)? * up)?,
             (None, Activation::Gelu) => up.gelu_erf()?,
