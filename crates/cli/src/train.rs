@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use camelid_model::tokenizer::Tokenizer;
+use camelid_train::amp::Precision;
 use camelid_train::arch::{self, Overrides};
 use camelid_train::checkpoint::{self, TrainerState};
 use camelid_train::corpus;
@@ -103,9 +104,14 @@ pub struct TrainArgs {
     /// Dropout probability (default: the checkpoint config's, 0 for presets)
     #[arg(long, value_name = "P")]
     dropout: Option<f64>,
-    /// Parameter and compute type (f32 only for now)
+    /// Type of the forward and backward matmuls: f32, bf16 or f16 (mixed precision: master
+    /// weights, optimizer state and checkpoints stay f32; f16 uses a dynamic loss scale)
     #[arg(long, default_value = "f32", value_name = "TYPE")]
     dtype: String,
+    /// Type of the weights in the final model written to OUT: f32, bf16 or f16 (OUT/checkpoint
+    /// stays f32, to resume from)
+    #[arg(long, default_value = "f32", value_name = "TYPE")]
+    save_dtype: String,
     /// Take batches in file order: micro-batch i, row r starts at (i·batch + r)·(seq-len + 1)
     #[arg(long)]
     no_shuffle: bool,
@@ -131,7 +137,7 @@ pub struct TrainArgs {
     /// PNG, redrawn at each validation and at the end
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
-    /// Compute device
+    /// Compute device (cpu, or cuda[:N] in a CUDA build)
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: String,
     /// CPU threads (default: all cores; on a busy machine fewer can be much faster)
@@ -304,16 +310,14 @@ fn keep_freed_memory() {}
 pub fn train(a: TrainArgs) -> Result<()> {
     crate::resolve::set_threads(a.threads)?;
     keep_freed_memory();
-    if a.dtype != "f32" {
-        bail!(
-            "--dtype {} is not supported yet: training runs in f32",
-            a.dtype
-        );
-    }
-    if a.device != "cpu" {
-        bail!("--device {}: training runs on the CPU for now", a.device);
-    }
-    let device = candle_core::Device::Cpu;
+    let precision: Precision = a.dtype.parse()?;
+    let save_dtype = match a.save_dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => bail!("unknown --save-dtype \"{other}\" (f32, bf16, f16)"),
+    };
+    let device = crate::resolve::device(&a.device)?;
     let data = TokenData::open(&a.data)?;
     let val_path = a.val.clone().or_else(|| {
         (a.data.file_name()? == "train.bin")
@@ -422,6 +426,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         dropout: a.dropout.unwrap_or_else(|| arch::config_dropout(&config)),
         shuffle: !a.no_shuffle,
         seed: a.seed,
+        precision,
     };
     let mut trainer = match &resume_from {
         Some(dir) => {
@@ -431,6 +436,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 bail!(
                     "--resume needs the same --seq-len, --batch, --grad-accum and --seed as the checkpoint ({}, {}, {}, {})",
                     state.seq_len, state.batch, state.grad_accum, state.seed
+                );
+            }
+            if state.dtype != opts.precision {
+                bail!(
+                    "--resume needs the same --dtype as the checkpoint ({})",
+                    state.dtype
                 );
             }
             Trainer::with_state(params, opts, opt, state)
@@ -512,6 +523,19 @@ pub fn train(a: TrainArgs) -> Result<()> {
             "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
             "tokens": r.tokens, "tokens_per_s": tps, "step_s": t0.elapsed().as_secs_f64(),
         });
+        let mut rec = rec;
+        if let Some(scale) = r.loss_scale {
+            rec["loss_scale"] = serde_json::json!(scale);
+        }
+        if r.skipped {
+            rec["skipped"] = serde_json::json!(true);
+            rec["grad_norm"] = serde_json::Value::Null;
+            bar.println(format!(
+                "step {}: gradients overflowed in f16; update skipped, loss scale lowered to {}",
+                r.step,
+                r.loss_scale.unwrap_or(0.0)
+            ));
+        }
         writeln!(log, "{rec}")?;
         bar.set_position(r.step);
         let val_msg = last_val
@@ -557,12 +581,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
         last_val
     };
     save(&trainer)?;
-    checkpoint::write_model(
+    checkpoint::write_model_as(
         &a.out,
         &trainer.params,
         family,
         &config,
         tokenizer.as_deref(),
+        save_dtype,
     )?;
     if let Some(p) = &a.plot {
         camelid_train::plot::render_log(&log_path, p)

@@ -172,10 +172,11 @@ fn contract_flags_reproduce_pytorch_adamw() {
 
 #[test]
 fn camelid_checkpoints_reload_with_the_logits_transformers_computes() {
-    // camelid_gpt2 / camelid_bloom were written by `camelid train` with the contract flags;
+    // camelid_gpt2 / camelid_bloom / camelid_opt were written by `camelid train` with the
+    // contract flags (camelid_opt from `--preset opt-175b`, written as OPTForCausalLM);
     // the generator's --check-camelid loaded them with transformers and found the logits in
     // camelid_logits.json (also camelid's output when written) within 1e-4.
-    for case in ["camelid_gpt2", "camelid_bloom"] {
+    for case in ["camelid_gpt2", "camelid_bloom", "camelid_opt"] {
         let dir = fixture(case);
         let want: Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("camelid_logits.json")).unwrap(),
@@ -386,11 +387,11 @@ fn bad_training_input_is_a_clear_error() {
         "--init",
         p(&fixture("gpt2").join("init")),
         "--dtype",
-        "bf16",
+        "f8",
         "--out",
         p(&w.join("o")),
     ]);
-    assert!(e.contains("--dtype bf16 is not supported"), "{e}");
+    assert!(e.contains("unknown --dtype \"f8\" (f32, bf16, f16)"), "{e}");
 
     let e = fails(&[
         "train",

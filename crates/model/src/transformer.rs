@@ -27,6 +27,10 @@ pub struct TrainMode {
     pub differentiable: bool,
     /// Dropout on the embeddings, the attention probabilities and both residual branches.
     pub dropout: Option<Arc<DropoutFn>>,
+    /// Mixed precision: every matrix product (projections, head, attention scores and
+    /// values) runs in this type, forward and backward, as `torch.autocast` does; norms,
+    /// softmax, activations and the residual stream stay f32. `None`: all f32.
+    pub compute: Option<DType>,
 }
 
 /// Where attention keys and values are kept between forward passes (the engine decides how:
@@ -122,6 +126,12 @@ enum LinearWeight {
 struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// Training in mixed precision: the input is cast to this type for the product (the
+    /// weight already is), the output back to the input's type.
+    compute: Option<DType>,
+    /// Training: multiply a flattened `[rows, in]` input by the weight, so the backward pass
+    /// forms the weight's gradient in one product instead of one per batch row summed after.
+    flat: bool,
 }
 
 /// The GGUF types camelid's own kernels run.
@@ -176,6 +186,8 @@ impl Linear {
                     return Ok(Self {
                         weight: LinearWeight::Kernel(m),
                         bias,
+                        compute: None,
+                        flat: false,
                     });
                 }
             }
@@ -199,13 +211,53 @@ impl Linear {
             }
             _ => LinearWeight::Candle(m.to_qmatmul()?),
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            compute: None,
+            flat: false,
+        })
+    }
+
+    /// Switches a dense f32 projection to products in `dtype` (mixed-precision training);
+    /// the cast of the weight is part of the recorded graph, so its gradient reaches the f32
+    /// weight.
+    fn set_compute(&mut self, dtype: Option<DType>) -> candle_core::Result<()> {
+        if let (Some(dt), LinearWeight::Candle(QMatMul::Tensor(w))) = (dtype, &self.weight) {
+            self.weight = LinearWeight::Candle(QMatMul::Tensor(w.to_dtype(dt)?));
+            self.compute = Some(dt);
+        }
+        Ok(())
+    }
+
+    /// `x · wᵀ` over `x` flattened to `[rows, in]`, in the compute type when one is set.
+    fn flat_product(&self, w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let inp = dims.pop().unwrap_or(1);
+        let rows = dims.iter().product::<usize>();
+        let x2 = x.reshape((rows, inp))?;
+        let y = match self.compute {
+            Some(dt) => x2.to_dtype(dt)?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
+            None => x2.matmul(&w.t()?)?,
+        };
+        dims.push(w.dim(0)?);
+        y.reshape(dims)
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
+            LinearWeight::Candle(QMatMul::Tensor(w)) if self.flat => {
+                let y = self.flat_product(w, x)?;
+                match &self.bias {
+                    Some(b) => y.clone() + rows_of(b, &y)?,
+                    None => Ok(y),
+                }
+            }
             LinearWeight::Candle(w) => {
-                let y = w.forward(x)?;
+                let y = match self.compute {
+                    Some(dt) => w.forward(&x.to_dtype(dt)?)?.to_dtype(x.dtype())?,
+                    None => w.forward(x)?,
+                };
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
@@ -290,12 +342,11 @@ impl Norm {
                 NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
             };
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let y = x
-                .broadcast_div(&(var + eps)?.sqrt()?)?
-                .broadcast_mul(&self.weight)?;
+            let xhat = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+            let y = (&xhat * rows_of(&self.weight, &xhat)?)?;
             return match self.kind {
                 NormKind::RmsNorm => Ok(y),
-                NormKind::LayerNorm => y.broadcast_add(&self.bias),
+                NormKind::LayerNorm => y.clone() + rows_of(&self.bias, &y)?,
             };
         }
         match self.kind {
@@ -333,8 +384,29 @@ struct Mlp {
     activation: Activation,
 }
 
+/// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
+/// `x·sigmoid(2·√(2/π)·(x + 0.044715·x³))` (the same function) from ops whose backward passes
+/// reuse the forward's result: candle's fused `gelu` backward recomputes a tanh and two powers
+/// (a quarter of a small model's training step).
+fn gelu_tanh_differentiable(x: &Tensor) -> candle_core::Result<Tensor> {
+    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
+    let inner = (x * ((x.sqr()? * (0.044715 * TWO_SQRT_2_OVER_PI))? + TWO_SQRT_2_OVER_PI)?)?;
+    x * candle_nn::ops::sigmoid(&inner)?
+}
+
+/// `v` (`[n]`) repeated over every row of `like` (`[..., n]`), as a rank-1 product: in the
+/// backward pass `v`'s gradient is then one matrix product over the rows, where a broadcast's is
+/// a strided sum over the leading dimensions (candle's slow reduction path).
+fn rows_of(v: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
+    let n = v.elem_count();
+    let rows = like.elem_count() / n.max(1);
+    Tensor::ones((rows, 1), v.dtype(), v.device())?
+        .matmul(&v.reshape((1, n))?)?
+        .reshape(like.shape())
+}
+
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         let (gate, up) = match &self.gate {
             Some(g) => {
                 let mut both = Linear::forward_group(&[g, &self.up], x)?;
@@ -345,9 +417,13 @@ impl Mlp {
         };
         let up = up.ok_or_else(|| candle_core::Error::Msg("missing up projection".into()))?;
         let h = match (gate, self.activation) {
+            (Some(gate), Activation::GeGlu) if differentiable => {
+                (gelu_tanh_differentiable(&gate)? * up)?
+            }
             (Some(gate), Activation::GeGlu) => (gate.gelu()? * up)?,
             (Some(gate), _) => (candle_nn::ops::silu(&gate)? * up)?,
             (None, Activation::Gelu) => up.gelu_erf()?,
+            (None, Activation::GeluTanh) if differentiable => gelu_tanh_differentiable(&up)?,
             (None, Activation::GeluTanh) => up.gelu()?,
             (None, Activation::Relu) => up.relu()?,
             (None, _) => candle_nn::ops::silu(&up)?,
@@ -807,7 +883,7 @@ impl Transformer {
     }
 
     /// Switches between inference (the default) and a training forward pass.
-    pub fn set_training(&mut self, mode: TrainMode) {
+    pub fn set_training(&mut self, mode: TrainMode) -> candle_core::Result<()> {
         let differentiable = mode.differentiable;
         let norms = self.blocks.iter_mut().flat_map(|b| {
             [Some(&mut b.attn_norm), b.mlp_norm.as_mut()]
@@ -819,7 +895,49 @@ impl Transformer {
         for n in norms.flatten() {
             n.differentiable = differentiable;
         }
+        let compute = mode.compute;
+        for l in self.linears_mut() {
+            l.set_compute(compute)?;
+            l.flat = differentiable;
+        }
         self.train = mode;
+        Ok(())
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        fn attn_linears(a: &mut Attention) -> Vec<&mut Linear> {
+            let mut v: Vec<&mut Linear> = match &mut a.qkv {
+                Qkv::Split { q, k, v } => vec![q, k, v],
+                Qkv::Fused(l) => vec![l],
+            };
+            v.push(&mut a.out);
+            v
+        }
+        let mut out: Vec<&mut Linear> = Vec::new();
+        for b in &mut self.blocks {
+            out.extend(attn_linears(&mut b.attn));
+            if let Some(c) = &mut b.cross {
+                out.extend(attn_linears(&mut c.attn));
+            }
+            out.extend(b.mlp.gate.as_mut());
+            out.push(&mut b.mlp.up);
+            out.push(&mut b.mlp.down);
+        }
+        out.extend(self.proj_in.as_mut());
+        out.extend(self.proj_out.as_mut());
+        out.extend(self.head.as_mut());
+        out
+    }
+
+    /// `a · b` in the training compute type (mixed precision), the result in `a`'s type.
+    fn product(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        match self.train.compute {
+            Some(dt) if dt != a.dtype() => a
+                .to_dtype(dt)?
+                .matmul(&b.to_dtype(dt)?)?
+                .to_dtype(a.dtype()),
+            _ => a.matmul(b),
+        }
     }
 
     fn dropout(&self, x: Tensor) -> candle_core::Result<Tensor> {
@@ -830,7 +948,7 @@ impl Transformer {
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.dropout(mlp.forward(x)?)
+        self.dropout(mlp.forward(x, self.train.differentiable)?)
     }
 
     pub fn device(&self) -> &Device {
@@ -1289,7 +1407,7 @@ impl Transformer {
         // Group query heads by the kv head they share instead of copying keys per head.
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * attn.scale)?;
+        let scores = (self.product(&q, &k.t()?)? * attn.scale)?;
         let mut scores = scores.reshape((b, nkv, rep, t, s))?;
         if let Some(mask) = ctx.mask {
             scores = scores.broadcast_add(mask)?;
@@ -1307,9 +1425,8 @@ impl Transformer {
         } else {
             candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
         };
-        Ok(probs
-            .reshape((b, nkv, rep * t, s))?
-            .matmul(&v.contiguous()?)?
+        Ok(self
+            .product(&probs.reshape((b, nkv, rep * t, s))?, &v.contiguous()?)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?)

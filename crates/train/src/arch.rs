@@ -1,5 +1,6 @@
 //! What is trained: an [`ArchSpec`] from a preset plus overrides, written as the
-//! `config.json` of the transformers family that can hold it.
+//! `config.json` of the transformers family that can hold it, or else as a camelid-native
+//! checkpoint config.
 //!
 //! The spec the trainer uses is the one read back from that config by the family's own
 //! reader, so the parameters it trains are exactly what loading the checkpoint expects.
@@ -122,16 +123,57 @@ fn act_name(a: Activation) -> Option<&'static str> {
     })
 }
 
-/// The transformers `config.json` of the family that can hold `spec`, or why none can, and
-/// the spec that family reads back from it: the one to train, whose parameters are laid out
-/// as the checkpoint stores them (e.g. GPT-2's fused QKV). `dropout` is written as the
-/// config's dropout probabilities.
+/// The checkpoint `spec` is written as: the transformers `config.json` of the family that can
+/// hold it, or else a camelid-native one (see [`native_config`]); and the spec that family
+/// reads back from it: the one to train, whose parameters are laid out as the checkpoint
+/// stores them (e.g. GPT-2's fused QKV). `dropout` is written as the config's dropout
+/// probabilities.
 pub fn export_config(spec: &ArchSpec, dropout: f64) -> Result<(&'static Family, Value, ArchSpec)> {
+    match transformers_config(spec, dropout) {
+        Ok(found) => Ok(found),
+        Err(why) => native_config(spec, dropout, &format!("{why:#}")),
+    }
+}
+
+/// A camelid-native checkpoint config: `model_type: "camelid"` with the spec itself under
+/// `camelid_spec` (tensors keep camelid's canonical names). `camelid run` and `camelid logits`
+/// load it; transformers cannot, as it has no architecture for the design (`why` says which
+/// part, and is kept in the config as `transformers_note`).
+pub fn native_config(
+    spec: &ArchSpec,
+    dropout: f64,
+    why: &str,
+) -> Result<(&'static Family, Value, ArchSpec)> {
+    let family = families::by_model_type("camelid")
+        .ok_or_else(|| anyhow!("the camelid-native family is not registered"))?;
+    let cfg = json!({
+        "model_type": "camelid",
+        "camelid_spec": spec,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.attention.heads,
+        "max_position_embeddings": spec.max_positions,
+        "dropout": dropout,
+        "torch_dtype": "float32",
+        "transformers_note": format!(
+            "camelid-native checkpoint: transformers has no architecture for this design ({why})"
+        ),
+    });
+    let back = (family.from_config)(&HfConfig::from_value(Path::new("config.json"), cfg.clone()))?;
+    Ok((family, cfg, back))
+}
+
+/// The transformers `config.json` of the family that can hold `spec`, or why none can.
+pub fn transformers_config(
+    spec: &ArchSpec,
+    dropout: f64,
+) -> Result<(&'static Family, Value, ArchSpec)> {
     let a = &spec.attention;
     let unsupported = |why: &str| {
         anyhow!(
             "the {} architecture cannot be written as a transformers checkpoint ({why}); \
-             trainable layouts are LLaMA, GPT-2, GPT-NeoX and BLOOM shapes",
+             transformers layouts are LLaMA, GPT-2, OPT, GPT-NeoX and BLOOM shapes",
             spec.family
         )
     };
@@ -223,6 +265,24 @@ pub fn export_config(spec: &ArchSpec, dropout: f64) -> Result<(&'static Family, 
                 "resid_pdrop": dropout,
                 "embd_pdrop": dropout,
                 "attn_pdrop": dropout,
+            }),
+        ),
+        (Positions::Learned { offset: 2 }, NormKind::LayerNorm) => (
+            "opt",
+            json!({
+                "architectures": ["OPTForCausalLM"],
+                "hidden_size": spec.hidden,
+                "num_hidden_layers": spec.layers,
+                "num_attention_heads": a.heads,
+                "ffn_dim": spec.mlp.hidden,
+                "max_position_embeddings": spec.max_positions,
+                "word_embed_proj_dim": spec.embed_dim.unwrap_or(spec.hidden),
+                "do_layer_norm_before": true,
+                "activation_function": act,
+                "enable_bias": a.qkv_bias,
+                "tie_word_embeddings": spec.tied_head,
+                "dropout": dropout,
+                "attention_dropout": dropout,
             }),
         ),
         _ => return Err(unsupported("its position scheme")),

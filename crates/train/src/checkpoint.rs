@@ -6,11 +6,12 @@
 //! to `<dir>.old`, the new one renamed into place, and only then is `.old` removed. A crash at
 //! any point leaves either the previous or the new checkpoint complete.
 
+use crate::amp::{LossScaler, Precision};
 use crate::optim::AdamW;
 use crate::params::Params;
 use anyhow::{anyhow, bail, Context, Result};
 use camelid_model::families::Family;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -28,9 +29,15 @@ pub struct TrainerState {
     pub batch: usize,
     pub grad_accum: usize,
     pub last_loss: Option<f64>,
+    /// The matmul type (`--dtype`); checkpoints before mixed precision were f32.
+    #[serde(default)]
+    pub dtype: Precision,
+    /// The dynamic loss scale of f16 training.
+    #[serde(default)]
+    pub scaler: Option<LossScaler>,
 }
 
-/// Writes an HF model directory (config + weights + tokenizer) into `dir`, creating it.
+/// Writes an HF model directory (config + f32 weights + tokenizer) into `dir`, creating it.
 pub fn write_model(
     dir: &Path,
     params: &Params,
@@ -38,10 +45,36 @@ pub fn write_model(
     config: &Value,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
+    write_model_as(dir, params, family, config, tokenizer, DType::F32)
+}
+
+/// [`write_model`] with the weights stored as `dtype` (F32, BF16 or F16; the config's
+/// `torch_dtype` says which). Checkpoints to resume from are always f32.
+pub fn write_model_as(
+    dir: &Path,
+    params: &Params,
+    family: &Family,
+    config: &Value,
+    tokenizer: Option<&Path>,
+    dtype: DType,
+) -> Result<()> {
+    let torch_dtype = match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => bail!("cannot store weights as {other:?} (f32, bf16, f16)"),
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let text = serde_json::to_string_pretty(config)?;
+    let mut config = config.clone();
+    if config.get("torch_dtype").is_some() || dtype != DType::F32 {
+        config["torch_dtype"] = serde_json::json!(torch_dtype);
+    }
+    let text = serde_json::to_string_pretty(&config)?;
     std::fs::write(dir.join("config.json"), text + "\n")?;
-    let tensors = params.hf_tensors(family)?;
+    let mut tensors = params.hf_tensors(family)?;
+    for t in tensors.values_mut() {
+        *t = t.to_dtype(dtype)?;
+    }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     if let Some(t) = tokenizer {
         std::fs::copy(t, dir.join("tokenizer.json"))

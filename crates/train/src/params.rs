@@ -65,7 +65,16 @@ pub fn parameter_shapes(spec: &ArchSpec) -> Result<Vec<(String, Vec<usize>, Kind
             Kind::Embedding,
         ),
         Positions::Rotary(_) | Positions::Alibi { .. } | Positions::None => {}
-        _ => bail!("relative-position attention cannot be trained yet"),
+        // T5-style bucketed relative positions: one table of per-head biases, kept by block 0.
+        Positions::RelativeBuckets { buckets, .. } => add(
+            "blk.0.attn_rel_b.weight".into(),
+            vec![buckets, a.heads],
+            Kind::Embedding,
+        ),
+        _ => bail!(
+            "{} uses Transformer-XL relative attention, which the transformer does not run yet",
+            spec.family
+        ),
     }
     if spec.embed_norm {
         norm(&mut add, "token_embd_norm", h);
@@ -267,7 +276,7 @@ impl Params {
             .collect();
         let store = WeightStore::from_tensors(map, &self.device);
         let mut t = Transformer::load(self.spec.clone(), &store)?;
-        t.set_training(mode);
+        t.set_training(mode)?;
         Ok(t)
     }
 
@@ -293,7 +302,11 @@ impl Params {
     /// The tensors under their names in the family's checkpoint layout (Conv1D matrices
     /// transposed back to `[in, out]`).
     pub fn hf_tensors(&self, family: &Family) -> Result<HashMap<String, Tensor>> {
-        let values: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().detach()).collect();
+        let values = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().detach().to_device(&Device::Cpu))
+            .collect::<candle_core::Result<Vec<Tensor>>>()?;
         self.hf_named(family, &values)
     }
 

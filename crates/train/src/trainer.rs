@@ -1,6 +1,7 @@
 //! One training update: micro-batches through the differentiable forward, gradients summed
 //! over accumulation steps, clipped by global norm, then an AdamW update.
 
+use crate::amp::{LossScaler, Precision};
 use crate::checkpoint::TrainerState;
 use crate::data::{batch, Order, TokenData};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, Schedule};
@@ -32,6 +33,8 @@ pub struct TrainOptions {
     pub dropout: f64,
     pub shuffle: bool,
     pub seed: u64,
+    /// The type of the forward and backward matmuls; weights and optimizer stay f32.
+    pub precision: Precision,
 }
 
 impl Default for TrainOptions {
@@ -54,6 +57,7 @@ impl Default for TrainOptions {
             dropout: 0.0,
             shuffle: true,
             seed: 1337,
+            precision: Precision::F32,
         }
     }
 }
@@ -86,6 +90,10 @@ pub struct StepReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: u64,
+    /// f16: the gradients overflowed, no update was applied and the loss scale was lowered.
+    pub skipped: bool,
+    /// f16: the loss scale after this step.
+    pub loss_scale: Option<f64>,
 }
 
 pub struct Trainer {
@@ -98,7 +106,7 @@ pub struct Trainer {
 
 /// Dropout with masks drawn from a generator seeded by (seed, micro-batch): a resumed run
 /// draws the same masks.
-fn dropout_fn(p: f64, seed: u64) -> TrainMode {
+fn dropout_fn(p: f64, seed: u64, compute: Option<candle_core::DType>) -> TrainMode {
     let rng = Mutex::new(rand::rngs::StdRng::seed_from_u64(seed));
     let keep = 1.0 - p;
     let f = move |x: &Tensor| -> candle_core::Result<Tensor> {
@@ -120,6 +128,7 @@ fn dropout_fn(p: f64, seed: u64) -> TrainMode {
     TrainMode {
         differentiable: true,
         dropout: Some(Arc::new(f)),
+        compute,
     }
 }
 
@@ -135,6 +144,8 @@ impl Trainer {
             batch: opts.batch,
             grad_accum: opts.grad_accum,
             last_loss: None,
+            dtype: opts.precision,
+            scaler: opts.precision.needs_loss_scale().then(LossScaler::default),
         };
         Self::with_state(params, opts, opt, state)
     }
@@ -150,6 +161,13 @@ impl Trainer {
         opt.beta2 = opts.beta2;
         opt.eps = opts.eps;
         opt.weight_decay = opts.weight_decay;
+        let mut state = state;
+        state.dtype = opts.precision;
+        if !opts.precision.needs_loss_scale() {
+            state.scaler = None;
+        } else if state.scaler.is_none() {
+            state.scaler = Some(LossScaler::default());
+        }
         let decay = params
             .vars
             .iter()
@@ -186,15 +204,18 @@ impl Trainer {
             self.order(),
             &self.params.device,
         )?;
+        let compute = o.precision.compute();
         let mode = if o.dropout > 0.0 {
             dropout_fn(
                 o.dropout,
                 o.seed ^ 0xD1B5_4A32_D192_ED03 ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                compute,
             )
         } else {
             TrainMode {
                 differentiable: true,
                 dropout: None,
+                compute,
             }
         };
         let loss = self.params.loss(&x, &y, mode)?;
@@ -206,7 +227,11 @@ impl Trainer {
             }
             .into());
         }
-        let store = (loss / o.grad_accum as f64)?.backward()?;
+        let mut scaled = (loss / o.grad_accum as f64)?;
+        if let Some(s) = &self.state.scaler {
+            scaled = (scaled * s.scale)?;
+        }
+        let store = scaled.backward()?;
         let mut grads = Vec::with_capacity(self.params.vars.len());
         for (v, name) in self.params.vars.iter().zip(&self.params.names) {
             match store.get(v.as_tensor()) {
@@ -246,6 +271,26 @@ impl Trainer {
             }
         }
         let mut grads = total.unwrap_or_default();
+        self.state.tokens_seen += (o.grad_accum * o.batch * o.seq_len) as u64;
+        self.state.last_loss = Some(loss);
+        if let Some(scaler) = &mut self.state.scaler {
+            let found_inf = LossScaler::found_inf(&grads);
+            if found_inf {
+                // As GradScaler: no update, the step (and the schedule) moves on.
+                scaler.update(true);
+                self.state.step += 1;
+                return Ok(StepReport {
+                    step: self.state.step,
+                    loss,
+                    lr,
+                    grad_norm: f64::INFINITY,
+                    tokens: self.state.tokens_seen,
+                    skipped: true,
+                    loss_scale: Some(scaler.scale),
+                });
+            }
+            scaler.unscale(&mut grads);
+        }
         let grad_norm = clip_grad_norm(&mut grads, o.clip);
         let mut values = self
             .params
@@ -258,14 +303,17 @@ impl Trainer {
             v.set(&Tensor::from_vec(data, v.shape(), v.device())?)?;
         }
         self.state.step += 1;
-        self.state.tokens_seen += (o.grad_accum * o.batch * o.seq_len) as u64;
-        self.state.last_loss = Some(loss);
+        if let Some(scaler) = &mut self.state.scaler {
+            scaler.update(false);
+        }
         Ok(StepReport {
             step: self.state.step,
             loss,
             lr,
             grad_norm,
             tokens: self.state.tokens_seen,
+            skipped: false,
+            loss_scale: self.state.scaler.as_ref().map(|s| s.scale),
         })
     }
 

@@ -57,7 +57,17 @@ fn opts() -> TrainOptions {
     }
 }
 
-const LAYOUTS: &[&str] = &["llama", "gpt2", "gpt-neox", "bloom", "gpt3-175b"];
+const LAYOUTS: &[&str] = &[
+    "llama",
+    "gpt2",
+    "gpt-neox",
+    "bloom",
+    "gpt3-175b",
+    "opt-175b",
+    "palm-540b",
+    "lamda-137b",
+    "glm-130b",
+];
 
 #[test]
 fn every_parameter_receives_a_nonzero_gradient() {
@@ -106,6 +116,7 @@ fn training_forward_equals_inference_forward() {
         let mode = TrainMode {
             differentiable: true,
             dropout: None,
+            compute: None,
         };
         let b = params.logits(&x, mode).unwrap();
         let diff = (a - b)
@@ -270,8 +281,13 @@ fn bad_data_and_presets_are_clear_errors() {
         .to_string();
     assert!(unknown.contains("unknown preset \"gpt5\"") && unknown.contains("gpt2-124m"));
 
+    // No transformers class holds PaLM's block: it is written camelid-native, saying why.
     let palm = preset_spec("palm-540b", &tiny()).unwrap();
-    let err = export_config(&palm, 0.0)
+    let (family, cfg, _) = export_config(&palm, 0.0).unwrap();
+    assert_eq!(family.name, "camelid");
+    let note = cfg["transformers_note"].as_str().unwrap_or_default();
+    assert!(note.contains("transformers has no architecture"), "{note}");
+    let err = camelid_train::arch::transformers_config(&palm, 0.0)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -287,6 +303,7 @@ fn survey_presets_export_to_their_transformers_family() {
         ("gpt2-124m", "gpt2"),
         ("gpt3-175b", "gpt2"),
         ("bloom-176b", "bloom"),
+        ("opt-175b", "opt"),
     ] {
         let spec = preset_spec(preset, &tiny()).unwrap();
         let (family, cfg, _) = export_config(&spec, 0.0).unwrap();

@@ -12,6 +12,7 @@ use std::path::Path;
 mod baichuan;
 mod bert;
 mod bloom;
+mod camelid;
 mod chatglm;
 mod falcon;
 mod gpt2;
@@ -66,6 +67,7 @@ pub static FAMILIES: &[&Family] = &[
     &chatglm::CHATGLM,
     &bert::BERT,
     &t5::T5,
+    &camelid::CAMELID,
 ];
 
 pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
