@@ -50,3 +50,21 @@ pub fn max_diff(got: &[Vec<f32>], want: &[Vec<f32>]) -> (f32, f32) {
 pub fn dtype_name(dtype: DType) -> &'static str {
     dtype.as_str()
 }
+
+/// Loads a model on the test device in f32 (a GPU's default is bf16).
+pub fn load_f32(path: &std::path::Path) -> camelid_model::Result<camelid_model::Model> {
+    let opts = camelid_model::model::LoadOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    camelid_model::Model::load_with(path, &device(), &opts)
+}
+
+/// `tests/fixtures` of the repository: `CAMELID_FIXTURES` when set (test binaries carried to
+/// another machine, where the build's path does not exist), else found from this crate.
+pub fn fixtures() -> std::path::PathBuf {
+    match std::env::var_os("CAMELID_FIXTURES") {
+        Some(dir) => dir.into(),
+        None => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+    }
+}
