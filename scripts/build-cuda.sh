@@ -3,7 +3,7 @@
 #
 #   scripts/build-cuda.sh            # the binary: target/cuda/release/camelid
 #   scripts/build-cuda.sh --tests    # also the device-generic test binaries, packed with the
-#                                    # binary into target/cuda/bundle.tar.zst for a GPU machine
+#                                    # binary into target/cuda/bundle.tar.xz for a GPU machine
 #
 # What it does (every step reuses its result on the next run):
 #  1. pip-downloads NVIDIA's CUDA 13.0 wheels (compiler, headers, and the cuBLAS/cuBLASLt/cuRAND/
@@ -125,21 +125,25 @@ cargo build --release --features cuda -p camelid --target-dir "$TARGET_DIR"
 BIN="$TARGET_DIR/release/camelid"
 
 if ((WITH_TESTS)); then
-  # The device-generic tests: model/engine parity against the committed fixtures.
+  # The device-generic tests (CAMELID_TEST_DEVICE=cuda): parity with transformers and
+  # llama.cpp on the committed fixtures (CAMELID_FIXTURES points them at a copy).
   log "building the device-generic test binaries"
-  cargo test --release --features cuda -p camelid-model -p camelid-engine --target-dir "$TARGET_DIR" \
-    --no-run --message-format=json-render-diagnostics 2>/dev/null |
+  cargo test --release --features cuda -p camelid-engine --target-dir "$TARGET_DIR" \
+    --test parity --test llamacpp_families --test t5_parity --no-run --message-format=json 2>/dev/null |
     "$PY" -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         print(m["executable"])' >"$TARGET_DIR/test-binaries.txt"
+  [[ -s "$TARGET_DIR/test-binaries.txt" ]] || { echo "build-cuda.sh: no test binaries built" >&2; exit 1; }
   BUNDLE="$TARGET_DIR/bundle"
   rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/tests"
-  cp "$BIN" "$BUNDLE/camelid"
-  while read -r t; do strip -o "$BUNDLE/tests/$(basename "$t" | sed -E 's/-[0-9a-f]{16}$//')" "$t"; done <"$TARGET_DIR/test-binaries.txt"
-  tar -C "$BUNDLE" -cf - . | zstd -q -19 -T0 -f -o "$TARGET_DIR/bundle.tar.zst"
-  log "bundle: $TARGET_DIR/bundle.tar.zst ($(stat -c %s "$TARGET_DIR/bundle.tar.zst") bytes): $(ls "$BUNDLE/tests" | tr '\n' ' ')"
+  strip -o "$BUNDLE/camelid" "$BIN"
+  while read -r t; do
+    strip -o "$BUNDLE/tests/$(basename "$t" | sed -E 's/-[0-9a-f]{16}$//')" "$t"
+  done <"$TARGET_DIR/test-binaries.txt"
+  tar -C "$BUNDLE" -cf - . | xz -6 -T0 >"$TARGET_DIR/bundle.tar.xz"
+  log "bundle: $TARGET_DIR/bundle.tar.xz ($(stat -c %s "$TARGET_DIR/bundle.tar.xz") bytes): camelid, $(ls "$BUNDLE/tests" | tr '\n' ' ')"
 fi
 
 strip "$BIN"
