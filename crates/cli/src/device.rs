@@ -39,8 +39,8 @@ pub fn parse(name: &str) -> Result<DeviceChoice> {
 pub fn open(name: &str) -> Result<Device> {
     match parse(name)? {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda(i) if !HAS_CUDA => bail!(
-            "--device {name}: this camelid binary was built without CUDA (GPU {i} unusable); build one with scripts/build-cuda.sh"
+        DeviceChoice::Cuda(_) if !HAS_CUDA => bail!(
+            "--device {name}: this camelid binary was built without CUDA; build one with scripts/build-cuda.sh"
         ),
         DeviceChoice::Cuda(i) => Device::new_cuda(i).map_err(|e| {
             anyhow::anyhow!(

@@ -432,3 +432,42 @@ fn display_name(path: &Path) -> String {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_dtype_is_f32_on_the_cpu_and_for_quantized_files() {
+        assert_eq!(default_dtype(&Device::Cpu, false), DType::F32);
+        assert_eq!(default_dtype(&Device::Cpu, true), DType::F32);
+    }
+
+    #[test]
+    fn dtypes_are_checked_against_the_checkpoint() {
+        let path = Path::new("m.gguf");
+        let with = |dtype| LoadOptions {
+            dtype,
+            ..Default::default()
+        };
+        let cpu = Device::Cpu;
+        assert_eq!(
+            choose_dtype(path, &cpu, false, &with(None)).unwrap(),
+            DType::F32
+        );
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(choose_dtype(path, &cpu, false, &with(Some(d))).unwrap(), d);
+        }
+        assert_eq!(
+            choose_dtype(path, &cpu, true, &with(Some(DType::F32))).unwrap(),
+            DType::F32
+        );
+        let e = choose_dtype(path, &cpu, true, &with(Some(DType::BF16)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block-quantized") && e.contains("bf16"), "{e}");
+        assert!(choose_dtype(path, &cpu, false, &with(Some(DType::U32))).is_err());
+        assert!(parse_dtype("int8").is_err());
+        assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
+    }
+}
