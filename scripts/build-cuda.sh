@@ -15,7 +15,7 @@
 #     stub only satisfies the linker here (it lives in lib/stubs and never travels);
 #  3. builds `cargo build --release --features cuda` into target/cuda (the CPU build in
 #     target/release stays valid), stripped, for compute capability $CUDA_COMPUTE_CAP (default 90:
-#     H100/H200; there is no GPU here to ask).
+#     H100/H200; there is no GPU here to ask). The stripped binary is ~70 MiB (~9 MB with xz).
 #
 # Pinned to CUDA 13.0.x: a newer nvcc emits PTX that the 580 driver rejects. The binary links
 # libcuda.so.1, libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 and
@@ -103,14 +103,20 @@ fi
 CUDARC_SRC=$(cd "$ROOT" && cargo metadata --format-version 1 --features cuda --manifest-path crates/cli/Cargo.toml 2>/dev/null |
   "$PY" -c 'import json,sys,os; m=json.load(sys.stdin); print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"]=="cudarc"))')
 STUB="$TREE/lib/stubs/libcuda.so"
-if [[ ! -f "$STUB" || ! -f "$TREE/lib/stubs/.from" || "$(cat "$TREE/lib/stubs/.from")" != "$CUDARC_SRC" ]]; then
+STUB_ID="$CUDARC_SRC stub-v2"
+if [[ ! -f "$STUB" || ! -f "$TREE/lib/stubs/.from" || "$(cat "$TREE/lib/stubs/.from")" != "$STUB_ID" ]]; then
   log "compiling the libcuda.so stub from $CUDARC_SRC"
   mkdir -p "$TREE/lib/stubs"
-  grep -ohE '^\s*(pub )?fn (cu[A-Za-z0-9_]+)\(' "$CUDARC_SRC/src/driver/sys/mod.rs" |
-    sed -E 's/.*fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u |
-    awk '{print "int " $1 "(void) { return 34; }"}' >"$TREE/lib/stubs/cuda_stub.c"
+  {
+    # The error-text calls answer, so that a binary run against the stub reports "no driver".
+    echo 'int cuGetErrorString(int e, const char **s) { *s = "no NVIDIA driver (stub libcuda)"; return 0; }'
+    echo 'int cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_STUB_LIBRARY"; return 0; }'
+    grep -ohE '^\s*(pub )?fn (cu[A-Za-z0-9_]+)\(' "$CUDARC_SRC/src/driver/sys/mod.rs" |
+      sed -E 's/.*fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u | grep -vE '^cuGetError(String|Name)$' |
+      awk '{print "int " $1 "(void) { return 34; }"}'
+  } >"$TREE/lib/stubs/cuda_stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB" "$TREE/lib/stubs/cuda_stub.c"
-  echo "$CUDARC_SRC" >"$TREE/lib/stubs/.from"
+  echo "$STUB_ID" >"$TREE/lib/stubs/.from"
 fi
 
 # 3. The build.
@@ -151,7 +157,15 @@ size=$(stat -c %s "$BIN")
 log "built in $(($(date +%s) - start)) s"
 echo "$BIN $size bytes ($((size / 1024 / 1024)) MiB)"
 ldd "$BIN" 2>/dev/null | grep -E 'cuda|cublas|curand|nvrtc' >&2 || true
+# A GPU machine takes 64 MiB of carried files. The stripped binary is larger than that (candle's
+# GGUF kernels for sm_90a are ~33 MB of it) but packs to ~9 MB with xz: carry the bundle.
 if ((size >= MAX_BYTES)); then
-  echo "build-cuda.sh: $BIN is $size bytes, over the 64 MiB a GPU machine accepts" >&2
-  exit 1
+  log "the binary is over 64 MiB uncompressed: carry it packed (--tests makes bundle.tar.xz; scripts/gpu/prepare.sh)"
+fi
+if ((WITH_TESTS)); then
+  bundle_size=$(stat -c %s "$TARGET_DIR/bundle.tar.xz")
+  if ((bundle_size >= MAX_BYTES)); then
+    echo "build-cuda.sh: $TARGET_DIR/bundle.tar.xz is $bundle_size bytes, over 64 MiB" >&2
+    exit 1
+  fi
 fi
