@@ -132,7 +132,9 @@ BIN="$TARGET_DIR/release/camelid"
 
 if ((WITH_TESTS)); then
   # The device-generic tests (CAMELID_TEST_DEVICE=cuda): parity with transformers and
-  # llama.cpp on the committed fixtures (CAMELID_FIXTURES points them at a copy).
+  # llama.cpp on the committed fixtures (CAMELID_FIXTURES points them at a copy). Their build
+  # graph (dev-dependencies) unifies a build-time dependency's features differently, so cargo
+  # builds candle's kernels a second time for it (as long as the first, once).
   log "building the device-generic test binaries"
   cargo test --release --features cuda -p camelid-engine --target-dir "$TARGET_DIR" \
     --test parity --test llamacpp_families --test t5_parity --no-run --message-format=json 2>/dev/null |
