@@ -140,8 +140,8 @@ stage_bench() {
   local bw
   bw=$(jq_get copy_read_plus_write_GBps)
   {
-    echo "| model | engine | test | tok/s | weights GB | roofline tok/s | % of roofline |"
-    echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
+    echo "| model | engine | test | tok/s | weights GB | roofline tok/s | % of roofline | vs llama.cpp |"
+    echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
   } >"$OUT/bench.md"
   for f in "$WORK"/llama-1.1b-F16.gguf "$WORK"/llama-1.1b-Q4_0.gguf "$WORK"/llama-7.2b-F16.gguf "$WORK"/llama-7.2b-Q4_0.gguf; do
     [[ -f "$f" ]] || { note "- bench: $f missing (run the models stage)"; continue; }
@@ -170,26 +170,29 @@ try:
         rows.append(("camelid", r["test"], r["tokens_per_s"]))
 except Exception as e:
     rows.append(("camelid", "error", float("nan")))
+llama = {test: ts for engine, test, ts in rows if engine == "llama.cpp"}
 for engine, test, ts in rows:
     pct = f"{100 * ts / roof:.0f}%" if roof and test.startswith("tg") else ""
     rf = f"{roof:.0f}" if roof and test.startswith("tg") else ""
-    print(f"| {name} | {engine} | {test} | {ts:.1f} | {gb} | {rf} | {pct} |")
+    ratio = f"{ts / llama[test]:.2f}x" if test in llama and llama[test] > 0 else ""
+    print(f"| {name} | {engine} | {test} | {ts:.1f} | {gb} | {rf} | {pct} | {ratio} |")
 PYEOF
   done
   note "- bench: bench.md"
 }
 
+for s in "${stages[@]}"; do
+  case "$s" in
+    info | ceilings | parity | reference | llamacpp | models | bench) ;;
+    *) echo "device-checks.sh: unknown stage '$s' (info ceilings parity reference llamacpp models bench)" >&2; exit 2 ;;
+  esac
+done
 unpack
 echo "# GPU checks $(date -u +%FT%TZ): ${stages[*]}" >>"$SUMMARY"
 for s in "${stages[@]}"; do
-  case "$s" in
-    info | ceilings | parity | reference | llamacpp | models | bench)
-      log "stage $s"
-      t0=$SECONDS
-      "stage_$s"
-      log "stage $s: $((SECONDS - t0)) s"
-      ;;
-    *) log "unknown stage '$s' (info ceilings parity reference llamacpp models bench)"; exit 2 ;;
-  esac
+  log "stage $s"
+  t0=$SECONDS
+  "stage_$s"
+  log "stage $s: $((SECONDS - t0)) s"
 done
 cat "$SUMMARY"

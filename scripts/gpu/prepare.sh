@@ -15,6 +15,7 @@ DEST="$ROOT/target/cuda/device"
 CACHE="${CAMELID_CUDA_CACHE:-$HOME/.cache/camelid/cuda}"
 SDIST=llama_cpp_python-0.3.36
 SHARED="${CAMELID_SHARED:-$ROOT/../shared}"
+[[ -d "$SHARED" || -n "${CAMELID_SHARED:-}" ]] || SHARED="$ROOT/../../shared"
 log() { echo "[prepare] $*" >&2; }
 
 "$ROOT/scripts/build-cuda.sh" --tests
