@@ -367,11 +367,12 @@ pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -
     let wtype = weight_type(&model.path);
     for r in &results {
         println!(
-            "| {} | {:.2} MiB | {:.2} M | {} | CPU | {} | {} | {:.2} ± {:.2} |",
+            "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {} | {:.2} ± {:.2} |",
             model.name,
             size,
             params,
             wtype,
+            crate::device::backend(model.transformer.device()),
             resolve::threads_in_use(),
             r.test,
             r.tokens_per_s,

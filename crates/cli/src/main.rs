@@ -3,6 +3,7 @@
 
 mod beams;
 mod commands;
+mod device;
 mod quant;
 mod resolve;
 mod serve;
@@ -31,9 +32,14 @@ pub struct ModelArgs {
     /// Model: a catalog name (see `camelid list`), an HF model directory, or a .gguf file
     #[arg(short, long, value_name = "MODEL")]
     pub model: Option<String>,
-    /// Compute device: cpu or auto
+    /// Compute device: cpu, cuda, cuda:N or auto (a GPU when this binary has CUDA and one is
+    /// present, else the CPU)
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: String,
+    /// Type of the float weights on the device: f32, f16 or bf16 (default: f32 on the CPU,
+    /// bf16 on a GPU; quantized GGUF files compute in f32)
+    #[arg(long, value_name = "TYPE")]
+    pub dtype: Option<String>,
     /// CPU threads (default: all cores)
     #[arg(short, long, value_name = "N")]
     pub threads: Option<usize>,

@@ -4,18 +4,13 @@
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use camelid_model::catalog;
+use camelid_model::model::LoadOptions;
 use camelid_model::Model;
 use candle_core::Device;
 use std::path::PathBuf;
 
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" | "auto" => Ok(Device::Cpu),
-        other if other.starts_with("cuda") => {
-            bail!("--device {other}: this camelid build has no CUDA support (build with --features cuda)")
-        }
-        other => bail!("--device {other}: unknown device (use cpu or auto)"),
-    }
+    crate::device::open(name)
 }
 
 /// Must run before any parallel work starts: candle and rayon read it once.
@@ -56,12 +51,17 @@ pub fn load(args: &ModelArgs) -> Result<Model> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let device = device(&args.device)?;
+    let dtype = crate::device::dtype(args.dtype.as_deref())?;
     let path = model_path(args.model.as_deref())?;
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     spinner.set_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let model = Model::load(&path, &device);
+    let opts = LoadOptions {
+        dtype,
+        ..Default::default()
+    };
+    let model = Model::load_with(&path, &device, &opts);
     spinner.finish_and_clear();
     Ok(model?)
 }

@@ -182,7 +182,7 @@ pub fn beam_search(model: &Model, prompt: &[u32], opts: &BeamOptions) -> Result<
     let lp = opts.length_penalty as f64;
 
     let mut cache = BeamCache::new(spec.layers);
-    let input = Tensor::new(start.as_slice(), &device)?.unsqueeze(0)?;
+    let input = model.transformer.input(start.as_slice())?;
     let logits = model
         .transformer
         .forward_with(&input, &mut cache, cross_one.as_ref(), false)?;

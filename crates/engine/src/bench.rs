@@ -3,7 +3,6 @@
 
 use crate::kv_cache::KvCache;
 use camelid_model::{Model, Result};
-use candle_core::Tensor;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -33,13 +32,15 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 pub fn prompt_processing(model: &Model, n: usize, reps: usize) -> Result<BenchResult> {
     let spec = model.spec();
     let ids = tokens(n, spec.vocab_size);
-    let input = Tensor::new(ids.as_slice(), model.transformer.device())?.unsqueeze(0)?;
+    let input = model.transformer.input(ids.as_slice())?;
     let mut samples = Vec::new();
     // One warm-up run, as llama-bench does.
     for rep in 0..=reps {
         let mut cache = KvCache::new(spec.layers, n);
         let t = Instant::now();
         camelid_kernels::on_pool(|| model.transformer.forward(&input, &mut cache, false))?;
+        // A GPU runs the pass asynchronously: time its end, not its launch.
+        model.transformer.device().synchronize()?;
         if rep > 0 {
             samples.push(n as f64 / t.elapsed().as_secs_f64());
         }
@@ -61,9 +62,10 @@ pub fn text_generation(model: &Model, n: usize, reps: usize) -> Result<BenchResu
         let mut cache = KvCache::new(spec.layers, n);
         let t = Instant::now();
         for &id in &ids {
-            let input = Tensor::new(&[id], device)?.unsqueeze(0)?;
+            let input = model.transformer.input(&[id])?;
             camelid_kernels::on_pool(|| model.transformer.forward(&input, &mut cache, false))?;
         }
+        device.synchronize()?;
         if rep > 0 {
             samples.push(n as f64 / t.elapsed().as_secs_f64());
         }

@@ -4,7 +4,7 @@
 use crate::kv_cache::KvCache;
 use camelid_model::model::PoolingKind;
 use camelid_model::{Model, ModelError, Result};
-use candle_core::{Tensor, D};
+use candle_core::D;
 
 /// The embedding of already tokenized `ids` (special tokens included).
 pub fn embed_ids(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
@@ -13,7 +13,7 @@ pub fn embed_ids(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     }
     let spec = model.spec();
     let mut cache = KvCache::new(spec.layers, ids.len());
-    let input = Tensor::new(ids, model.transformer.device())?.unsqueeze(0)?;
+    let input = model.transformer.input(ids)?;
     let hidden = model.transformer.hidden_states(&input, None, &mut cache)?;
     let pooled = match model.pooling.kind {
         PoolingKind::Mean => hidden.mean(1)?,

@@ -6,7 +6,6 @@ use crate::kv_cache::KvCache;
 use crate::sampling::{Sampler, SamplingParams};
 use camelid_model::tokenizer::DecodeStream;
 use camelid_model::{Model, ModelError, Result};
-use candle_core::Tensor;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -80,12 +79,11 @@ pub fn generate(
     let tokenizer = model.tokenizer.as_ref();
     let mut stream = DecodeStream::new();
     let mut stops = StopMatcher::new(&opts.stop);
-    let device = model.transformer.device().clone();
 
     let mut tokens: Vec<u32> = decoder_prompt.clone();
     let mut generated: Vec<u32> = Vec::new();
     let t0 = Instant::now();
-    let mut input = Tensor::new(decoder_prompt.as_slice(), &device)?.unsqueeze(0)?;
+    let mut input = model.transformer.input(decoder_prompt.as_slice())?;
     let mut prefill_time = Duration::ZERO;
     let mut finish = FinishReason::Length;
     let mut out_text = String::new();
@@ -126,7 +124,7 @@ pub fn generate(
         if generated.len() >= budget {
             break;
         }
-        input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
+        input = model.transformer.input(&[next])?;
     }
     if finish != FinishReason::Stop && finish != FinishReason::Cancelled {
         if let Some(tok) = tokenizer {
@@ -161,7 +159,7 @@ pub fn all_logits(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     }
     let spec = model.spec();
     let mut cache = KvCache::new(spec.layers, ids.len());
-    let input = Tensor::new(ids, model.transformer.device())?.unsqueeze(0)?;
+    let input = model.transformer.input(ids)?;
     let logits = model.transformer.forward(&input, &mut cache, true)?;
     Ok(logits.squeeze(0)?.to_vec2()?)
 }

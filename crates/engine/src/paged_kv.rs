@@ -9,7 +9,7 @@
 //! stays cached until the pool needs it, and then the least recently released goes first.
 
 use camelid_model::transformer::BatchKvStore;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
@@ -294,8 +294,13 @@ impl BatchKvStore for PagedBatch<'_> {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let start = self.starts[seq];
         let t = k.dim(2)?;
-        self.pool.write(layer, self.tables[seq], start, k, v)?;
-        self.pool.gather(layer, self.tables[seq], start + t)
+        // The pool keeps f32 on the host: a model computing in f16/bf16 (on a GPU) gets its own
+        // type back (no-ops for f32).
+        let (k32, v32) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+        self.pool
+            .write(layer, self.tables[seq], start, &k32, &v32)?;
+        let (keys, values) = self.pool.gather(layer, self.tables[seq], start + t)?;
+        Ok((keys.to_dtype(k.dtype())?, values.to_dtype(v.dtype())?))
     }
 }
 

@@ -15,7 +15,6 @@
 
 use crate::kv_cache::KvCache;
 use camelid_model::{Model, ModelError, Result};
-use candle_core::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -103,7 +102,6 @@ pub fn perplexity(
         )));
     }
     let wins = windows(ids.len(), ctx, method)?;
-    let device = model.transformer.device().clone();
     let mut nll = 0f64;
     let mut nll2 = 0f64;
     let mut count = 0usize;
@@ -114,7 +112,7 @@ pub fn perplexity(
             chunk[0] = b;
         }
         cache.reset();
-        let input = Tensor::new(chunk.as_slice(), &device)?.unsqueeze(0)?;
+        let input = model.transformer.input(chunk.as_slice())?;
         let logits = model.transformer.forward(&input, &mut cache, true)?;
         let rows = end - 1 - first;
         let scored = logits

@@ -5,7 +5,6 @@
 use crate::kv_cache::KvCache;
 use camelid_model::transformer::CrossKv;
 use camelid_model::{Model, ModelError, Result};
-use candle_core::Tensor;
 
 /// Encodes `ids` for the decoder; `None` for decoder-only models.
 pub fn encode(model: &Model, ids: &[u32]) -> Result<Option<CrossKv>> {
@@ -16,7 +15,7 @@ pub fn encode(model: &Model, ids: &[u32]) -> Result<Option<CrossKv>> {
         return Err(ModelError::Input("the encoder input is empty".into()));
     }
     let mut cache = KvCache::new(encoder.spec().layers, ids.len());
-    let input = Tensor::new(ids, encoder.device())?.unsqueeze(0)?;
+    let input = encoder.input(ids)?;
     let out = encoder.hidden_states(&input, None, &mut cache)?;
     Ok(Some(model.transformer.cross_kv(&out)?))
 }
@@ -47,7 +46,7 @@ pub fn decoder_logits(
         ))
     })?;
     let mut cache = KvCache::new(model.spec().layers, decoder_ids.len());
-    let input = Tensor::new(decoder_ids, model.transformer.device())?.unsqueeze(0)?;
+    let input = model.transformer.input(decoder_ids)?;
     let logits = model
         .transformer
         .forward_with(&input, &mut cache, Some(&cross), true)?;

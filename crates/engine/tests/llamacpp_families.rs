@@ -4,12 +4,15 @@
 //! Each case is loaded twice, from llama.cpp's GGUF and from the same weights under the
 //! original checkpoint's tensor names; both must give llama.cpp's logits and greedy tokens.
 
-use camelid_engine::generate::{all_logits, greedy_ids};
-use camelid_model::Model;
-use candle_core::Device;
-use std::path::{Path, PathBuf};
+mod common;
 
-const TOLERANCE: f32 = 1e-4;
+use camelid_engine::generate::{all_logits, greedy_ids};
+use std::path::Path;
+
+/// 1e-4 on the CPU, 1e-3 on a GPU (`CAMELID_TEST_DEVICE`).
+fn tolerance() -> f32 {
+    common::f32_tolerance(&common::device())
+}
 
 #[derive(serde::Deserialize)]
 struct Reference {
@@ -19,7 +22,7 @@ struct Reference {
 }
 
 fn check_model(case: &str, path: &Path, reference: &Reference) {
-    let model = Model::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let model = common::load_f32(path).unwrap_or_else(|e| panic!("{case}: {e}"));
     let logits = all_logits(&model, &reference.ids).unwrap_or_else(|e| panic!("{case}: {e}"));
     let mut worst = 0f32;
     for (row, want) in logits.iter().zip(&reference.logits) {
@@ -29,16 +32,14 @@ fn check_model(case: &str, path: &Path, reference: &Reference) {
         }
     }
     eprintln!("{case} ({}): max |Δlogit| = {worst:e}", path.display());
-    assert!(worst <= TOLERANCE, "{case}: max |Δlogit| {worst:e}");
+    assert!(worst <= tolerance(), "{case}: max |Δlogit| {worst:e}");
     let greedy = greedy_ids(&model, &reference.ids, reference.greedy.len())
         .unwrap_or_else(|e| panic!("{case}: {e}"));
     assert_eq!(greedy, reference.greedy, "{case}: greedy continuation");
 }
 
 fn check(case: &str) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/llamacpp_families")
-        .join(case);
+    let dir = common::fixtures().join("llamacpp_families").join(case);
     let reference: Reference = serde_json::from_str(
         &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
     )

@@ -64,7 +64,15 @@ fn exact() -> Reference {
 fn load(dequantize: bool) -> Model {
     let entry = catalog::find(catalog::DEFAULT_MODEL).expect("default model in catalog");
     let path = catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull SmolLM2");
-    Model::load_with(&path, &Device::Cpu, &LoadOptions { dequantize }).expect("load SmolLM2")
+    Model::load_with(
+        &path,
+        &Device::Cpu,
+        &LoadOptions {
+            dequantize,
+            ..Default::default()
+        },
+    )
+    .expect("load SmolLM2")
 }
 
 fn model() -> &'static Model {

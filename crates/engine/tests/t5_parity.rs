@@ -5,22 +5,25 @@
 //! The same beam search matches transformers on three decoder-only parity models
 //! (`tests/fixtures/beams`).
 
+mod common;
+
 use camelid_engine::beam::{beam_search, BeamOptions, EarlyStopping};
 use camelid_engine::generate::{generate, FinishReason, GenerateOptions};
 use camelid_engine::sampling::SamplingParams;
 use camelid_engine::seq2seq::decoder_logits;
 use camelid_model::transformer::relative_bucket;
-use camelid_model::Model;
-use candle_core::Device;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-const TOLERANCE: f32 = 1e-4;
+/// 1e-4 on the CPU, 1e-3 on a GPU (`CAMELID_TEST_DEVICE`).
+fn tolerance() -> f32 {
+    common::f32_tolerance(&common::device())
+}
 const MAX_NEW: usize = 12;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/t5")
+    common::fixtures().join("t5")
 }
 
 #[derive(serde::Deserialize)]
@@ -61,7 +64,7 @@ fn check(case: &str) {
     let r: Reference =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let model = Model::load(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let model = common::load_f32(&dir).unwrap_or_else(|e| panic!("{case}: {e}"));
     assert!(model.is_encoder_decoder());
 
     let logits = decoder_logits(&model, &r.encoder_ids, &r.decoder_ids).unwrap();
@@ -79,7 +82,7 @@ fn check(case: &str) {
             worst = worst.max((a - b).abs());
         }
     }
-    assert!(worst <= TOLERANCE, "{case}: max |Δlogit| = {worst:e}");
+    assert!(worst <= tolerance(), "{case}: max |Δlogit| = {worst:e}");
 
     let opts = GenerateOptions {
         max_tokens: MAX_NEW,
@@ -103,7 +106,7 @@ fn check(case: &str) {
         for (h, want) in hyps.iter().zip(&b.scores) {
             let d = (h.score - want).abs() / want.abs().max(1.0);
             worst_score = worst_score.max(d);
-            assert!(d <= TOLERANCE, "{case}: beam score {} vs {want}", h.score);
+            assert!(d <= tolerance(), "{case}: beam score {} vs {want}", h.score);
         }
     }
     eprintln!(
@@ -148,12 +151,12 @@ struct DecoderOnlyBeams {
 
 /// The same beam search on decoder-only parity models (prompt prefilled once, cache fanned out).
 fn check_decoder_only(case: &str) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let root = common::fixtures();
     let r: DecoderOnlyBeams = serde_json::from_str(
         &std::fs::read_to_string(root.join("beams").join(format!("{case}.json"))).unwrap(),
     )
     .unwrap();
-    let mut model = Model::load(&root.join("parity").join(case), &Device::Cpu).unwrap();
+    let mut model = common::load_f32(&root.join("parity").join(case)).unwrap();
     model.eos_ids = vec![r.eos];
     for b in &r.beams {
         let hyps = beam_search(&model, &r.ids, &beam_options(&b.settings)).unwrap();
@@ -161,7 +164,7 @@ fn check_decoder_only(case: &str) {
         assert_eq!(seqs, b.sequences, "{case}: beams {:?}", b.settings);
         for (h, want) in hyps.iter().zip(&b.scores) {
             let d = (h.score - want).abs() / want.abs().max(1.0);
-            assert!(d <= TOLERANCE, "{case}: beam score {} vs {want}", h.score);
+            assert!(d <= tolerance(), "{case}: beam score {} vs {want}", h.score);
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct WeightStore {
     device: Device,
     /// Expand quantized GGUF tensors to f32 at load (exact-math reference runs).
     dequantize: bool,
+    /// The type float weights are given in (f32 unless a model is loaded in f16/bf16).
+    dtype: DType,
 }
 
 /// Splits `blk.7.attn_q.weight` into (`blk.{i}.attn_q`, Some(7), `weight`), and an
@@ -128,6 +130,7 @@ impl WeightStore {
             path: dir.to_path_buf(),
             device: device.clone(),
             dequantize: false,
+            dtype: DType::F32,
         })
     }
 
@@ -169,6 +172,7 @@ impl WeightStore {
                 path: path.to_path_buf(),
                 device: device.clone(),
                 dequantize: false,
+                dtype: DType::F32,
             },
             metadata,
         ))
@@ -182,6 +186,7 @@ impl WeightStore {
             path: PathBuf::from("<memory>"),
             device: device.clone(),
             dequantize: false,
+            dtype: DType::F32,
         }
     }
 
@@ -189,6 +194,29 @@ impl WeightStore {
     /// file's weights exactly (no 8-bit rounding of activations in the matmuls).
     pub fn set_dequantize(&mut self, yes: bool) {
         self.dequantize = yes;
+    }
+
+    /// Float weights are given in `dtype` (f32, f16 or bf16); quantized GGUF blocks stay as
+    /// they are.
+    pub fn set_dtype(&mut self, dtype: DType) {
+        self.dtype = dtype;
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Whether any tensor of a GGUF file is stored in a block-quantized type.
+    pub fn has_quantized(&self) -> bool {
+        match &self.source {
+            Source::Gguf { content, .. } => content.tensor_infos.values().any(|i| {
+                !matches!(
+                    i.ggml_dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                )
+            }),
+            _ => false,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -355,7 +383,7 @@ impl WeightStore {
         }
     }
 
-    /// A float tensor converted to f32, with its shape checked.
+    /// A float tensor converted to the store's type (f32 unless set), with its shape checked.
     pub fn dense(&self, canonical: &str, shape: &[usize]) -> Result<Tensor> {
         let name = self
             .checkpoint_name(canonical)
@@ -389,7 +417,7 @@ impl WeightStore {
                 .clone(),
         };
         self.check_shape(canonical, t.dims(), shape)?;
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(t.to_dtype(self.dtype)?)
     }
 
     pub fn optional_dense(&self, canonical: &str, shape: &[usize]) -> Result<Option<Tensor>> {
@@ -428,7 +456,8 @@ impl WeightStore {
         }))
     }
 
-    /// A matmul weight `[out, in]`: quantized GGUF blocks stay quantized, floats become f32.
+    /// A matmul weight `[out, in]`: quantized GGUF blocks stay quantized, floats take the
+    /// store's type.
     pub fn matrix(&self, canonical: &str, shape: &[usize]) -> Result<Matrix> {
         if let (Source::Gguf { content, .. }, false) = (&self.source, self.dequantize) {
             if let Some(info) = content.tensor_infos.get(canonical) {

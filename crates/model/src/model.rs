@@ -8,7 +8,7 @@ use crate::error::{ModelError, Result};
 use crate::families::{self, GgufReader};
 use crate::tokenizer::Tokenizer;
 use crate::transformer::Transformer;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -101,6 +101,52 @@ fn read_pooling(dir: &Path) -> Result<Pooling> {
 pub struct LoadOptions {
     /// Expand quantized weights to f32 (exact math on the file's weights; for reference runs).
     pub dequantize: bool,
+    /// The float weights' (and activations') type; `None`: [`default_dtype`].
+    pub dtype: Option<DType>,
+}
+
+/// The type a model computes in when none is asked for: f32 on the CPU; bf16 on a GPU, except
+/// for quantized GGUF files, whose block matmuls take f32 activations.
+pub fn default_dtype(device: &Device, quantized: bool) -> DType {
+    if device.is_cpu() || quantized {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// Parses a `--dtype` value.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(ModelError::Input(format!(
+            "--dtype {other}: unknown type (use f32, f16 or bf16)"
+        ))),
+    }
+}
+
+fn choose_dtype(
+    path: &Path,
+    device: &Device,
+    quantized: bool,
+    opts: &LoadOptions,
+) -> Result<DType> {
+    match opts.dtype {
+        None => Ok(default_dtype(device, quantized)),
+        Some(d) if !matches!(d, DType::F32 | DType::F16 | DType::BF16) => Err(ModelError::Input(
+            format!("{d:?}: weights load as f32, f16 or bf16"),
+        )),
+        Some(d) if quantized && d != DType::F32 => Err(ModelError::config(
+            path,
+            format!(
+                "the file's weights are block-quantized and compute with f32 activations; {} applies to float checkpoints (use f32)",
+                d.as_str()
+            ),
+        )),
+        Some(d) => Ok(d),
+    }
 }
 
 impl Model {
@@ -110,7 +156,7 @@ impl Model {
 
     pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
         if path.is_dir() {
-            load_hf_dir(path, device)
+            load_hf_dir(path, device, opts)
         } else if path.is_file() {
             load_gguf(path, device, opts)
         } else {
@@ -208,13 +254,14 @@ pub fn open_hf_checkpoint(dir: &Path, device: &Device) -> Result<HfCheckpoint> {
     })
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
+fn load_hf_dir(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> {
     let HfCheckpoint {
         config: cfg,
         spec,
-        store,
+        mut store,
         ..
     } = open_hf_checkpoint(dir, device)?;
+    store.set_dtype(choose_dtype(dir, device, false, opts)?);
     let encoder = if spec.encoder_layers > 0 {
         Some(Transformer::load(spec.encoder_spec(), &store)?)
     } else {
@@ -312,6 +359,8 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Model> {
 fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> {
     let (mut store, meta) = WeightStore::open_gguf(path, device)?;
     store.set_dequantize(opts.dequantize);
+    let quantized = store.has_quantized() && !opts.dequantize;
+    store.set_dtype(choose_dtype(path, device, quantized, opts)?);
     let mut reader = GgufReader::new(&meta, path)?;
     reader.store = Some(&store);
     let family = families::by_gguf_arch(&reader.arch)
@@ -382,4 +431,43 @@ fn display_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_dtype_is_f32_on_the_cpu_and_for_quantized_files() {
+        assert_eq!(default_dtype(&Device::Cpu, false), DType::F32);
+        assert_eq!(default_dtype(&Device::Cpu, true), DType::F32);
+    }
+
+    #[test]
+    fn dtypes_are_checked_against_the_checkpoint() {
+        let path = Path::new("m.gguf");
+        let with = |dtype| LoadOptions {
+            dtype,
+            ..Default::default()
+        };
+        let cpu = Device::Cpu;
+        assert_eq!(
+            choose_dtype(path, &cpu, false, &with(None)).unwrap(),
+            DType::F32
+        );
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(choose_dtype(path, &cpu, false, &with(Some(d))).unwrap(), d);
+        }
+        assert_eq!(
+            choose_dtype(path, &cpu, true, &with(Some(DType::F32))).unwrap(),
+            DType::F32
+        );
+        let e = choose_dtype(path, &cpu, true, &with(Some(DType::BF16)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block-quantized") && e.contains("bf16"), "{e}");
+        assert!(choose_dtype(path, &cpu, false, &with(Some(DType::U32))).is_err());
+        assert!(parse_dtype("int8").is_err());
+        assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
+    }
 }

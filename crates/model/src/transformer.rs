@@ -322,7 +322,7 @@ impl Norm {
         let bias = if spec.norm.bias {
             store.dense(&format!("{name}.bias"), &[h])?
         } else {
-            Tensor::zeros(h, DType::F32, store.device())?
+            Tensor::zeros(h, weight.dtype(), store.device())?
         };
         Ok(Self {
             kind: spec.norm.kind,
@@ -538,6 +538,8 @@ pub struct Transformer {
     /// T5's relative-position bias table `[buckets, heads]`: the first block's, shared by all.
     rel_bias: Option<Tensor>,
     device: Device,
+    /// The activations' type: the float weights' (f32, f16 or bf16). Logits are f32 whatever it is.
+    dtype: DType,
     train: TrainMode,
 }
 
@@ -874,6 +876,7 @@ impl Transformer {
             alibi_slopes,
             rel_bias,
             device,
+            dtype: store.dtype(),
             train: TrainMode::default(),
         })
     }
@@ -940,6 +943,11 @@ impl Transformer {
         }
     }
 
+    /// Rotary tables (computed in f32) in the activations' type.
+    fn in_dtype(&self, (cos, sin): (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+        Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
+    }
+
     fn dropout(&self, x: Tensor) -> candle_core::Result<Tensor> {
         match &self.train.dropout {
             Some(f) => f(&x),
@@ -953,6 +961,28 @@ impl Transformer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The activations' type (the float weights'); logits and hidden states are returned in f32.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Token ids as a `[1, seq]` input on the model's device, checked against the vocabulary
+    /// here, on the host, before anything reaches the device.
+    pub fn input(&self, ids: &[u32]) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.spec.vocab_size as u32;
+        match ids.iter().find(|&&i| i >= vocab) {
+            Some(bad) => Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Runs `ids` (`[batch, seq]`, u32) after the positions already in `cache`.
@@ -990,7 +1020,7 @@ impl Transformer {
         if let Some(s) = self.spec.head_scale {
             x = (x * s)?;
         }
-        Ok(head.forward(&x)?)
+        Ok(head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Projects an encoder output (`[batch, source_len, hidden]`) to every decoder block's
@@ -1024,7 +1054,9 @@ impl Transformer {
         token_types: Option<&Tensor>,
         cache: &mut dyn KvStore,
     ) -> Result<Tensor> {
-        self.hidden_states_with(ids, token_types, cache, None)
+        Ok(self
+            .hidden_states_with(ids, token_types, cache, None)?
+            .to_dtype(DType::F32)?)
     }
 
     fn hidden_states_with(
@@ -1055,16 +1087,10 @@ impl Transformer {
                 self.spec.max_positions
             )));
         }
-        let vocab = self.spec.vocab_size as u32;
-        if let Some(bad) = ids
-            .flatten_all()?
-            .to_vec1::<u32>()?
-            .into_iter()
-            .find(|&i| i >= vocab)
-        {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
+        // Ids on the host are checked here; ids on a GPU were checked on the host when they were
+        // made ([`Transformer::input`]): reading them back would cost a round trip per token.
+        if ids.device().is_cpu() {
+            self.check_ids(&ids.flatten_all()?.to_vec1::<u32>()?)?;
         }
 
         let mut x = self.embed.forward(ids)?;
@@ -1098,7 +1124,7 @@ impl Transformer {
             None => start + t,
         };
         let rotary = match &self.rope {
-            Some(r) => Some(r.cos_sin_at(start, t, first_pass, &self.device)?),
+            Some(r) => Some(self.in_dtype(r.cos_sin_at(start, t, first_pass, &self.device)?)?),
             None => None,
         };
         let causal = self.attention_mask(start, t, None)?;
@@ -1219,7 +1245,8 @@ impl Transformer {
                 .index_select(&idx, 0)?
                 .reshape((t, total, heads))?
                 .permute((2, 0, 1))?
-                .contiguous()?,
+                .contiguous()?
+                .to_dtype(DType::F32)?,
         ))
     }
 
@@ -1407,7 +1434,9 @@ impl Transformer {
         // Group query heads by the kv head they share instead of copying keys per head.
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (self.product(&q, &k.t()?)? * attn.scale)?;
+        // Scores, masks, biases and softmax in f32 whatever the activations' type (as
+        // transformers does in f16/bf16): a bf16 ALiBi bias of 50 would be off by 0.25.
+        let scores = (self.product(&q, &k.t()?)? * attn.scale)?.to_dtype(DType::F32)?;
         let mut scores = scores.reshape((b, nkv, rep, t, s))?;
         if let Some(mask) = ctx.mask {
             scores = scores.broadcast_add(mask)?;
@@ -1425,6 +1454,7 @@ impl Transformer {
         } else {
             candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
         };
+        let probs = probs.to_dtype(v.dtype())?;
         Ok(self
             .product(&probs.reshape((b, nkv, rep * t, s))?, &v.contiguous()?)?
             .reshape((b, nh, t, hd))?
@@ -1503,7 +1533,7 @@ impl Transformer {
                 offset: ids.len(),
                 len: t,
                 rotary: match &self.rope {
-                    Some(r) => Some(r.cos_sin(start, t, &self.device)?),
+                    Some(r) => Some(self.in_dtype(r.cos_sin(start, t, &self.device)?)?),
                     None => None,
                 },
                 causal: self.attention_mask(start, t, None)?,
@@ -1587,7 +1617,7 @@ impl Transformer {
         } else {
             x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 1)?
         };
-        let logits = head.forward(&x)?.squeeze(0)?;
+        let logits = head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for (seq, s) in seqs.iter().zip(&slices) {
