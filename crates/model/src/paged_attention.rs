@@ -116,24 +116,42 @@ pub fn attend(
             let pos = m.start + i;
             let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let qrow = &q[(h * total + m.offset + i) * hd..][..hd];
+            // Keys `lo..=pos` block by block (no division per key).
+            let spans = (lo / bs..=pos / bs).map(|b| {
+                let base = table[b] as usize * bst + kvh * hs;
+                let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
+                (base, from, to)
+            });
             let mut max = f32::NEG_INFINITY;
-            for (j, score) in scores.iter_mut().enumerate().take(pos + 1).skip(lo) {
+            for (base, from, to) in spans.clone() {
                 // In bounds: the table's blocks up to `start + len` were checked above.
-                let at = slot(table, j) + kvh * hs;
-                *score = dot(qrow, &keys[at..at + hd]) * g.scale + slope * j as f32;
-                max = max.max(*score);
+                let block = &keys[base..base + hs];
+                for (j, (score, key)) in scores[from..to]
+                    .iter_mut()
+                    .zip(block[(from % bs) * hd..].chunks_exact(hd))
+                    .enumerate()
+                {
+                    *score = dot(qrow, key) * g.scale + slope * (from + j) as f32;
+                    max = max.max(*score);
+                }
             }
             let mut sum = 0f32;
             for s in &mut scores[lo..=pos] {
                 *s = (*s - max).exp();
                 sum += *s;
             }
+            let inv = 1.0 / sum;
             acc.fill(0.0);
-            for (j, &e) in scores.iter().enumerate().take(pos + 1).skip(lo) {
-                let p = e / sum;
-                let at = slot(table, j) + kvh * hs;
-                for (a, &x) in acc.iter_mut().zip(&values[at..at + hd]) {
-                    *a += p * x;
+            for (base, from, to) in spans {
+                let block = &values[base..base + hs];
+                for (&e, value) in scores[from..to]
+                    .iter()
+                    .zip(block[(from % bs) * hd..].chunks_exact(hd))
+                {
+                    let p = e * inv;
+                    for (a, &x) in acc.iter_mut().zip(value) {
+                        *a += p * x;
+                    }
                 }
             }
             let o = ((m.offset + i) * nh + h) * hd;
