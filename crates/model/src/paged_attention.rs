@@ -101,8 +101,68 @@ pub fn attend(
             }
         }
     }
-    let (keys, values): (&[f32], &[f32]) = (pages.keys, pages.values);
-    let tables = pages.tables;
+    attend_stored(
+        g,
+        members,
+        q,
+        pages.keys,
+        pages.values,
+        pages.tables,
+        bs,
+        out,
+    );
+    Ok(())
+}
+
+/// Causal attention of one sequence over its keys and values laid out contiguously
+/// (`[kv_heads, start + len, head_dim]`, the new positions included): the same arithmetic as
+/// [`attend`] over pages, so the plain forward pass and a batched one agree bit for bit.
+/// `q`: `[heads, len, head_dim]`; `out` gets `[len, heads · head_dim]`.
+pub fn attend_contiguous(
+    g: &Geometry,
+    start: usize,
+    len: usize,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    out: &mut [f32],
+) -> Result<(), String> {
+    let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+    let total = start + len;
+    if nkv == 0
+        || nh % nkv != 0
+        || q.len() != nh * len * hd
+        || keys.len() != nkv * total * hd
+        || values.len() != keys.len()
+        || out.len() != nh * len * hd
+    {
+        return Err("attention: buffer sizes do not match the rows".into());
+    }
+    let member = Member {
+        start,
+        offset: 0,
+        len,
+    };
+    // One block as long as the sequence.
+    attend_stored(g, &[member], q, keys, values, &[&[0]], total, out);
+    Ok(())
+}
+
+/// The attention proper, over keys and values already stored (sizes checked by the callers).
+#[allow(clippy::too_many_arguments)]
+fn attend_stored(
+    g: &Geometry,
+    members: &[Member],
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    tables: &[&[u32]],
+    bs: usize,
+    out: &mut [f32],
+) {
+    let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+    let total: usize = members.iter().map(|m| m.len).sum();
+    let (hs, bst) = (bs * hd, nkv * bs * hd);
     let rep = nh / nkv;
     let dst = OutPtr(out.as_mut_ptr());
     let task = |(mi, h): (usize, usize)| {
@@ -174,7 +234,6 @@ pub fn attend(
     } else {
         pairs.collect::<Vec<_>>().into_par_iter().for_each(task);
     }
-    Ok(())
 }
 
 /// Dot product in eight lanes (vectorizes without reassociating floats).

@@ -1221,7 +1221,49 @@ impl Transformer {
         };
         let q = self.logn_scale(&q, ctx.start)?;
         let (k, v) = cache.append(ctx.layer, &k, &v)?;
+        if b == 1 && ctx.rel_bias.is_none() && self.row_attention() {
+            // The batched pass's arithmetic (crate::paged_attention), so that a sequence gets
+            // the same numbers alone and served among others.
+            let window = match self.spec.attention.sliding_window {
+                Some(w) if attn.windowed => Some(w),
+                _ => None,
+            };
+            let slopes = match &self.alibi_slopes {
+                Some(s) => Some(s.to_vec1::<f32>()?),
+                None => None,
+            };
+            let geometry = crate::paged_attention::Geometry {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: attn.scale as f32,
+                window,
+                alibi: slopes.as_deref(),
+            };
+            let mut out = vec![0f32; t * nh * hd];
+            with_f32_slice(&q, |qs| {
+                with_f32_slice(&k, |ks| {
+                    with_f32_slice(&v, |vs| {
+                        crate::paged_attention::attend_contiguous(
+                            &geometry, ctx.start, t, qs, ks, vs, &mut out,
+                        )
+                    })
+                })
+            })???
+            .map_err(ModelError::Input)?;
+            return Ok(Tensor::from_vec(out, (1, t, nh * hd), &self.device)?);
+        }
         self.scores_values(attn, &q, &k, &v, ctx)
+    }
+
+    /// Attention runs row by row in [`crate::paged_attention`] (batched passes over the paged
+    /// pool, and single sequences alike): causal inference on the CPU, without Qwen's log-n
+    /// query scaling or T5's relative bias.
+    fn row_attention(&self) -> bool {
+        self.spec.causal
+            && self.spec.attention.logn_queries.is_none()
+            && !self.train.differentiable
+            && self.device.is_cpu()
     }
 
     /// Qwen's log-n scaling of queries `[batch, heads, seq, head_dim]` starting at `start`.
@@ -1419,11 +1461,8 @@ impl Transformer {
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
-        // Attention over the pool in place: causal models without Qwen's log-n query scaling
-        // (which the paged kernel does not apply), at inference.
-        let in_place = self.spec.causal
-            && self.spec.attention.logn_queries.is_none()
-            && !self.train.differentiable;
+        // Attention over the pool in place where it runs row by row (`row_attention`).
+        let in_place = self.row_attention();
         let members: Vec<crate::paged_attention::Member> = slices
             .iter()
             .map(|s| crate::paged_attention::Member {
