@@ -160,68 +160,20 @@ fn attend_stored(
     bs: usize,
     out: &mut [f32],
 ) {
-    let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+    let (nh, hd) = (g.heads, g.head_dim);
     let total: usize = members.iter().map(|m| m.len).sum();
-    let (hs, bst) = (bs * hd, nkv * bs * hd);
-    let rep = nh / nkv;
-    let dst = OutPtr(out.as_mut_ptr());
-    let task = |(mi, h): (usize, usize)| {
-        let m = members[mi];
-        let table = tables[mi];
-        let kvh = h / rep;
-        let slope = g.alibi.map_or(0.0, |a| a[h]);
-        let mut scores = vec![0f32; m.start + m.len];
-        let mut acc = vec![0f32; hd];
-        for i in 0..m.len {
-            let pos = m.start + i;
-            let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let qrow = &q[(h * total + m.offset + i) * hd..][..hd];
-            // Keys `lo..=pos` block by block (no division per key).
-            let spans = (lo / bs..=pos / bs).map(|b| {
-                let base = table[b] as usize * bst + kvh * hs;
-                let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
-                (base, from, to)
-            });
-            let mut max = f32::NEG_INFINITY;
-            for (base, from, to) in spans.clone() {
-                // In bounds: the table's blocks up to `start + len` were checked above.
-                let block = &keys[base..base + hs];
-                for (j, (score, key)) in scores[from..to]
-                    .iter_mut()
-                    .zip(block[(from % bs) * hd..].chunks_exact(hd))
-                    .enumerate()
-                {
-                    *score = dot(qrow, key) * g.scale + slope * (from + j) as f32;
-                    max = max.max(*score);
-                }
-            }
-            let mut sum = 0f32;
-            for s in &mut scores[lo..=pos] {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            acc.fill(0.0);
-            for (base, from, to) in spans {
-                let block = &values[base..base + hs];
-                for (&e, value) in scores[from..to]
-                    .iter()
-                    .zip(block[(from % bs) * hd..].chunks_exact(hd))
-                {
-                    let p = e * inv;
-                    for (a, &x) in acc.iter_mut().zip(value) {
-                        *a += p * x;
-                    }
-                }
-            }
-            let o = ((m.offset + i) * nh + h) * hd;
-            for (d, &a) in acc.iter().enumerate() {
-                // SAFETY: row `offset + i`, head `h` belongs to this (member, head) task alone,
-                // and `o + d < total · heads · head_dim` (sizes checked above).
-                unsafe { dst.write(o + d, a) };
-            }
-        }
+    let rows = Rows {
+        g,
+        members,
+        q,
+        keys,
+        values,
+        tables,
+        bs,
+        total,
+        dst: OutPtr(out.as_mut_ptr()),
     };
+    let task = |(mi, h): (usize, usize)| head_rows(&rows, mi, h);
     let work: usize = members
         .iter()
         .map(|m| m.len * (m.start + m.len))
@@ -236,8 +188,112 @@ fn attend_stored(
     }
 }
 
+/// What every (member, head) task of a pass reads.
+struct Rows<'a> {
+    g: &'a Geometry<'a>,
+    members: &'a [Member],
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    tables: &'a [&'a [u32]],
+    bs: usize,
+    total: usize,
+    dst: OutPtr,
+}
+
+/// One member's rows for one head. Compiled for AVX2 where the CPU has it: the same
+/// operations in the same order on wider registers (no fused multiply-add), so the results do
+/// not depend on the path.
+fn head_rows(r: &Rows, mi: usize, h: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected on this CPU.
+        return unsafe { head_rows_avx2(r, mi, h) };
+    }
+    head_rows_impl(r, mi, h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn head_rows_avx2(r: &Rows, mi: usize, h: usize) {
+    head_rows_impl(r, mi, h)
+}
+
+#[inline(always)]
+fn head_rows_impl(r: &Rows, mi: usize, h: usize) {
+    let Rows {
+        g,
+        members,
+        q,
+        keys,
+        values,
+        tables,
+        bs,
+        total,
+        dst,
+    } = *r;
+    let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+    let (hs, bst) = (bs * hd, nkv * bs * hd);
+    let rep = nh / nkv;
+    let m = members[mi];
+    let table = tables[mi];
+    let kvh = h / rep;
+    let slope = g.alibi.map_or(0.0, |a| a[h]);
+    let mut scores = vec![0f32; m.start + m.len];
+    let mut acc = vec![0f32; hd];
+    for i in 0..m.len {
+        let pos = m.start + i;
+        let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let qrow = &q[(h * total + m.offset + i) * hd..][..hd];
+        // Keys `lo..=pos` block by block (no division per key).
+        let spans = (lo / bs..=pos / bs).map(|b| {
+            let base = table[b] as usize * bst + kvh * hs;
+            let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
+            (base, from, to)
+        });
+        let mut max = f32::NEG_INFINITY;
+        for (base, from, to) in spans.clone() {
+            // In bounds: the table's blocks up to `start + len` were checked above.
+            let block = &keys[base..base + hs];
+            for (j, (score, key)) in scores[from..to]
+                .iter_mut()
+                .zip(block[(from % bs) * hd..].chunks_exact(hd))
+                .enumerate()
+            {
+                *score = dot(qrow, key) * g.scale + slope * (from + j) as f32;
+                max = max.max(*score);
+            }
+        }
+        let mut sum = 0f32;
+        for s in &mut scores[lo..=pos] {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        acc.fill(0.0);
+        for (base, from, to) in spans {
+            let block = &values[base..base + hs];
+            for (&e, value) in scores[from..to]
+                .iter()
+                .zip(block[(from % bs) * hd..].chunks_exact(hd))
+            {
+                let p = e * inv;
+                for (a, &x) in acc.iter_mut().zip(value) {
+                    *a += p * x;
+                }
+            }
+        }
+        let o = ((m.offset + i) * nh + h) * hd;
+        for (d, &a) in acc.iter().enumerate() {
+            // SAFETY: row `offset + i`, head `h` belongs to this (member, head) task alone,
+            // and `o + d < total · heads · head_dim` (sizes checked above).
+            unsafe { dst.write(o + d, a) };
+        }
+    }
+}
+
 /// Dot product in eight lanes (vectorizes without reassociating floats).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let n = a.len() / 8 * 8;
