@@ -20,6 +20,12 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
             bail!("--threads must be at least 1");
         }
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Fix the default once: without the variable, candle counts the cores again (parsing
+        // /proc/cpuinfo) in every matmul, which the per-sequence attention products of a
+        // batched step would pay dozens of times.
+        let cores = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
     }
     Ok(())
 }

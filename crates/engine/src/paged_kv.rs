@@ -8,6 +8,7 @@
 //! and reuse their keys and values. Blocks are reference counted; a cached block nobody holds
 //! stays cached until the pool needs it, and then the least recently released goes first.
 
+use camelid_model::paged_attention::KvPages;
 use camelid_model::transformer::BatchKvStore;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
@@ -301,6 +302,17 @@ impl BatchKvStore for PagedBatch<'_> {
             .write(layer, self.tables[seq], start, &k32, &v32)?;
         let (keys, values) = self.pool.gather(layer, self.tables[seq], start + t)?;
         Ok((keys.to_dtype(k.dtype())?, values.to_dtype(v.dtype())?))
+    }
+
+    fn pages(&mut self, layer: usize) -> Option<KvPages<'_>> {
+        let block_size = self.pool.shape.block_size;
+        let pool = &mut *self.pool;
+        Some(KvPages {
+            keys: pool.keys.get_mut(layer)?,
+            values: pool.values.get_mut(layer)?,
+            tables: &self.tables,
+            block_size,
+        })
     }
 }
 

@@ -10,10 +10,12 @@
 //! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
+mod many;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
+pub use many::matmul_group_many;
 pub use quant::{
     dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,
 };

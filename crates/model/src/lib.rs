@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod families;
 pub mod model;
+pub mod paged_attention;
 pub mod presets;
 pub mod rope;
 pub mod spec;

@@ -68,6 +68,12 @@ pub trait BatchKvStore {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)>;
+    /// `layer` of a paged pool lent for the pass, when the store has one: attention then reads
+    /// and writes the blocks in place ([`crate::paged_attention`]) instead of going through
+    /// [`BatchKvStore::append`].
+    fn pages(&mut self, _layer: usize) -> Option<crate::paged_attention::KvPages<'_>> {
+        None
+    }
 }
 
 /// Which logits a member of a batched pass wants.
@@ -286,7 +292,7 @@ impl Linear {
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
         with_f32_slice(x, |input| {
             let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            camelid_kernels::matmul_group(&mats, input, tokens, &mut views)
+            camelid_kernels::matmul_group_many(&mats, input, tokens, &mut views)
         })?
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         outs.into_iter()
@@ -1360,7 +1366,49 @@ impl Transformer {
         };
         let q = self.logn_scale(&q, ctx.start)?;
         let (k, v) = cache.append(ctx.layer, &k, &v)?;
+        if b == 1 && ctx.rel_bias.is_none() && self.row_attention() {
+            // The batched pass's arithmetic (crate::paged_attention), so that a sequence gets
+            // the same numbers alone and served among others.
+            let window = match self.spec.attention.sliding_window {
+                Some(w) if attn.windowed => Some(w),
+                _ => None,
+            };
+            let slopes = match &self.alibi_slopes {
+                Some(s) => Some(s.to_vec1::<f32>()?),
+                None => None,
+            };
+            let geometry = crate::paged_attention::Geometry {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: attn.scale as f32,
+                window,
+                alibi: slopes.as_deref(),
+            };
+            let mut out = vec![0f32; t * nh * hd];
+            with_f32_slice(&q, |qs| {
+                with_f32_slice(&k, |ks| {
+                    with_f32_slice(&v, |vs| {
+                        crate::paged_attention::attend_contiguous(
+                            &geometry, ctx.start, t, qs, ks, vs, &mut out,
+                        )
+                    })
+                })
+            })???
+            .map_err(ModelError::Input)?;
+            return Ok(Tensor::from_vec(out, (1, t, nh * hd), &self.device)?);
+        }
         self.scores_values(attn, &q, &k, &v, ctx)
+    }
+
+    /// Attention runs row by row in [`crate::paged_attention`] (batched passes over the paged
+    /// pool, and single sequences alike): causal inference on the CPU, without Qwen's log-n
+    /// query scaling or T5's relative bias.
+    fn row_attention(&self) -> bool {
+        self.spec.causal
+            && self.spec.attention.logn_queries.is_none()
+            && !self.train.differentiable
+            && self.device.is_cpu()
     }
 
     /// Qwen's log-n scaling of queries `[batch, heads, seq, head_dim]` starting at `start`.
@@ -1560,8 +1608,50 @@ impl Transformer {
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
+        // Attention over the pool in place where it runs row by row (`row_attention`).
+        let in_place = self.row_attention();
+        let members: Vec<crate::paged_attention::Member> = slices
+            .iter()
+            .map(|s| crate::paged_attention::Member {
+                start: s.start,
+                offset: s.offset,
+                len: s.len,
+            })
+            .collect();
+        let all_rotary = match &self.rope {
+            Some(_) if in_place => {
+                let (cos, sin): (Vec<&Tensor>, Vec<&Tensor>) = slices
+                    .iter()
+                    .filter_map(|s| s.rotary.as_ref().map(|(c, s)| (c, s)))
+                    .unzip();
+                Some((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
+            }
+            _ => None,
+        };
+        let slopes = match &self.alibi_slopes {
+            Some(s) if in_place => Some(s.to_vec1::<f32>()?),
+            _ => None,
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(block, &x, None, &mut |n| {
+                if in_place {
+                    if let Some(pages) = cache.pages(layer) {
+                        let window = match self.spec.attention.sliding_window {
+                            Some(w) if block.attn.windowed => Some(w),
+                            _ => None,
+                        };
+                        let heads_out = self.attend_paged(
+                            &block.attn,
+                            n,
+                            all_rotary.as_ref(),
+                            window,
+                            slopes.as_deref(),
+                            &members,
+                            pages,
+                        )?;
+                        return self.project_out(&block.attn, &heads_out);
+                    }
+                }
                 let (q, k, v) = self.qkv(&block.attn, n)?;
                 let mut outs = Vec::with_capacity(slices.len());
                 for (seq, s) in slices.iter().enumerate() {
@@ -1633,6 +1723,58 @@ impl Transformer {
             at += n;
         }
         Ok(out)
+    }
+}
+
+impl Transformer {
+    /// Projections, rotary for all rows at once, then [`crate::paged_attention::attend`];
+    /// returns the heads' outputs `[1, total, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_paged(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        rotary: Option<&(Tensor, Tensor)>,
+        window: Option<usize>,
+        alibi: Option<&[f32]>,
+        members: &[crate::paged_attention::Member],
+        pages: crate::paged_attention::KvPages,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(attn, x)?;
+        let (_, total, _) = q.dims3()?;
+        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
+        let q = q
+            .reshape((1, total, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((1, total, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = match (&self.rope, rotary) {
+            (Some(rope), Some((cos, sin))) => {
+                (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
+            }
+            _ => (q, k),
+        };
+        let geometry = crate::paged_attention::Geometry {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: attn.scale as f32,
+            window,
+            alibi,
+        };
+        let mut out = vec![0f32; total * nh * hd];
+        with_f32_slice(&q, |qs| {
+            with_f32_slice(&k, |ks| {
+                with_f32_slice(&v, |vs| {
+                    crate::paged_attention::attend(&geometry, members, qs, ks, vs, pages, &mut out)
+                })
+            })
+        })???
+        .map_err(ModelError::Input)?;
+        Ok(Tensor::from_vec(out, (1, total, nh * hd), &self.device)?)
     }
 }
 
