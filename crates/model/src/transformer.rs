@@ -1403,12 +1403,13 @@ impl Transformer {
 
     /// Attention runs row by row in [`crate::paged_attention`] (batched passes over the paged
     /// pool, and single sequences alike): causal inference on the CPU, without Qwen's log-n
-    /// query scaling or T5's relative bias.
+    /// query scaling or T5's relative bias, in f32.
     fn row_attention(&self) -> bool {
         self.spec.causal
             && self.spec.attention.logn_queries.is_none()
             && !self.train.differentiable
             && self.device.is_cpu()
+            && self.dtype == DType::F32
     }
 
     /// Qwen's log-n scaling of queries `[batch, heads, seq, head_dim]` starting at `start`.
