@@ -170,9 +170,11 @@ impl Linear {
         if store.device().is_cpu() {
             if let Some(raw) = store.quantized_raw(&wname, &[out, inp])? {
                 if let Some(ty) = kernel_type(raw.dtype) {
-                    let m =
-                        camelid_kernels::QMatrix::from_shared(ty, out, inp, raw.file, raw.range)
-                            .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    // SAFETY: `raw.file` is the GGUF file's read-only mapping.
+                    let m = unsafe {
+                        camelid_kernels::QMatrix::from_mapped(ty, out, inp, raw.file, raw.range)
+                    }
+                    .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
                     return Ok(Self {
                         weight: LinearWeight::Kernel(m),
                         bias,
