@@ -10,11 +10,13 @@
 //! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
+mod f16;
 mod packed;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
+pub use f16::F16Matrix;
 pub use quant::{
     dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,
 };
@@ -309,8 +311,10 @@ thread_local! {
 /// Tokens per tile: each weight row is unpacked once per tile.
 const TILE: usize = 4;
 
-/// Tokens per tile of the packed kernels (8 accumulators of 8 rows).
-const PACKED_TILE: usize = 4;
+/// Tokens per tile of the packed kernels: one accumulator per token next to the 8 unpacked
+/// weight vectors (AVX2 has 16 vector registers, AVX-512 32).
+const PACKED_TILE_AVX2: usize = 4;
+const PACKED_TILE_AVX512: usize = 8;
 
 /// Bytes of quantized activations a packed prefill keeps hot in the L2 cache while the weight
 /// groups pass over them (the weights are then read from memory once per this many tokens).
@@ -373,6 +377,21 @@ impl QMatrix {
     /// tokens in chunks that stay in L2 while each chunk's groups stream past once.
     #[cfg(target_arch = "x86_64")]
     fn run_packed(&self, rows: std::ops::Range<usize>, acts: &Acts, tokens: usize, dst: SharedOut) {
+        if self.isa == Isa::Avx512Vnni {
+            self.run_packed_tiles::<PACKED_TILE_AVX512>(rows, acts, tokens, dst)
+        } else {
+            self.run_packed_tiles::<PACKED_TILE_AVX2>(rows, acts, tokens, dst)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn run_packed_tiles<const PACKED_TILE: usize>(
+        &self,
+        rows: std::ops::Range<usize>,
+        acts: &Acts,
+        tokens: usize,
+        dst: SharedOut,
+    ) {
         let gb = self.cols / QK * self.ty.block_bytes() * packed::GROUP;
         let bytes = self.data.bytes();
         let chunk = (ACT_BUDGET / (acts.per_row * std::mem::size_of::<ActBlock>()))

@@ -117,6 +117,8 @@ enum LinearWeight {
     Candle(QMatMul),
     /// GGUF Q4_0, Q4_1 or Q8_0 on the CPU: camelid's kernels (`crates/kernels`).
     Kernel(camelid_kernels::QMatrix),
+    /// GGUF F16 on the CPU, read in place: camelid's F16 kernel.
+    F16(camelid_kernels::F16Matrix),
 }
 
 struct Linear {
@@ -126,13 +128,7 @@ struct Linear {
 
 /// The GGUF types camelid's own kernels run.
 fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
-    // `CAMELID_KERNELS=candle` leaves every quantized matmul to candle, whose AVX2 path sums in
-    // ggml's order: for comparisons with llama.cpp that must agree to the last bit (camelid's
-    // kernels round activations as ggml does but sum in another order).
-    static USE_KERNELS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*USE_KERNELS
-        .get_or_init(|| std::env::var("CAMELID_KERNELS").map_or(true, |v| v != "candle"))
-    {
+    if !use_kernels() {
         return None;
     }
     match dtype {
@@ -141,6 +137,14 @@ fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
         GgmlDType::Q8_0 => Some(camelid_kernels::QType::Q8_0),
         _ => None,
     }
+}
+
+/// `CAMELID_KERNELS=candle` leaves every quantized and F16 matmul to candle, whose AVX2 path
+/// sums in ggml's order: for comparisons with llama.cpp that must agree to the last bit
+/// (camelid's kernels round activations as ggml does but sum in another order).
+fn use_kernels() -> bool {
+    static USE_KERNELS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE_KERNELS.get_or_init(|| std::env::var("CAMELID_KERNELS").map_or(true, |v| v != "candle"))
 }
 
 /// Runs `f` on `x`'s values as one contiguous f32 slice, without copying when it already is.
@@ -169,6 +173,14 @@ impl Linear {
         // Kernel types are read in place from the mapped file (no copy at load).
         if store.device().is_cpu() {
             if let Some(raw) = store.quantized_raw(&wname, &[out, inp])? {
+                if raw.dtype == GgmlDType::F16 && use_kernels() {
+                    let m = camelid_kernels::F16Matrix::from_shared(out, inp, raw.file, raw.range)
+                        .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    return Ok(Self {
+                        weight: LinearWeight::F16(m),
+                        bias,
+                    });
+                }
                 if let Some(ty) = kernel_type(raw.dtype) {
                     // SAFETY: `raw.file` is the GGUF file's read-only mapping.
                     let m = unsafe {
@@ -214,6 +226,20 @@ impl Linear {
                 }
             }
             LinearWeight::Kernel(_) => Ok(Self::forward_group(&[self], x)?.remove(0)),
+            LinearWeight::F16(m) => {
+                let mut dims = x.dims().to_vec();
+                dims.pop();
+                let tokens = dims.iter().product::<usize>();
+                let mut out = vec![0f32; tokens * m.rows];
+                with_f32_slice(x, |input| m.matmul(input, tokens, &mut out))?
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                dims.push(m.rows);
+                let y = Tensor::from_vec(out, dims, x.device())?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 
@@ -224,7 +250,7 @@ impl Linear {
             .iter()
             .map(|l| match &l.weight {
                 LinearWeight::Kernel(m) => Some(m),
-                LinearWeight::Candle(_) => None,
+                LinearWeight::Candle(_) | LinearWeight::F16(_) => None,
             })
             .collect();
         let Some(mats) = mats else {
