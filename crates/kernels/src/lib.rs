@@ -10,12 +10,14 @@
 //! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
+mod attention;
 mod f16;
 mod packed;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
+pub use attention::{attention, AttentionShape, HeadRows};
 pub use f16::F16Matrix;
 pub use quant::{
     dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,

@@ -1310,6 +1310,9 @@ impl Transformer {
         v: &Tensor,
         ctx: &AttnContext,
     ) -> Result<Tensor> {
+        if let Some(out) = self.cpu_attention(attn, q, k, v, ctx)? {
+            return Ok(out);
+        }
         let (b, _, t, _) = q.dims4()?;
         let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
         let s = k.dim(2)?;
@@ -1341,6 +1344,75 @@ impl Transformer {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?)
+    }
+
+    /// [`Self::scores_values`] by camelid's CPU attention kernel, which reads the cache in
+    /// place and never materializes the score matrix: for one f32 sequence at inference, with
+    /// a causal mask or none (`None` where it does not apply: ALiBi, T5 biases, a sliding
+    /// window, training, another device).
+    fn cpu_attention(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &AttnContext,
+    ) -> Result<Option<Tensor>> {
+        let (b, nh, t, hd) = q.dims4()?;
+        if !self.device.is_cpu()
+            || self.train.differentiable
+            || !use_kernels()
+            || b != 1
+            || attn.windowed
+            || ctx.alibi.is_some()
+            || ctx.rel_bias.is_some()
+            || [q, k, v].iter().any(|x| x.dtype() != DType::F32)
+        {
+            return Ok(None);
+        }
+        let (_, nkv, s, _) = k.dims4()?;
+        let shape = camelid_kernels::AttentionShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            new: t,
+            total: s,
+            scale: attn.scale as f32,
+            causal: ctx.mask.is_some(),
+        };
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            return Ok(None);
+        };
+        // Rows of a head must be contiguous; heads may be strided (a cache longer than `s`).
+        let rows = |l: &candle_core::Layout| {
+            let st = l.stride();
+            (l.dims() == [1, nkv, s, hd] && st[3] == 1 && (st[2] == hd || s == 1))
+                .then_some((l.start_offset(), st[1]))
+        };
+        let (Some((ko, kst)), Some((vo, vst))) = (rows(kl), rows(vl)) else {
+            return Ok(None);
+        };
+        let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+        let mut out = vec![0f32; t * nh * hd];
+        with_f32_slice(q, |q| {
+            camelid_kernels::attention(
+                q,
+                camelid_kernels::HeadRows {
+                    data: &kd[ko..],
+                    head_stride: kst,
+                },
+                camelid_kernels::HeadRows {
+                    data: &vd[vo..],
+                    head_stride: vst,
+                },
+                shape,
+                &mut out,
+            )
+        })?
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+        Ok(Some(Tensor::from_vec(out, (1, t, nh * hd), &self.device)?))
     }
 
     /// Several sequences in one pass, each after its own cached positions: their new tokens
