@@ -131,8 +131,110 @@ unsafe fn run_avx2(
     scores: &mut [f32],
     dst: crate::SharedOut,
 ) {
-    // The same code, vectorized by the compiler for these features.
-    run_impl(q, k, v, shape, h, rows, scores, dst)
+    match shape.head_dim {
+        64 => x86::run::<8>(q, k, v, shape, h, rows, scores, dst),
+        128 => x86::run::<16>(q, k, v, shape, h, rows, scores, dst),
+        // The generic code, vectorized by the compiler for these features.
+        _ => run_impl(q, k, v, shape, h, rows, scores, dst),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{AttentionShape, HeadRows};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let mut s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `run_impl` for a head dimension of `8 · V`: the query row and the output row are held
+    /// in registers, scores are computed 4 keys at a time (independent FMA chains).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run<const V: usize>(
+        q: &[f32],
+        k: HeadRows,
+        v: HeadRows,
+        shape: &AttentionShape,
+        h: usize,
+        rows: std::ops::Range<usize>,
+        scores: &mut [f32],
+        dst: crate::SharedOut,
+    ) {
+        let hd = 8 * V;
+        let g = h / (shape.heads / shape.kv_heads);
+        let keys = k.data[g * k.head_stride..].as_ptr();
+        let values = v.data[g * v.head_stride..].as_ptr();
+        for i in rows {
+            let seen = if shape.causal {
+                shape.total - shape.new + i + 1
+            } else {
+                shape.total
+            };
+            let qp = q.as_ptr().add((h * shape.new + i) * hd);
+            let qv: [__m256; V] = std::array::from_fn(|d| _mm256_loadu_ps(qp.add(8 * d)));
+            let mut max = f32::NEG_INFINITY;
+            let mut j = 0;
+            let scale = _mm_set1_ps(shape.scale);
+            let mut max4 = _mm_set1_ps(f32::NEG_INFINITY);
+            while j + 4 <= seen {
+                // Two accumulators per key (even and odd 8-column pieces): 8 FMA chains.
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for (d, qv) in qv.iter().enumerate() {
+                    for (n, a) in acc.iter_mut().enumerate() {
+                        let kp = keys.add((j + n) * hd + 8 * d);
+                        a[d % 2] = _mm256_fmadd_ps(*qv, _mm256_loadu_ps(kp), a[d % 2]);
+                    }
+                }
+                let a: [__m256; 4] = std::array::from_fn(|n| _mm256_add_ps(acc[n][0], acc[n][1]));
+                // The 4 keys' sums side by side in one vector.
+                let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                let s4 = _mm_mul_ps(
+                    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)),
+                    scale,
+                );
+                _mm_storeu_ps(scores.as_mut_ptr().add(j), s4);
+                max4 = _mm_max_ps(max4, s4);
+                j += 4;
+            }
+            let mut m4 = [0f32; 4];
+            _mm_storeu_ps(m4.as_mut_ptr(), max4);
+            max = m4.iter().fold(max, |m, &x| m.max(x));
+            while j < seen {
+                let mut a = _mm256_setzero_ps();
+                for (d, qv) in qv.iter().enumerate() {
+                    a = _mm256_fmadd_ps(*qv, _mm256_loadu_ps(keys.add(j * hd + 8 * d)), a);
+                }
+                let s = hsum(a) * shape.scale;
+                *scores.get_unchecked_mut(j) = s;
+                max = max.max(s);
+                j += 1;
+            }
+            let mut sum = 0f32;
+            for s in &mut scores[..seen] {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let mut acc = [_mm256_setzero_ps(); V];
+            for (j, &p) in scores[..seen].iter().enumerate() {
+                let p = _mm256_set1_ps(p);
+                for (d, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(values.add(j * hd + 8 * d)), *a);
+                }
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            // Row `i` of head `h` is written by this task alone, in bounds (checked).
+            let o = dst.0.add((i * shape.heads + h) * hd);
+            for (d, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(8 * d), _mm256_mul_ps(*a, inv));
+            }
+        }
+    }
 }
 
 /// Query rows `rows` of head `h`.
@@ -240,6 +342,8 @@ mod tests {
             (6, 3, 20, 1, 7, true),
             (2, 1, 64, 40, 40, true),
             (3, 3, 8, 4, 6, false),
+            (4, 1, 128, 6, 11, true),
+            (2, 2, 64, 3, 3, false),
         ] {
             let cap = total + 3;
             let q = pseudo_random(heads * new * hd, 1);
