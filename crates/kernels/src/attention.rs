@@ -23,7 +23,7 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// New tokens (query rows).
     pub new: usize,
-    /// Keys in total, the new tokens' last.
+    /// Keys in total (when causal, the new tokens' are the last).
     pub total: usize,
     pub scale: f32,
     /// New token `i` sees keys `..total - new + i + 1`; otherwise every key.
@@ -64,10 +64,11 @@ fn attention_on(
         head_dim: hd,
         new,
         total,
+        causal,
         ..
     } = shape;
     let bad = |what: &str| Err(crate::KernelError(format!("attention: {what} ({shape:?})")));
-    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || new > total {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || causal && new > total {
         return bad("head counts or lengths do not fit");
     }
     if q.len() != heads * new * hd || out.len() != new * heads * hd {
@@ -344,6 +345,8 @@ mod tests {
             (3, 3, 8, 4, 6, false),
             (4, 1, 128, 6, 11, true),
             (2, 2, 64, 3, 3, false),
+            // Cross-attention: more queries than keys.
+            (2, 2, 8, 3, 2, false),
         ] {
             let cap = total + 3;
             let q = pseudo_random(heads * new * hd, 1);
