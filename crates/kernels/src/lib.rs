@@ -8,6 +8,12 @@
 //! The SIMD path (AVX2, or AVX-512 VNNI) is chosen at run time; the scalar path computes the
 //! same thing and is always tested. Several matrices that read the same input (q/k/v, gate/up)
 //! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
+//!
+//! `Q4_0` and `Q8_0` matrices are repacked at load into groups of 8 rows with interleaved
+//! blocks (`packed.rs`): one SIMD lane per row, so decode needs no horizontal sums and prefill
+//! multiplies each unpacked weight vector with a tile of tokens. [`F16Matrix`] multiplies fp16
+//! weights read in place, and [`attention`] runs one sequence's attention a query row at a time
+//! on the cache in place.
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
 mod attention;
@@ -763,6 +769,35 @@ mod tests {
         owned.matmul(&x, 1, &mut b).unwrap();
         assert_eq!(a, b);
         assert!(QMatrix::from_shared(QType::Q4_0, 3, cols, owner, 8..8 + bytes.len()).is_err());
+    }
+
+    /// Repacking a file mapping releases the source pages; the mapping still reads the file's
+    /// bytes (faulted in again), and the product equals that of a copied matrix.
+    #[test]
+    fn mapped_blocks_are_released_and_read_back_from_the_file() {
+        let (rows, cols) = (64, 512);
+        let bytes = quantize_weights(QType::Q8_0, &pseudo_random(rows * cols, 12));
+        let mut file = vec![0x55u8; 4096];
+        file.extend_from_slice(&bytes);
+        file.extend_from_slice(&[0x66; 4096]);
+        let path = std::env::temp_dir().join(format!("camelid-kernels-{}", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        // SAFETY: a private temporary file nobody else writes.
+        let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.unwrap();
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(map);
+        let range = 4096..4096 + bytes.len();
+        // SAFETY: `owner` is a read-only file mapping.
+        let m =
+            unsafe { QMatrix::from_mapped(QType::Q8_0, rows, cols, owner.clone(), range) }.unwrap();
+        assert_eq!(m.is_packed(), Isa::detect() != Isa::Scalar);
+        assert!((*owner).as_ref() == &file[..]);
+        let copied = QMatrix::from_bytes(QType::Q8_0, rows, cols, &bytes).unwrap();
+        let x = pseudo_random(3 * cols, 13);
+        let (mut a, mut b) = (vec![0f32; 3 * rows], vec![0f32; 3 * rows]);
+        m.matmul(&x, 3, &mut a).unwrap();
+        copied.matmul(&x, 3, &mut b).unwrap();
+        assert_eq!(a, b);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
