@@ -153,6 +153,22 @@ pub mod x86 {
         dot_avx2(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w))
     }
 
+    /// Repeats `body` for `t` = 0..8 below `NT` (a constant), so that every `acc[t]` has a
+    /// constant index and stays in a register (a loop over `t` kept them on the stack).
+    macro_rules! each_token {
+        ($nt:expr, $t:ident, $body:block) => {
+            each_token!(@ $nt, $t, $body, 0 1 2 3 4 5 6 7)
+        };
+        (@ $nt:expr, $t:ident, $body:block, $($i:literal)*) => {
+            $(
+                if $i < $nt {
+                    let $t = $i;
+                    $body
+                }
+            )*
+        };
+    }
+
     macro_rules! group_kernels {
         ($module:ident, $features:literal, $dot4:ident, $dot8:ident, $off8:expr) => {
             pub mod $module {
@@ -160,6 +176,7 @@ pub mod x86 {
 
                 #[target_feature(enable = $features)]
                 pub unsafe fn q4_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+                    const { assert!(NT <= 8, "each_token! covers 8 tokens") };
                     let nb = a[0].blocks.len();
                     debug_assert_eq!(w.len(), nb * 144);
                     let mut acc = [_mm256_setzero_ps(); NT];
@@ -174,7 +191,7 @@ pub mod x86 {
                             lo[i] = _mm256_and_si256(v, mask);
                             hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                         }
-                        for t in 0..NT {
+                        each_token!(NT, t, {
                             let ab = a[t].blocks.get_unchecked(k);
                             let q = ab.qs.as_ptr();
                             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -186,7 +203,7 @@ pub mod x86 {
                             let s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), off);
                             let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
                             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
-                        }
+                        });
                         p = p.add(144);
                     }
                     for t in 0..NT {
@@ -196,6 +213,7 @@ pub mod x86 {
 
                 #[target_feature(enable = $features)]
                 pub unsafe fn q8_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+                    const { assert!(NT <= 8, "each_token! covers 8 tokens") };
                     let nb = a[0].blocks.len();
                     debug_assert_eq!(w.len(), nb * 272);
                     let mut acc = [_mm256_setzero_ps(); NT];
@@ -206,7 +224,7 @@ pub mod x86 {
                         for (i, u) in u.iter_mut().enumerate() {
                             *u = _mm256_loadu_si256(p.add(SCALES + 32 * i) as *const __m256i);
                         }
-                        for t in 0..NT {
+                        each_token!(NT, t, {
                             let ab = a[t].blocks.get_unchecked(k);
                             let q = ab.qs.as_ptr();
                             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -221,7 +239,7 @@ pub mod x86 {
                             }
                             let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
                             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
-                        }
+                        });
                         p = p.add(272);
                     }
                     for t in 0..NT {
