@@ -56,6 +56,9 @@ pub fn load(args: &ModelArgs) -> Result<Model> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // Each forward pass allocates and frees its activations (prefill: megabytes per op); kept
+    // in the process, they are not zeroed pages faulted in again on every op.
+    crate::train::keep_freed_memory();
     let device = device(&args.device)?;
     let dtype = crate::device::dtype(args.dtype.as_deref())?;
     let path = model_path(args.model.as_deref())?;

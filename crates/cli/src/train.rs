@@ -291,7 +291,7 @@ fn sibling(data: &Path, name: &str) -> Option<PathBuf> {
 /// tensor: a training step allocates and frees thousands of activation buffers, and glibc's
 /// defaults turn each into fresh zeroed pages (a third of the step time at small widths).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     extern "C" {
         fn mallopt(param: i32, value: i32) -> i32;
     }
@@ -305,7 +305,7 @@ fn keep_freed_memory() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
+pub(crate) fn keep_freed_memory() {}
 
 pub fn train(a: TrainArgs) -> Result<()> {
     crate::resolve::set_threads(a.threads)?;

@@ -8,13 +8,24 @@
 //! The SIMD path (AVX2, or AVX-512 VNNI) is chosen at run time; the scalar path computes the
 //! same thing and is always tested. Several matrices that read the same input (q/k/v, gate/up)
 //! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
+//!
+//! `Q4_0` and `Q8_0` matrices are repacked at load into groups of 8 rows with interleaved
+//! blocks (`packed.rs`): one SIMD lane per row, so decode needs no horizontal sums and prefill
+//! multiplies each unpacked weight vector with a tile of tokens. [`F16Matrix`] multiplies fp16
+//! weights read in place, and [`attention`] runs one sequence's attention a query row at a time
+//! on the cache in place.
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
+mod attention;
+mod f16;
+mod packed;
 mod many;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
+pub use attention::{attention, AttentionShape, HeadRows};
+pub use f16::F16Matrix;
 pub use many::matmul_group_many;
 pub use quant::{
     dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,
@@ -91,12 +102,16 @@ impl std::fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
-/// A `[rows, cols]` weight matrix of GGUF blocks, each row `cols / 32` blocks, as in the file.
+/// A `[rows, cols]` weight matrix of GGUF blocks, each row `cols / 32` blocks, as in the file,
+/// or (`Q4_0`, `Q8_0` with rows in groups of 8, on the SIMD paths) repacked at load into groups
+/// of 8 rows whose blocks are interleaved (see `packed.rs`).
 pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     ty: QType,
     data: Data,
+    /// `data` holds the packed layout.
+    packed: bool,
     isa: Isa,
 }
 
@@ -111,6 +126,29 @@ impl Data {
         match self {
             Data::Owned(v) => v,
             Data::Shared(owner, range) => &(**owner).as_ref()[range.clone()],
+        }
+    }
+
+    /// Tells the kernel that the mapped source pages are no longer needed by this process, so
+    /// that they leave its resident set.
+    ///
+    /// # Safety
+    /// The bytes must be a read-only file mapping (see [`QMatrix::from_mapped`]).
+    unsafe fn release(&self) {
+        #[cfg(target_os = "linux")]
+        if let Data::Shared(..) = self {
+            let b = self.bytes();
+            let page = 4096;
+            let start = (b.as_ptr() as usize).div_ceil(page) * page;
+            let end = (b.as_ptr() as usize + b.len()) / page * page;
+            if end > start {
+                // SAFETY: the range lies inside a read-only file mapping (the caller's promise);
+                // MADV_DONTNEED on it only drops this process's page-table entries, and a later
+                // access reads the same bytes from the file again. Failure is harmless.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
         }
     }
 }
@@ -129,8 +167,10 @@ impl QMatrix {
             cols,
             ty,
             data: Data::Owned(bytes.to_vec()),
+            packed: false,
             isa: Isa::detect(),
-        })
+        }
+        .repacked())
     }
 
     /// Reads the blocks in place at `range` of `owner` (a mapped file): no copy, and the pages
@@ -155,8 +195,58 @@ impl QMatrix {
             cols,
             ty,
             data: Data::Shared(owner, range),
+            packed: false,
             isa: Isa::detect(),
-        })
+        }
+        .repacked())
+    }
+
+    /// [`QMatrix::from_shared`] for an `owner` that is a read-only file mapping: when the blocks
+    /// are repacked into memory of their own, the mapped source pages are released from this
+    /// process's resident set (they stay in the page cache; a later read faults them back in
+    /// from the file), so the weights are not resident twice.
+    ///
+    /// # Safety
+    /// `owner` must be a mapping of a file (not anonymous or heap memory, whose released pages
+    /// would read back as zeros) that nobody writes through.
+    pub unsafe fn from_mapped(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self, KernelError> {
+        let source = Data::Shared(owner.clone(), range.clone());
+        let m = Self::from_shared(ty, rows, cols, owner, range)?;
+        if m.packed {
+            // SAFETY: the caller guarantees a read-only file mapping.
+            unsafe { source.release() };
+        }
+        Ok(m)
+    }
+
+    /// Packs or unpacks the blocks as the instruction set wants them.
+    fn repacked(mut self) -> Self {
+        let want = self.isa != Isa::Scalar && packed::packable(self.ty, self.rows);
+        if want == self.packed {
+            return self;
+        }
+        let nb = self.cols / QK;
+        let src = self.data.bytes();
+        let mut dst = vec![0u8; src.len()];
+        let group_bytes = nb * self.ty.block_bytes() * packed::GROUP;
+        let (ty, rows) = (self.ty, self.rows);
+        if want {
+            // Groups are independent: packed on the pool (load time).
+            dst.par_chunks_mut(group_bytes)
+                .zip(src.par_chunks(group_bytes))
+                .for_each(|(d, s)| packed::pack(ty, packed::GROUP, nb, s, d));
+        } else {
+            packed::unpack(ty, rows, nb, src, &mut dst);
+        }
+        self.data = Data::Owned(dst);
+        self.packed = want;
+        self
     }
 
     fn check(ty: QType, rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
@@ -181,7 +271,12 @@ impl QMatrix {
         if Isa::available().contains(&isa) {
             self.isa = isa;
         }
-        self
+        self.repacked()
+    }
+
+    /// Whether the blocks are held in the packed 8-row layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     pub fn isa(&self) -> Isa {
@@ -219,12 +314,150 @@ impl QMatrix {
 }
 
 thread_local! {
-    /// The quantized input, reused between calls (no allocation per token).
-    static ACTS: RefCell<Vec<ActBlock>> = const { RefCell::new(Vec::new()) };
+    /// The quantized input and its block sums, reused between calls (no allocation per token).
+    static ACTS: RefCell<(Vec<ActBlock>, Vec<i32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Tokens per tile: each weight row is unpacked once per tile.
 const TILE: usize = 4;
+
+/// Tokens per tile of the packed kernels: one accumulator per token next to the 8 unpacked
+/// weight vectors (AVX2 has 16 vector registers, AVX-512 32).
+const PACKED_TILE_AVX2: usize = 4;
+const PACKED_TILE_AVX512: usize = 8;
+
+/// Bytes of quantized activations a packed prefill keeps hot in the L2 cache while the weight
+/// groups pass over them (the weights are then read from memory once per this many tokens).
+const ACT_BUDGET: usize = 192 * 1024;
+
+/// The activations of one call, shared by its tasks.
+struct Acts<'a> {
+    blocks: &'a [ActBlock],
+    sums: &'a [i32],
+    per_row: usize,
+}
+
+impl<'a> Acts<'a> {
+    fn row(&self, t: usize) -> &'a [ActBlock] {
+        &self.blocks[t * self.per_row..(t + 1) * self.per_row]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn packed(&self, t: usize) -> packed::x86::Act<'a> {
+        packed::x86::Act {
+            blocks: self.row(t),
+            sums: &self.sums[t * self.per_row..(t + 1) * self.per_row],
+        }
+    }
+}
+
+impl QMatrix {
+    /// Rows `rows` of this matrix for every token, the rows one at a time (unpacked layout).
+    fn run_rows(&self, rows: std::ops::Range<usize>, acts: &Acts, tokens: usize, dst: SharedOut) {
+        let (bytes, rb) = (self.data.bytes(), self.cols / QK * self.ty.block_bytes());
+        let mut t = 0;
+        while t < tokens {
+            let nt = if tokens - t >= TILE { TILE } else { 1 };
+            for r in rows.clone() {
+                let w = &bytes[r * rb..(r + 1) * rb];
+                let put = |k: usize, v: f32| {
+                    // SAFETY: row `r` belongs to this task alone, and `(t + k) * rows + r` is in
+                    // bounds (output lengths checked by `matmul_group`).
+                    unsafe { dst.write((t + k) * self.rows + r, v) }
+                };
+                if nt == TILE {
+                    let a = [
+                        acts.row(t),
+                        acts.row(t + 1),
+                        acts.row(t + 2),
+                        acts.row(t + 3),
+                    ];
+                    for (k, v) in self.dot_tile(w, a).into_iter().enumerate() {
+                        put(k, v);
+                    }
+                } else {
+                    put(0, self.dot_tile(w, [acts.row(t)])[0]);
+                }
+            }
+            t += nt;
+        }
+    }
+
+    /// Rows `rows` (whole groups of 8) of a packed matrix for every token. Prefill takes the
+    /// tokens in chunks that stay in L2 while each chunk's groups stream past once.
+    #[cfg(target_arch = "x86_64")]
+    fn run_packed(&self, rows: std::ops::Range<usize>, acts: &Acts, tokens: usize, dst: SharedOut) {
+        if self.isa == Isa::Avx512Vnni {
+            self.run_packed_tiles::<PACKED_TILE_AVX512>(rows, acts, tokens, dst)
+        } else {
+            self.run_packed_tiles::<PACKED_TILE_AVX2>(rows, acts, tokens, dst)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn run_packed_tiles<const PACKED_TILE: usize>(
+        &self,
+        rows: std::ops::Range<usize>,
+        acts: &Acts,
+        tokens: usize,
+        dst: SharedOut,
+    ) {
+        let gb = self.cols / QK * self.ty.block_bytes() * packed::GROUP;
+        let bytes = self.data.bytes();
+        let chunk = (ACT_BUDGET / (acts.per_row * std::mem::size_of::<ActBlock>()))
+            .max(PACKED_TILE)
+            / PACKED_TILE
+            * PACKED_TILE;
+        let mut c = 0;
+        while c < tokens {
+            let c_end = (c + chunk).min(tokens);
+            for g in rows.start / packed::GROUP..rows.end / packed::GROUP {
+                let w = &bytes[g * gb..(g + 1) * gb];
+                // SAFETY: rows `8g..8g + 8` belong to this task alone; token `t < tokens`.
+                let out = |t: usize| unsafe { dst.0.add(t * self.rows + g * packed::GROUP) };
+                let mut t = c;
+                while t < c_end {
+                    if c_end - t >= PACKED_TILE {
+                        let a = std::array::from_fn(|k| acts.packed(t + k));
+                        self.packed_tile::<PACKED_TILE>(w, a, std::array::from_fn(|k| out(t + k)));
+                        t += PACKED_TILE;
+                    } else {
+                        self.packed_tile::<1>(w, [acts.packed(t)], [out(t)]);
+                        t += 1;
+                    }
+                }
+            }
+            c = c_end;
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn run_packed(&self, _: std::ops::Range<usize>, _: &Acts, _: usize, _: SharedOut) {
+        unreachable!("matrices are packed on x86-64 only")
+    }
+
+    /// One packed group (8 rows, `w`) against `NT` tokens, writing 8 values at each `out[t]`.
+    #[cfg(target_arch = "x86_64")]
+    fn packed_tile<const NT: usize>(
+        &self,
+        w: &[u8],
+        a: [packed::x86::Act; NT],
+        out: [*mut f32; NT],
+    ) {
+        use packed::x86::{avx2, vnni};
+        // SAFETY: the matrix is packed only on a SIMD set detected on this CPU, `w` is one whole
+        // group of `a`'s block count, and each `out[t]` has 8 writable values of this task.
+        unsafe {
+            match (self.isa, self.ty) {
+                (Isa::Avx512Vnni, QType::Q4_0) => vnni::q4_0(w, a, out),
+                (Isa::Avx512Vnni, QType::Q8_0) => vnni::q8_0(w, a, out),
+                (Isa::Avx2, QType::Q4_0) => avx2::q4_0(w, a, out),
+                (Isa::Avx2, QType::Q8_0) => avx2::q8_0(w, a, out),
+                _ => unreachable!("only Q4_0 and Q8_0 on a SIMD set are packed"),
+            }
+        }
+    }
+}
 
 /// Several matrices with the same number of columns applied to the same input `x`
 /// (`[tokens, cols]`): `outs[i]` gets `[tokens, mats[i].rows]`. The input is quantized once, and
@@ -257,63 +490,56 @@ pub fn matmul_group(
             )));
         }
     }
+    if tokens == 0 {
+        return Ok(());
+    }
     let per_row = cols / QK;
-    // The buffer is taken out of the thread-local for the call: while this thread waits in the
-    // parallel region, the pool may run another forward pass's matmul on it (two requests
-    // served at once), which then starts from an empty buffer instead of a double borrow.
+    // The buffers are taken out of the thread-local for the call: while this thread waits in
+    // the parallel region, the pool may run another forward pass's matmul on it (two requests
+    // served at once), which then starts from empty buffers instead of a double borrow.
     let mut buffer = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
     {
-        buffer.resize(tokens * per_row, ActBlock::default());
-        quantize_into(x, &mut buffer);
-        let acts = &buffer[..];
-        let act = |t: usize| &acts[t * per_row..(t + 1) * per_row];
+        let (blocks, sums) = &mut buffer;
+        blocks.resize(tokens * per_row, ActBlock::default());
+        quantize_into(x, blocks);
+        if mats.iter().any(|m| m.packed) {
+            packed::block_sums(blocks, sums);
+        }
+        let acts = Acts {
+            blocks,
+            sums,
+            per_row,
+        };
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-        // Global row index → (matrix, row).
+        // Work is shared out in units of 8 rows (a packed group); global unit index → matrix.
         let starts: Vec<usize> = mats
             .iter()
             .scan(0, |s, m| {
                 let start = *s;
-                *s += m.rows;
+                *s += m.rows.div_ceil(packed::GROUP);
                 Some(start)
             })
             .collect();
-        let total: usize = mats.iter().map(|m| m.rows).sum();
-        // Tasks own disjoint rows and write `out[t][row]` in place. Within a task, a tile of
-        // tokens stays in L1 while the task's rows pass over it.
+        let units: usize = mats.iter().map(|m| m.rows.div_ceil(packed::GROUP)).sum();
+        // Tasks own disjoint rows and write `out[t][row]` in place.
         let work = |range: std::ops::Range<usize>| {
-            let mut t = 0;
-            while t < tokens {
-                let nt = if tokens - t >= TILE { TILE } else { 1 };
-                // The matrices this task's rows fall in, each with its bytes looked up once.
-                let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
-                let mut g = range.start;
-                while g < range.end {
-                    let m = mats[mi];
-                    let end = (starts[mi] + m.rows).min(range.end);
-                    let (bytes, rb) = (m.data.bytes(), m.cols / QK * m.ty.block_bytes());
-                    for r in g - starts[mi]..end - starts[mi] {
-                        let w = &bytes[r * rb..(r + 1) * rb];
-                        let put = |k: usize, v: f32| {
-                            // SAFETY: row `r` of matrix `mi` belongs to this task alone, and
-                            // `(t + k) * rows + r` is in bounds (output lengths checked above).
-                            unsafe { dsts[mi].write((t + k) * m.rows + r, v) }
-                        };
-                        if nt == TILE {
-                            let v = m.dot_tile(w, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
-                            for (k, v) in v.into_iter().enumerate() {
-                                put(k, v);
-                            }
-                        } else {
-                            put(0, m.dot_tile(w, [act(t)])[0]);
-                        }
-                    }
-                    g = end;
-                    mi += 1;
+            let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
+            let mut u = range.start;
+            while u < range.end {
+                let m = mats[mi];
+                let end = (starts[mi] + m.rows.div_ceil(packed::GROUP)).min(range.end);
+                let rows = (u - starts[mi]) * packed::GROUP
+                    ..((end - starts[mi]) * packed::GROUP).min(m.rows);
+                if m.packed {
+                    m.run_packed(rows, &acts, tokens, dsts[mi]);
+                } else {
+                    m.run_rows(rows, &acts, tokens, dsts[mi]);
                 }
-                t += nt;
+                u = end;
+                mi += 1;
             }
         };
-        parallel_rows(total, tokens, &work);
+        parallel_units(units, tokens, &work);
     }
     ACTS.with(|a| *a.borrow_mut() = buffer);
     Ok(())
@@ -330,16 +556,16 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::join(f, || ()).0
 }
 
-/// Splits `0..n` rows into a few tasks per thread (fewer hand-offs than fine-grained tasks,
-/// enough for work stealing to even out a busy core).
-fn parallel_rows(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+/// Splits `0..n` units of 8 rows into a few tasks per thread (fewer hand-offs than
+/// fine-grained tasks, enough for work stealing to even out a busy core).
+fn parallel_units(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
     let threads = rayon::current_num_threads();
     // Below this much work a hand-off costs more than it saves.
-    if threads == 1 || n * tokens < 256 {
+    if threads == 1 || n * packed::GROUP * tokens < 256 {
         return f(0..n);
     }
     let tasks = threads * 4;
-    let chunk = n.div_ceil(tasks).max(8);
+    let chunk = n.div_ceil(tasks);
     (0..n.div_ceil(chunk))
         .into_par_iter()
         .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n)));
@@ -361,43 +587,78 @@ mod tests {
 
     const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
 
-    /// Every type on every path this CPU has, against the exact product of the dequantized
-    /// weights with the unquantized input in f64: the only error left is the activations'
-    /// 8-bit rounding (≤ max|x|/254 per value), bounded relative to Σ|w·x|.
-    #[test]
-    fn every_type_and_path_matches_an_f64_reference() {
-        // 6 tokens: one tile of 4 and two single tokens; 37 rows: uneven task split.
-        let (rows, cols, tokens) = (37, 256, 6);
-        let x = pseudo_random(tokens * cols, 2);
-        for ty in TYPES {
-            let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 1));
-            let bb = ty.block_bytes();
-            for isa in Isa::available() {
-                let m = QMatrix::from_bytes(ty, rows, cols, &bytes)
-                    .unwrap()
-                    .with_isa(isa);
-                assert_eq!(m.isa(), isa);
-                let mut out = vec![0f32; tokens * rows];
-                m.matmul(&x, tokens, &mut out).unwrap();
-                let mut worst = 0f64;
-                for t in 0..tokens {
-                    for r in 0..rows {
-                        let (mut want, mut mag) = (0f64, 0f64);
-                        for b in 0..cols / QK {
-                            let off = (r * cols / QK + b) * bb;
-                            let wv = dequantize_block(ty, &bytes[off..off + bb]);
-                            for (j, w) in wv.iter().enumerate() {
-                                let xv = x[t * cols + b * QK + j] as f64;
-                                want += w * xv;
-                                mag += (w * xv).abs();
-                            }
-                        }
-                        let err = (out[t * rows + r] as f64 - want).abs() / mag;
-                        worst = worst.max(err);
+    /// `out[t][r]` of the product of the dequantized weights with the unquantized input in
+    /// f64, and `Σ|w·x|` for a relative bound.
+    fn reference(ty: QType, bytes: &[u8], x: &[f32], rows: usize, cols: usize) -> Vec<(f64, f64)> {
+        let bb = ty.block_bytes();
+        let tokens = x.len() / cols;
+        let mut out = Vec::with_capacity(tokens * rows);
+        for t in 0..tokens {
+            for r in 0..rows {
+                let (mut want, mut mag) = (0f64, 0f64);
+                for b in 0..cols / QK {
+                    let off = (r * cols / QK + b) * bb;
+                    let wv = dequantize_block(ty, &bytes[off..off + bb]);
+                    for (j, w) in wv.iter().enumerate() {
+                        let xv = x[t * cols + b * QK + j] as f64;
+                        want += w * xv;
+                        mag += (w * xv).abs();
                     }
                 }
-                assert!(worst <= 1e-2, "{ty:?} {isa:?}: relative error {worst}");
+                out.push((want, mag));
             }
+        }
+        out
+    }
+
+    /// Every type on every path this CPU has (packed and row by row), against the exact
+    /// product of the dequantized weights with the unquantized input in f64: the only error
+    /// left is the activations' 8-bit rounding (≤ max|x|/254 per value), bounded relative to
+    /// Σ|w·x|.
+    #[test]
+    fn every_type_and_path_matches_an_f64_reference() {
+        // 37 rows: not a multiple of 8 (row by row), uneven task split; 40 rows: packed in 5
+        // groups. 6 tokens: one tile of 4 and two single tokens. 4096 columns and 41 tokens:
+        // a packed prefill in two token chunks.
+        for (rows, cols, tokens) in [(37, 256, 6), (40, 256, 6), (24, 4096, 41)] {
+            let x = pseudo_random(tokens * cols, 2);
+            for ty in TYPES {
+                let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 1));
+                let want = reference(ty, &bytes, &x, rows, cols);
+                for isa in Isa::available() {
+                    let m = QMatrix::from_bytes(ty, rows, cols, &bytes)
+                        .unwrap()
+                        .with_isa(isa);
+                    assert_eq!(m.isa(), isa);
+                    let packs = isa != Isa::Scalar && ty != QType::Q4_1 && rows % 8 == 0;
+                    assert_eq!(m.is_packed(), packs, "{ty:?} {isa:?} {rows}");
+                    let mut out = vec![0f32; tokens * rows];
+                    m.matmul(&x, tokens, &mut out).unwrap();
+                    let worst = out
+                        .iter()
+                        .zip(&want)
+                        .map(|(&o, &(w, mag))| (o as f64 - w).abs() / mag)
+                        .fold(0f64, f64::max);
+                    assert!(
+                        worst <= 1e-2,
+                        "{ty:?} {isa:?} {rows}x{cols}: relative error {worst}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A packed matrix switched to the scalar path is unpacked back to the file's bytes.
+    #[test]
+    fn repacking_round_trips_through_the_scalar_path() {
+        let (rows, cols) = (16, 128);
+        for ty in [QType::Q4_0, QType::Q8_0] {
+            let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 11));
+            let m = QMatrix::from_bytes(ty, rows, cols, &bytes).unwrap();
+            assert_eq!(m.is_packed(), Isa::detect() != Isa::Scalar);
+            let m = m.with_isa(Isa::Scalar);
+            assert!(!m.is_packed());
+            assert_eq!(m.data.bytes(), &bytes[..]);
         }
     }
 
@@ -510,6 +771,35 @@ mod tests {
         owned.matmul(&x, 1, &mut b).unwrap();
         assert_eq!(a, b);
         assert!(QMatrix::from_shared(QType::Q4_0, 3, cols, owner, 8..8 + bytes.len()).is_err());
+    }
+
+    /// Repacking a file mapping releases the source pages; the mapping still reads the file's
+    /// bytes (faulted in again), and the product equals that of a copied matrix.
+    #[test]
+    fn mapped_blocks_are_released_and_read_back_from_the_file() {
+        let (rows, cols) = (64, 512);
+        let bytes = quantize_weights(QType::Q8_0, &pseudo_random(rows * cols, 12));
+        let mut file = vec![0x55u8; 4096];
+        file.extend_from_slice(&bytes);
+        file.extend_from_slice(&[0x66; 4096]);
+        let path = std::env::temp_dir().join(format!("camelid-kernels-{}", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        // SAFETY: a private temporary file nobody else writes.
+        let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.unwrap();
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(map);
+        let range = 4096..4096 + bytes.len();
+        // SAFETY: `owner` is a read-only file mapping.
+        let m =
+            unsafe { QMatrix::from_mapped(QType::Q8_0, rows, cols, owner.clone(), range) }.unwrap();
+        assert_eq!(m.is_packed(), Isa::detect() != Isa::Scalar);
+        assert!((*owner).as_ref() == &file[..]);
+        let copied = QMatrix::from_bytes(QType::Q8_0, rows, cols, &bytes).unwrap();
+        let x = pseudo_random(3 * cols, 13);
+        let (mut a, mut b) = (vec![0f32; 3 * rows], vec![0f32; 3 * rows]);
+        m.matmul(&x, 3, &mut a).unwrap();
+        copied.matmul(&x, 3, &mut b).unwrap();
+        assert_eq!(a, b);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

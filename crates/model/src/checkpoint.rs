@@ -438,10 +438,8 @@ impl WeightStore {
         let Some(info) = content.tensor_infos.get(canonical) else {
             return Ok(None);
         };
-        if matches!(
-            info.ggml_dtype,
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        ) {
+        // F16 is read in place too (camelid's F16 kernel); F32 and BF16 are not.
+        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::BF16) {
             return Ok(None);
         }
         self.check_shape(canonical, info.shape.dims(), shape)?;

@@ -127,6 +127,8 @@ enum LinearWeight {
     Candle(QMatMul),
     /// GGUF Q4_0, Q4_1 or Q8_0 on the CPU: camelid's kernels (`crates/kernels`).
     Kernel(camelid_kernels::QMatrix),
+    /// GGUF F16 on the CPU, read in place: camelid's F16 kernel.
+    F16(camelid_kernels::F16Matrix),
 }
 
 struct Linear {
@@ -142,13 +144,7 @@ struct Linear {
 
 /// The GGUF types camelid's own kernels run.
 fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
-    // `CAMELID_KERNELS=candle` leaves every quantized matmul to candle, whose AVX2 path sums in
-    // ggml's order: for comparisons with llama.cpp that must agree to the last bit (camelid's
-    // kernels round activations as ggml does but sum in another order).
-    static USE_KERNELS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*USE_KERNELS
-        .get_or_init(|| std::env::var("CAMELID_KERNELS").map_or(true, |v| v != "candle"))
-    {
+    if !use_kernels() {
         return None;
     }
     match dtype {
@@ -157,6 +153,14 @@ fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
         GgmlDType::Q8_0 => Some(camelid_kernels::QType::Q8_0),
         _ => None,
     }
+}
+
+/// `CAMELID_KERNELS=candle` leaves every quantized and F16 matmul to candle, whose AVX2 path
+/// sums in ggml's order: for comparisons with llama.cpp that must agree to the last bit
+/// (camelid's kernels round activations as ggml does but sum in another order).
+fn use_kernels() -> bool {
+    static USE_KERNELS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE_KERNELS.get_or_init(|| std::env::var("CAMELID_KERNELS").map_or(true, |v| v != "candle"))
 }
 
 /// Runs `f` on `x`'s values as one contiguous f32 slice, without copying when it already is.
@@ -185,10 +189,20 @@ impl Linear {
         // Kernel types are read in place from the mapped file (no copy at load).
         if store.device().is_cpu() {
             if let Some(raw) = store.quantized_raw(&wname, &[out, inp])? {
+                if raw.dtype == GgmlDType::F16 && use_kernels() {
+                    let m = camelid_kernels::F16Matrix::from_shared(out, inp, raw.file, raw.range)
+                        .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    return Ok(Self {
+                        weight: LinearWeight::F16(m),
+                        bias,
+                    });
+                }
                 if let Some(ty) = kernel_type(raw.dtype) {
-                    let m =
-                        camelid_kernels::QMatrix::from_shared(ty, out, inp, raw.file, raw.range)
-                            .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    // SAFETY: `raw.file` is the GGUF file's read-only mapping.
+                    let m = unsafe {
+                        camelid_kernels::QMatrix::from_mapped(ty, out, inp, raw.file, raw.range)
+                    }
+                    .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
                     return Ok(Self {
                         weight: LinearWeight::Kernel(m),
                         bias,
@@ -270,6 +284,20 @@ impl Linear {
                 }
             }
             LinearWeight::Kernel(_) => Ok(Self::forward_group(&[self], x)?.remove(0)),
+            LinearWeight::F16(m) => {
+                let mut dims = x.dims().to_vec();
+                dims.pop();
+                let tokens = dims.iter().product::<usize>();
+                let mut out = vec![0f32; tokens * m.rows];
+                with_f32_slice(x, |input| m.matmul(input, tokens, &mut out))?
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                dims.push(m.rows);
+                let y = Tensor::from_vec(out, dims, x.device())?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 
@@ -280,7 +308,7 @@ impl Linear {
             .iter()
             .map(|l| match &l.weight {
                 LinearWeight::Kernel(m) => Some(m),
-                LinearWeight::Candle(_) => None,
+                LinearWeight::Candle(_) | LinearWeight::F16(_) => None,
             })
             .collect();
         let Some(mats) = mats else {
@@ -1403,9 +1431,11 @@ impl Transformer {
 
     /// Attention runs row by row in [`crate::paged_attention`] (batched passes over the paged
     /// pool, and single sequences alike): causal inference on the CPU, without Qwen's log-n
-    /// query scaling or T5's relative bias, in f32.
+    /// query scaling or T5's relative bias, in f32; `CAMELID_KERNELS=candle` keeps candle's
+    /// scores path (the llama.cpp comparisons).
     fn row_attention(&self) -> bool {
-        self.spec.causal
+        use_kernels()
+            && self.spec.causal
             && self.spec.attention.logn_queries.is_none()
             && !self.train.differentiable
             && self.device.is_cpu()
@@ -1476,6 +1506,9 @@ impl Transformer {
         v: &Tensor,
         ctx: &AttnContext,
     ) -> Result<Tensor> {
+        if let Some(out) = self.cpu_attention(attn, q, k, v, ctx)? {
+            return Ok(out);
+        }
         let (b, _, t, _) = q.dims4()?;
         let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
         let s = k.dim(2)?;
@@ -1509,6 +1542,75 @@ impl Transformer {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?)
+    }
+
+    /// [`Self::scores_values`] by camelid's CPU attention kernel, which reads the cache in
+    /// place and never materializes the score matrix: for one f32 sequence at inference, with
+    /// a causal mask or none (`None` where it does not apply: ALiBi, T5 biases, a sliding
+    /// window, training, another device).
+    fn cpu_attention(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &AttnContext,
+    ) -> Result<Option<Tensor>> {
+        let (b, nh, t, hd) = q.dims4()?;
+        if !self.device.is_cpu()
+            || self.train.differentiable
+            || !use_kernels()
+            || b != 1
+            || attn.windowed
+            || ctx.alibi.is_some()
+            || ctx.rel_bias.is_some()
+            || [q, k, v].iter().any(|x| x.dtype() != DType::F32)
+        {
+            return Ok(None);
+        }
+        let (_, nkv, s, _) = k.dims4()?;
+        let shape = camelid_kernels::AttentionShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            new: t,
+            total: s,
+            scale: attn.scale as f32,
+            causal: ctx.mask.is_some(),
+        };
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            return Ok(None);
+        };
+        // Rows of a head must be contiguous; heads may be strided (a cache longer than `s`).
+        let rows = |l: &candle_core::Layout| {
+            let st = l.stride();
+            (l.dims() == [1, nkv, s, hd] && st[3] == 1 && (st[2] == hd || s == 1))
+                .then_some((l.start_offset(), st[1]))
+        };
+        let (Some((ko, kst)), Some((vo, vst))) = (rows(kl), rows(vl)) else {
+            return Ok(None);
+        };
+        let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+        let mut out = vec![0f32; t * nh * hd];
+        with_f32_slice(q, |q| {
+            camelid_kernels::attention(
+                q,
+                camelid_kernels::HeadRows {
+                    data: &kd[ko..],
+                    head_stride: kst,
+                },
+                camelid_kernels::HeadRows {
+                    data: &vd[vo..],
+                    head_stride: vst,
+                },
+                shape,
+                &mut out,
+            )
+        })?
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+        Ok(Some(Tensor::from_vec(out, (1, t, nh * hd), &self.device)?))
     }
 
     /// Several sequences in one pass, each after its own cached positions: their new tokens

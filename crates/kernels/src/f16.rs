@@ -1,0 +1,332 @@
+//! F16 weights (GGUF `F16`) against f32 activations: each weight is converted in registers
+//! (`vcvtph2ps`, F16C or AVX-512) and multiplied in f32, so a decode reads 2 bytes per weight
+//! instead of the 4 of an f32 copy, and loading keeps the file's bytes in place.
+//!
+//! Rows are taken 4 at a time (every activation load serves 4 rows) against tiles of tokens.
+//! Prefill blocks both ways: a block of rows stays in L2 while the tokens pass over it in
+//! chunks that also stay in L2, so the weights are read from memory once per product.
+
+use crate::{Data, Isa, KernelError, SharedOut};
+use half::f16;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Rows per kernel call.
+const ROWS: usize = 4;
+/// Tokens per kernel call in prefill: 8 accumulators (with 4 tokens the compiler spilled them).
+const TILE: usize = 2;
+/// Bytes of weights per row block (kept in L2 while the tokens pass).
+const ROW_BLOCK_BYTES: usize = 128 * 1024;
+/// Bytes of activations per token chunk.
+const TOKEN_CHUNK_BYTES: usize = 128 * 1024;
+
+/// A `[rows, cols]` matrix of fp16 values, row-major as in the file.
+pub struct F16Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    data: Data,
+    isa: Isa,
+}
+
+impl F16Matrix {
+    /// From the raw little-endian fp16 bytes of a tensor (copied).
+    pub fn from_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
+        Self::check(rows, cols, bytes.len())?;
+        Ok(Self {
+            rows,
+            cols,
+            data: Data::Owned(bytes.to_vec()),
+            isa: Isa::detect(),
+        })
+    }
+
+    /// Reads the values in place at `range` of `owner` (a mapped file): no copy.
+    pub fn from_shared(
+        rows: usize,
+        cols: usize,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self, KernelError> {
+        let len = (*owner).as_ref().len();
+        if range.start > range.end || range.end > len {
+            return Err(KernelError(format!(
+                "F16 [{rows}, {cols}]: bytes {range:?} are outside the {len} available"
+            )));
+        }
+        Self::check(rows, cols, range.len())?;
+        Ok(Self {
+            rows,
+            cols,
+            data: Data::Shared(owner, range),
+            isa: Isa::detect(),
+        })
+    }
+
+    fn check(rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
+        if len != rows * cols * 2 {
+            return Err(KernelError(format!(
+                "F16 [{rows}, {cols}] needs {} bytes, got {len}",
+                rows * cols * 2
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forces an instruction set (tests compare every path); ignored if the CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        if Isa::available().contains(&isa) {
+            self.isa = isa;
+        }
+        self
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `out[t][r] = Σ_c w[r][c] · x[t][c]` for `tokens` rows of `x` (`[tokens, cols]`),
+    /// writing `[tokens, rows]`.
+    pub fn matmul(&self, x: &[f32], tokens: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        if x.len() != tokens * self.cols || out.len() != tokens * self.rows {
+            return Err(KernelError(format!(
+                "matmul shapes: x has {} values for {tokens}×{}, out has {} for {tokens}×{}",
+                x.len(),
+                self.cols,
+                out.len(),
+                self.rows
+            )));
+        }
+        if tokens == 0 {
+            return Ok(());
+        }
+        let dst = SharedOut(out.as_mut_ptr());
+        let block_rows = (ROW_BLOCK_BYTES / (2 * self.cols)).max(1).div_ceil(ROWS) * ROWS;
+        let blocks = self.rows.div_ceil(block_rows);
+        let work = |b: usize| {
+            let rows = b * block_rows..((b + 1) * block_rows).min(self.rows);
+            self.run(rows, x, tokens, dst);
+        };
+        let threads = rayon::current_num_threads();
+        if threads == 1 || self.rows * tokens < 256 {
+            (0..blocks).for_each(work);
+        } else if tokens == 1 {
+            // Decode: a few tasks per thread, as the quantized products.
+            let units = self.rows.div_ceil(ROWS);
+            let chunk = units.div_ceil(threads * 4);
+            (0..units.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                let rows = c * chunk * ROWS..((c + 1) * chunk * ROWS).min(self.rows);
+                self.run(rows, x, tokens, dst);
+            });
+        } else {
+            (0..blocks).into_par_iter().for_each(work);
+        }
+        Ok(())
+    }
+
+    /// Rows `rows` for every token: token chunks over groups of 4 rows.
+    fn run(&self, rows: std::ops::Range<usize>, x: &[f32], tokens: usize, dst: SharedOut) {
+        let cols = self.cols;
+        let w = self.data.bytes();
+        let chunk = (TOKEN_CHUNK_BYTES / (4 * cols)).max(4);
+        let mut c = 0;
+        while c < tokens {
+            let c_end = (c + chunk).min(tokens);
+            let mut r = rows.start;
+            while r < rows.end {
+                let nr = (rows.end - r).min(ROWS);
+                let mut t = c;
+                while t < c_end {
+                    let nt = if c_end - t >= TILE { TILE } else { 1 };
+                    let mut res = [[0f32; ROWS]; TILE];
+                    let rr: [&[u8]; ROWS] = std::array::from_fn(|i| {
+                        let row = r + i.min(nr - 1);
+                        &w[row * cols * 2..(row + 1) * cols * 2]
+                    });
+                    if nt == TILE {
+                        let xs = std::array::from_fn(|k| &x[(t + k) * cols..(t + k + 1) * cols]);
+                        res = self.tile::<TILE>(rr, xs);
+                    } else {
+                        res[0] = self.tile::<1>(rr, [&x[t * cols..(t + 1) * cols]])[0];
+                    }
+                    for (k, row) in res.iter().enumerate().take(nt) {
+                        for (i, &v) in row.iter().enumerate().take(nr) {
+                            // SAFETY: rows `r..r + nr` belong to this task alone; in bounds.
+                            unsafe { dst.write((t + k) * self.rows + r + i, v) };
+                        }
+                    }
+                    t += nt;
+                }
+                r += nr;
+            }
+            c = c_end;
+        }
+    }
+
+    fn tile<const NT: usize>(&self, w: [&[u8]; ROWS], x: [&[f32]; NT]) -> [[f32; ROWS]; NT] {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever a set detected on this CPU; every row has `cols` values.
+        unsafe {
+            match self.isa {
+                Isa::Avx512Vnni => return x86::tile_avx512(w, x),
+                Isa::Avx2 => return x86::tile_avx2(w, x),
+                Isa::Scalar => {}
+            }
+        }
+        std::array::from_fn(|t| std::array::from_fn(|r| dot_scalar(w[r], x[t])))
+    }
+}
+
+/// Σ of one fp16 row with one f32 row.
+fn dot_scalar(w: &[u8], x: &[f32]) -> f32 {
+    w.chunks_exact(2)
+        .zip(x)
+        .map(|(b, &x)| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() * x)
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{dot_scalar, ROWS};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_avx512<const NT: usize>(
+        w: [&[u8]; ROWS],
+        x: [&[f32]; NT],
+    ) -> [[f32; ROWS]; NT] {
+        let cols = x[0].len();
+        let wp: [*const u8; ROWS] = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let mut xp = [std::ptr::null::<f32>(); NT];
+        for t in 0..NT {
+            xp[t] = x[t].as_ptr();
+        }
+        let mut acc = [[_mm512_setzero_ps(); ROWS]; NT];
+        let mut c = 0;
+        while c + 16 <= cols {
+            let mut wv = [_mm512_setzero_ps(); ROWS];
+            for r in 0..ROWS {
+                wv[r] = _mm512_cvtph_ps(_mm256_loadu_si256(wp[r].add(2 * c) as *const __m256i));
+            }
+            for t in 0..NT {
+                let xv = _mm512_loadu_ps(xp[t].add(c));
+                for r in 0..ROWS {
+                    acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+                }
+            }
+            c += 16;
+        }
+        let mut out = [[0f32; ROWS]; NT];
+        for t in 0..NT {
+            for r in 0..ROWS {
+                out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+                if c < cols {
+                    out[t][r] += dot_scalar(&w[r][2 * c..], &x[t][c..]);
+                }
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_avx2<const NT: usize>(
+        w: [&[u8]; ROWS],
+        x: [&[f32]; NT],
+    ) -> [[f32; ROWS]; NT] {
+        let cols = x[0].len();
+        let wp: [*const u8; ROWS] = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let mut xp = [std::ptr::null::<f32>(); NT];
+        for t in 0..NT {
+            xp[t] = x[t].as_ptr();
+        }
+        let mut acc = [[_mm256_setzero_ps(); ROWS]; NT];
+        let mut c = 0;
+        while c + 8 <= cols {
+            let mut wv = [_mm256_setzero_ps(); ROWS];
+            for r in 0..ROWS {
+                wv[r] = _mm256_cvtph_ps(_mm_loadu_si128(wp[r].add(2 * c) as *const __m128i));
+            }
+            for t in 0..NT {
+                let xv = _mm256_loadu_ps(xp[t].add(c));
+                for r in 0..ROWS {
+                    acc[t][r] = _mm256_fmadd_ps(wv[r], xv, acc[t][r]);
+                }
+            }
+            c += 8;
+        }
+        let mut out = [[0f32; ROWS]; NT];
+        for t in 0..NT {
+            for r in 0..ROWS {
+                let v = acc[t][r];
+                let mut s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+                s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                out[t][r] = _mm_cvtss_f32(s);
+                if c < cols {
+                    out[t][r] += dot_scalar(&w[r][2 * c..], &x[t][c..]);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every path against the f64 product of the fp16 values with the input: only f32
+    /// rounding is left (≤ a few ulps of Σ|w·x| per sum).
+    #[test]
+    fn every_path_matches_an_f64_reference() {
+        // 13 rows: groups of 4 and a partial one; 100 columns: a tail after the vectors;
+        // 6 tokens: tiles of 2; 2048 columns and 45 tokens: two token chunks and a single.
+        for (rows, cols, tokens) in [(13, 100, 6), (9, 2048, 45), (256, 64, 3)] {
+            let w: Vec<u8> = pseudo_random(rows * cols, 1)
+                .into_iter()
+                .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())
+                .collect();
+            let x = pseudo_random(tokens * cols, 2);
+            for isa in Isa::available() {
+                let m = F16Matrix::from_bytes(rows, cols, &w).unwrap().with_isa(isa);
+                assert_eq!(m.isa(), isa);
+                let mut out = vec![0f32; tokens * rows];
+                m.matmul(&x, tokens, &mut out).unwrap();
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for c in 0..cols {
+                            let b = &w[(r * cols + c) * 2..];
+                            let wv = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64();
+                            want += wv * x[t * cols + c] as f64;
+                            mag += (wv * x[t * cols + c] as f64).abs();
+                        }
+                        let got = out[t * rows + r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag,
+                            "{isa:?} {rows}x{cols} t{t} r{r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(F16Matrix::from_bytes(2, 4, &[0; 15]).is_err());
+        let m = F16Matrix::from_bytes(2, 4, &[0; 16]).unwrap();
+        assert!(m.matmul(&[0.0; 7], 2, &mut [0.0; 4]).is_err());
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(vec![0u8; 16]);
+        assert!(F16Matrix::from_shared(2, 4, owner, 1..17).is_err());
+    }
+}

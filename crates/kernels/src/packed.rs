@@ -1,0 +1,313 @@
+//! Weights repacked at load into groups of 8 rows, so that one SIMD lane holds one row.
+//!
+//! In a packed `Q4_0` or `Q8_0` matrix, the blocks of 8 consecutive rows at the same block
+//! index are stored together: the 8 fp16 scales first (one `vcvtph2ps` converts them all), then
+//! the quants interleaved in 4-byte pieces, row `r`'s piece in 32-bit lane `r`. A kernel then
+//! multiplies 4 activation values broadcast to all lanes with 4 quants of each of the 8 rows in
+//! one `vpdpbusd`, and the 8 lanes accumulate the 8 rows' dot products: no horizontal sums, one
+//! scale conversion per 8 blocks, and every activation load serves 8 rows. The packed matrix
+//! has exactly the original size.
+//!
+//! Per block, 8 rows:
+//! - `Q4_0` (144 bytes): 8 × fp16 `d`, then 4 vectors of 32 bytes; byte `4r + b` of vector `i`
+//!   is byte `4i + b` of row `r`'s 16 nibble bytes, so its low nibble is quant `4i + b` and its
+//!   high nibble quant `16 + 4i + b` (ggml's order). The quants stay unsigned (0..15) and the
+//!   kernel subtracts `8 · Σa` from the integer sum.
+//! - `Q8_0` (272 bytes): 8 × fp16 `d`, then 8 vectors of 32 bytes; byte `4r + b` of vector `g`
+//!   is quant `4g + b` of row `r`, stored as `q + 128` (unsigned, `q ^ 0x80`): `vpdpbusd`
+//!   multiplies unsigned by signed bytes, and the kernel subtracts `128 · Σa`.
+//!
+//! The integer sums are the same as the unpacked kernels' (exact); only the order in which the
+//! scaled block sums are added in f32 differs.
+
+use crate::quant::QType;
+
+/// Rows per packed group (one 256-bit vector of i32 lanes).
+pub const GROUP: usize = 8;
+
+/// Whether a matrix of this type and shape is packed (the SIMD paths only).
+pub fn packable(ty: QType, rows: usize) -> bool {
+    matches!(ty, QType::Q4_0 | QType::Q8_0) && rows.is_multiple_of(GROUP) && rows > 0
+}
+
+/// Bytes of fp16 scales at the start of a packed block.
+const SCALES: usize = 2 * GROUP;
+
+/// Repacks `src` (`rows` rows of `nb` GGUF blocks) into `dst` (same length).
+pub fn pack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
+    let bb = ty.block_bytes();
+    let pb = bb * GROUP;
+    debug_assert_eq!(src.len(), rows * nb * bb);
+    debug_assert_eq!(dst.len(), src.len());
+    for (g, out) in dst.chunks_exact_mut(nb * pb).enumerate() {
+        for (k, blk) in out.chunks_exact_mut(pb).enumerate() {
+            for r in 0..GROUP {
+                let o = ((g * GROUP + r) * nb + k) * bb;
+                let b = &src[o..o + bb];
+                blk[2 * r..2 * r + 2].copy_from_slice(&b[..2]);
+                match ty {
+                    QType::Q4_0 => {
+                        for i in 0..4 {
+                            let at = SCALES + 32 * i + 4 * r;
+                            blk[at..at + 4].copy_from_slice(&b[2 + 4 * i..6 + 4 * i]);
+                        }
+                    }
+                    QType::Q8_0 => {
+                        for i in 0..8 {
+                            let at = SCALES + 32 * i + 4 * r;
+                            for j in 0..4 {
+                                blk[at + j] = b[2 + 4 * i + j] ^ 0x80;
+                            }
+                        }
+                    }
+                    QType::Q4_1 => unreachable!("Q4_1 is not packed"),
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack`].
+pub fn unpack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
+    let bb = ty.block_bytes();
+    let pb = bb * GROUP;
+    for (g, inp) in src.chunks_exact(nb * pb).enumerate() {
+        for (k, blk) in inp.chunks_exact(pb).enumerate() {
+            for r in 0..GROUP {
+                let o = ((g * GROUP + r) * nb + k) * bb;
+                let b = &mut dst[o..o + bb];
+                b[..2].copy_from_slice(&blk[2 * r..2 * r + 2]);
+                match ty {
+                    QType::Q4_0 => {
+                        for i in 0..4 {
+                            let at = SCALES + 32 * i + 4 * r;
+                            b[2 + 4 * i..6 + 4 * i].copy_from_slice(&blk[at..at + 4]);
+                        }
+                    }
+                    QType::Q8_0 => {
+                        for i in 0..8 {
+                            let at = SCALES + 32 * i + 4 * r;
+                            for j in 0..4 {
+                                b[2 + 4 * i + j] = blk[at + j] ^ 0x80;
+                            }
+                        }
+                    }
+                    QType::Q4_1 => unreachable!("Q4_1 is not packed"),
+                }
+            }
+        }
+    }
+    debug_assert_eq!(src.len(), rows * nb * bb);
+}
+
+/// Σ of each activation block's quants, the offset correction of the packed kernels.
+pub fn block_sums(acts: &[crate::ActBlock], out: &mut Vec<i32>) {
+    out.clear();
+    out.extend(
+        acts.iter()
+            .map(|a| a.qs.iter().map(|&q| q as i32).sum::<i32>()),
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    //! One packed group (8 rows) against `NT` tokens, writing `out[t][0..8]`.
+    #![allow(clippy::missing_safety_doc)]
+
+    use super::*;
+    use crate::ActBlock;
+    use std::arch::x86_64::*;
+
+    /// Activations of one token: its blocks and their quant sums.
+    #[derive(Clone, Copy)]
+    pub struct Act<'a> {
+        pub blocks: &'a [ActBlock],
+        pub sums: &'a [i32],
+    }
+
+    #[inline(always)]
+    unsafe fn bcast(p: *const i8, i: usize) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned((p as *const i32).add(i)))
+    }
+
+    /// Σ over 4-byte groups of u8 × i8 added to `acc` (AVX2: the pair sums fit in i16 for
+    /// u ≤ 15 · 2 · 127; `Q8_0` on AVX2 goes through [`q8_avx2`] instead).
+    #[inline(always)]
+    unsafe fn dot_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, s)
+    }
+
+    /// `Q8_0` on AVX2: back to signed weights and ggml's sign trick (`|w| · (a · sign(w))`),
+    /// since `(q + 128) · a` pair sums overflow i16; the offset is then not applied.
+    #[inline(always)]
+    unsafe fn q8_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+        dot_avx2(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w))
+    }
+
+    /// Repeats `body` for `t` = 0..8 below `NT` (a constant), so that every `acc[t]` has a
+    /// constant index and stays in a register (a loop over `t` kept them on the stack).
+    macro_rules! each_token {
+        ($nt:expr, $t:ident, $body:block) => {
+            each_token!(@ $nt, $t, $body, 0 1 2 3 4 5 6 7)
+        };
+        (@ $nt:expr, $t:ident, $body:block, $($i:literal)*) => {
+            $(
+                if $i < $nt {
+                    let $t = $i;
+                    $body
+                }
+            )*
+        };
+    }
+
+    macro_rules! group_kernels {
+        ($module:ident, $features:literal, $dot4:ident, $dot8:ident, $off8:expr) => {
+            pub mod $module {
+                use super::*;
+
+                #[target_feature(enable = $features)]
+                pub unsafe fn q4_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+                    const { assert!(NT <= 8, "each_token! covers 8 tokens") };
+                    let nb = a[0].blocks.len();
+                    debug_assert_eq!(w.len(), nb * 144);
+                    let mut acc = [_mm256_setzero_ps(); NT];
+                    let mask = _mm256_set1_epi8(0x0F);
+                    let mut p = w.as_ptr();
+                    for k in 0..nb {
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                        let mut lo = [_mm256_setzero_si256(); 4];
+                        let mut hi = [_mm256_setzero_si256(); 4];
+                        for i in 0..4 {
+                            let v = _mm256_loadu_si256(p.add(SCALES + 32 * i) as *const __m256i);
+                            lo[i] = _mm256_and_si256(v, mask);
+                            hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        }
+                        each_token!(NT, t, {
+                            let ab = a[t].blocks.get_unchecked(k);
+                            let q = ab.qs.as_ptr();
+                            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                            for i in 0..4 {
+                                s0 = $dot4(s0, lo[i], bcast(q, i));
+                                s1 = $dot4(s1, hi[i], bcast(q, 4 + i));
+                            }
+                            let off = _mm256_set1_epi32(8 * *a[t].sums.get_unchecked(k));
+                            let s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), off);
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
+                        });
+                        p = p.add(144);
+                    }
+                    for t in 0..NT {
+                        _mm256_storeu_ps(out[t], acc[t]);
+                    }
+                }
+
+                #[target_feature(enable = $features)]
+                pub unsafe fn q8_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+                    const { assert!(NT <= 8, "each_token! covers 8 tokens") };
+                    let nb = a[0].blocks.len();
+                    debug_assert_eq!(w.len(), nb * 272);
+                    let mut acc = [_mm256_setzero_ps(); NT];
+                    let mut p = w.as_ptr();
+                    for k in 0..nb {
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                        let mut u = [_mm256_setzero_si256(); 8];
+                        for (i, u) in u.iter_mut().enumerate() {
+                            *u = _mm256_loadu_si256(p.add(SCALES + 32 * i) as *const __m256i);
+                        }
+                        each_token!(NT, t, {
+                            let ab = a[t].blocks.get_unchecked(k);
+                            let q = ab.qs.as_ptr();
+                            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                            for i in 0..4 {
+                                s0 = $dot8(s0, u[i], bcast(q, i));
+                                s1 = $dot8(s1, u[4 + i], bcast(q, 4 + i));
+                            }
+                            let mut s = _mm256_add_epi32(s0, s1);
+                            if $off8 {
+                                let off = _mm256_set1_epi32(128 * *a[t].sums.get_unchecked(k));
+                                s = _mm256_sub_epi32(s, off);
+                            }
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
+                        });
+                        p = p.add(272);
+                    }
+                    for t in 0..NT {
+                        _mm256_storeu_ps(out[t], acc[t]);
+                    }
+                }
+            }
+        };
+    }
+
+    group_kernels!(avx2, "avx2,fma,f16c", dot_avx2, q8_avx2, false);
+    group_kernels!(
+        vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        dot_vnni,
+        dot_vnni,
+        true
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QK;
+
+    #[test]
+    fn unpack_inverts_pack() {
+        let (rows, nb) = (16, 3);
+        for ty in [QType::Q4_0, QType::Q8_0] {
+            let src: Vec<u8> = (0..rows * nb * ty.block_bytes())
+                .map(|i| (i * 7 + i / 13) as u8)
+                .collect();
+            let mut packed = vec![0u8; src.len()];
+            pack(ty, rows, nb, &src, &mut packed);
+            assert_ne!(packed, src);
+            let mut back = vec![0u8; src.len()];
+            unpack(ty, rows, nb, &packed, &mut back);
+            assert_eq!(back, src, "{ty:?}");
+        }
+    }
+
+    #[test]
+    fn packed_lanes_hold_rows() {
+        // Row r's block k: scale bytes (r, k), quant bytes distinct per (r, k, j).
+        let (rows, nb) = (8, 2);
+        let ty = QType::Q8_0;
+        let bb = ty.block_bytes();
+        let mut src = vec![0u8; rows * nb * bb];
+        for r in 0..rows {
+            for k in 0..nb {
+                let b = &mut src[(r * nb + k) * bb..(r * nb + k + 1) * bb];
+                b[0] = r as u8;
+                b[1] = k as u8;
+                for j in 0..QK {
+                    b[2 + j] = (r * 32 + j) as u8 ^ (k as u8 * 3);
+                }
+            }
+        }
+        let mut p = vec![0u8; src.len()];
+        pack(ty, rows, nb, &src, &mut p);
+        let k = 1;
+        let blk = &p[k * bb * GROUP..(k + 1) * bb * GROUP];
+        for r in 0..rows {
+            assert_eq!(&blk[2 * r..2 * r + 2], &[r as u8, k as u8]);
+            for j in 0..QK {
+                let at = SCALES + 32 * (j / 4) + 4 * r + j % 4;
+                assert_eq!(blk[at] ^ 0x80, (r * 32 + j) as u8 ^ (k as u8 * 3));
+            }
+        }
+    }
+}
