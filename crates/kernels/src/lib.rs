@@ -18,8 +18,8 @@
 
 mod attention;
 mod f16;
-mod packed;
 mod many;
+mod packed;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;

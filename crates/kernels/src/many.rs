@@ -28,7 +28,8 @@ pub fn matmul_group_many(
     tokens: usize,
     outs: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
-    if tokens <= TILE {
+    // Packed matrices already stream each 8-row group once past a chunk of tokens.
+    if tokens <= TILE || mats.iter().any(|m| m.packed) {
         return crate::matmul_group(mats, x, tokens, outs);
     }
     let Some(first) = mats.first() else {
@@ -109,7 +110,13 @@ pub fn matmul_group_many(
                 mi += 1;
             }
         };
-        crate::parallel_rows(total, tokens, &work);
+        // Shared out in units of 8 rows, as `matmul_group` does.
+        let group = crate::packed::GROUP;
+        crate::parallel_units(total.div_ceil(group), tokens, &|u: std::ops::Range<
+            usize,
+        >| {
+            work(u.start * group..(u.end * group).min(total))
+        });
     }
     ACTS.with(|a| *a.borrow_mut() = buffer);
     Ok(())

@@ -195,6 +195,8 @@ impl Linear {
                     return Ok(Self {
                         weight: LinearWeight::F16(m),
                         bias,
+                        compute: None,
+                        flat: false,
                     });
                 }
                 if let Some(ty) = kernel_type(raw.dtype) {
