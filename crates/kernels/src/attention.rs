@@ -323,16 +323,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::pseudo_random;
 
     /// Against softmax(q·kᵀ·scale + mask)·v in f64, with grouped heads, keys in a strided
     /// buffer longer than the sequence, causal and not, prefill after cached tokens and decode.

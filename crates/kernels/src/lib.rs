@@ -459,17 +459,16 @@ impl QMatrix {
     }
 }
 
-/// Several matrices with the same number of columns applied to the same input `x`
-/// (`[tokens, cols]`): `outs[i]` gets `[tokens, mats[i].rows]`. The input is quantized once, and
-/// all rows of all matrices are shared out in one parallel region.
-pub fn matmul_group(
+/// The shared column count of `mats` (`None` when there are none), after checking that `x`
+/// holds `tokens` rows of it and each `outs[i]` `tokens` rows of `mats[i]`.
+pub(crate) fn check_shapes(
     mats: &[&QMatrix],
     x: &[f32],
     tokens: usize,
-    outs: &mut [&mut [f32]],
-) -> Result<(), KernelError> {
+    outs: &[&mut [f32]],
+) -> Result<Option<usize>, KernelError> {
     let Some(first) = mats.first() else {
-        return Ok(());
+        return Ok(None);
     };
     let cols = first.cols;
     if outs.len() != mats.len() {
@@ -490,6 +489,21 @@ pub fn matmul_group(
             )));
         }
     }
+    Ok(Some(cols))
+}
+
+/// Several matrices with the same number of columns applied to the same input `x`
+/// (`[tokens, cols]`): `outs[i]` gets `[tokens, mats[i].rows]`. The input is quantized once, and
+/// all rows of all matrices are shared out in one parallel region.
+pub fn matmul_group(
+    mats: &[&QMatrix],
+    x: &[f32],
+    tokens: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    let Some(cols) = check_shapes(mats, x, tokens, outs)? else {
+        return Ok(());
+    };
     if tokens == 0 {
         return Ok(());
     }
@@ -571,19 +585,22 @@ fn parallel_units(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) +
         .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n)));
 }
 
+/// Deterministic test inputs in [-1, 1) (a linear congruential generator), shared by the
+/// crate's tests.
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
 

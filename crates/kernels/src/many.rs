@@ -32,28 +32,9 @@ pub fn matmul_group_many(
     if tokens <= TILE || mats.iter().any(|m| m.packed) {
         return crate::matmul_group(mats, x, tokens, outs);
     }
-    let Some(first) = mats.first() else {
+    let Some(cols) = crate::check_shapes(mats, x, tokens, outs)? else {
         return Ok(());
     };
-    let cols = first.cols;
-    if outs.len() != mats.len() {
-        return Err(KernelError(format!(
-            "{} matrices but {} outputs",
-            mats.len(),
-            outs.len()
-        )));
-    }
-    for (m, o) in mats.iter().zip(outs.iter()) {
-        if m.cols != cols || x.len() != tokens * cols || o.len() != tokens * m.rows {
-            return Err(KernelError(format!(
-                "matmul shapes: x has {} values for {tokens}×{}, out has {} for {tokens}×{}",
-                x.len(),
-                m.cols,
-                o.len(),
-                m.rows
-            )));
-        }
-    }
     let per_row = cols / QK;
     // Taken out of the thread-local for the call (see `matmul_group`: another pass may run a
     // product on this thread while it waits in the parallel region).
@@ -125,17 +106,8 @@ pub fn matmul_group_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pseudo_random;
     use crate::{quantize_weights, QType};
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     type Product = fn(&[&QMatrix], &[f32], usize, &mut [&mut [f32]]) -> Result<(), KernelError>;
 
