@@ -12,16 +12,8 @@ use camelid_train::data::TokenData;
 use camelid_train::params::Params;
 use camelid_train::trainer::{TrainOptions, Trainer};
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, options, rel};
+use common::{assert_same_bits, fixture, options, rel, straight_and_resumed, tmp, token_file};
 use serde_json::Value;
-use std::path::PathBuf;
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("camelid-amp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A learnable stream: a fixed random cycle of 37 tokens with every 5th token noise.
 fn tokens(n: usize, dir: &std::path::Path) -> TokenData {
@@ -42,10 +34,7 @@ fn tokens(n: usize, dir: &std::path::Path) -> TokenData {
             }
         })
         .collect();
-    let path = dir.join("tokens.u32");
-    let bytes: Vec<u8> = toks.iter().flat_map(|t| t.to_le_bytes()).collect();
-    std::fs::write(&path, bytes).unwrap();
-    TokenData::open(&path).unwrap()
+    token_file(&toks, dir)
 }
 
 fn tiny() -> Overrides {
@@ -335,7 +324,7 @@ fn loss_scale_follows_gradscaler_rules() {
 /// as uninterrupted ones (f16 with its loss scale restored).
 #[test]
 fn resume_is_bit_exact_in_low_precision() {
-    let dir = tmp("resume");
+    let dir = tmp("amp-resume");
     let data = tokens(4000, &dir);
     let spec = preset_spec("gpt2-124m", &tiny()).unwrap();
     let (family, config, spec) = export_config(&spec, 0.1).unwrap();
@@ -343,36 +332,24 @@ fn resume_is_bit_exact_in_low_precision() {
         let mut o = opts(p);
         o.dropout = 0.1;
         o.grad_accum = 2;
-        let mut straight = Trainer::new(Params::init(&spec, 11, &Device::Cpu).unwrap(), o.clone());
-        let losses: Vec<f64> = (0..6).map(|_| straight.step(&data).unwrap().loss).collect();
-
-        let mut first = Trainer::new(Params::init(&spec, 11, &Device::Cpu).unwrap(), o.clone());
-        let mut resumed: Vec<f64> = (0..3).map(|_| first.step(&data).unwrap().loss).collect();
         let ck = dir.join(format!("checkpoint-{p}"));
-        checkpoint::save(
-            &ck,
-            &first.params,
-            &first.opt,
-            &first.state,
-            family,
-            &config,
-            None,
-        )
-        .unwrap();
-        drop(first);
-        let (family, spec2, _) = read_config(&ck).unwrap();
-        let params = Params::load(&ck, family, &spec2, &Device::Cpu).unwrap();
-        let (opt, state) = checkpoint::load_state(&ck, &params).unwrap();
-        assert_eq!(state.dtype, p);
-        assert_eq!(state.scaler.is_some(), p == Precision::F16);
-        let mut second = Trainer::with_state(params, o, opt, state);
-        resumed.extend((0..3).map(|_| second.step(&data).unwrap().loss));
+        let (straight, second, losses, resumed) =
+            straight_and_resumed(&spec, &o, &data, 3, &ck, |first| {
+                checkpoint::save(
+                    &ck,
+                    &first.params,
+                    &first.opt,
+                    &first.state,
+                    family,
+                    &config,
+                    None,
+                )
+                .unwrap()
+            });
+        assert_eq!(second.state.dtype, p);
+        assert_eq!(second.state.scaler.is_some(), p == Precision::F16);
         assert_eq!(losses, resumed, "{p}: losses differ after resume");
         assert_eq!(straight.state.scaler, second.state.scaler);
-        for (a, b) in straight.params.vars.iter().zip(&second.params.vars) {
-            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-        }
+        assert_same_bits(&straight.params, &second.params);
     }
 }

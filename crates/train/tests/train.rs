@@ -9,14 +9,9 @@ use camelid_train::data::{write_shard, TokenData};
 use camelid_train::params::Params;
 use camelid_train::trainer::{NonFiniteLoss, TrainOptions, Trainer};
 use candle_core::{Device, Tensor};
-use std::path::PathBuf;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("camelid-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{assert_same_bits, straight_and_resumed, tmp, token_file};
 
 fn tiny() -> Overrides {
     Overrides {
@@ -39,10 +34,7 @@ fn tokens(n: usize, dir: &std::path::Path) -> TokenData {
             ((x >> 33) % 50) as u32
         })
         .collect();
-    let path = dir.join("tokens.u32");
-    let bytes: Vec<u8> = toks.iter().flat_map(|t| t.to_le_bytes()).collect();
-    std::fs::write(&path, bytes).unwrap();
-    TokenData::open(&path).unwrap()
+    token_file(&toks, dir)
 }
 
 fn opts() -> TrainOptions {
@@ -139,51 +131,28 @@ fn resume_continues_bit_exactly() {
     let (family, config, spec) = export_config(&spec, 0.1).unwrap();
     let mut o = opts();
     o.grad_accum = 2;
-
-    let mut straight = Trainer::new(Params::init(&spec, 11, &Device::Cpu).unwrap(), o.clone());
-    let losses: Vec<f64> = (0..6).map(|_| straight.step(&data).unwrap().loss).collect();
-
-    let mut first = Trainer::new(Params::init(&spec, 11, &Device::Cpu).unwrap(), o.clone());
-    let mut resumed_losses: Vec<f64> = (0..3).map(|_| first.step(&data).unwrap().loss).collect();
     let ck = dir.join("checkpoint");
-    checkpoint::save(
-        &ck,
-        &first.params,
-        &first.opt,
-        &first.state,
-        family,
-        &config,
-        None,
-    )
-    .unwrap();
-    // A second save replaces the first atomically and leaves no temporary behind.
-    checkpoint::save(
-        &ck,
-        &first.params,
-        &first.opt,
-        &first.state,
-        family,
-        &config,
-        None,
-    )
-    .unwrap();
-    assert!(!dir.join("checkpoint.tmp").exists() && !dir.join("checkpoint.old").exists());
-    drop(first);
-
-    let found = checkpoint::find_complete(&ck).unwrap();
-    let (family, spec2, _) = camelid_train::arch::read_config(&found).unwrap();
-    let params = Params::load(&found, family, &spec2, &Device::Cpu).unwrap();
-    let (opt, state) = checkpoint::load_state(&found, &params).unwrap();
-    assert_eq!(state.step, 3);
-    let mut second = Trainer::with_state(params, o, opt, state);
-    resumed_losses.extend((0..3).map(|_| second.step(&data).unwrap().loss));
-
-    assert_eq!(losses, resumed_losses, "losses differ after resume");
-    for (a, b) in straight.params.vars.iter().zip(&second.params.vars) {
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-    }
+    let (straight, second, losses, resumed) =
+        straight_and_resumed(&spec, &o, &data, 3, &ck, |first| {
+            let save = || {
+                checkpoint::save(
+                    &ck,
+                    &first.params,
+                    &first.opt,
+                    &first.state,
+                    family,
+                    &config,
+                    None,
+                )
+                .unwrap()
+            };
+            save();
+            // A second save replaces the first atomically and leaves no temporary behind.
+            save();
+            assert!(!dir.join("checkpoint.tmp").exists() && !dir.join("checkpoint.old").exists());
+        });
+    assert_eq!(losses, resumed, "losses differ after resume");
+    assert_same_bits(&straight.params, &second.params);
 }
 
 #[test]
