@@ -51,6 +51,9 @@ pub struct WeightStore {
     dequantize: bool,
     /// The type float weights are given in (f32 unless a model is loaded in f16/bf16).
     dtype: DType,
+    /// Canonical pattern → GGUF pattern for tensors a GGUF architecture names otherwise
+    /// ([`crate::families::GgufExport::renamed`]).
+    gguf_renamed: &'static [(&'static str, &'static str)],
 }
 
 /// Splits `blk.7.attn_q.weight` into (`blk.{i}.attn_q`, Some(7), `weight`), and an
@@ -131,6 +134,7 @@ impl WeightStore {
             device: device.clone(),
             dequantize: false,
             dtype: DType::F32,
+            gguf_renamed: &[],
         })
     }
 
@@ -173,6 +177,7 @@ impl WeightStore {
                 device: device.clone(),
                 dequantize: false,
                 dtype: DType::F32,
+                gguf_renamed: &[],
             },
             metadata,
         ))
@@ -187,6 +192,7 @@ impl WeightStore {
             device: device.clone(),
             dequantize: false,
             dtype: DType::F32,
+            gguf_renamed: &[],
         }
     }
 
@@ -231,9 +237,35 @@ impl WeightStore {
         matches!(self.source, Source::Gguf { .. })
     }
 
+    /// Reads a GGUF file's tensors named as in `renamed` (canonical pattern → GGUF pattern)
+    /// under their canonical names.
+    pub fn set_gguf_renamed(&mut self, renamed: &'static [(&'static str, &'static str)]) {
+        self.gguf_renamed = renamed;
+    }
+
+    /// The name a canonical tensor has in a GGUF file.
+    fn gguf_name(&self, canonical: &str) -> String {
+        let (pattern, layer, suffix) = split_canonical(canonical);
+        match self.gguf_renamed.iter().find(|(c, _)| *c == pattern) {
+            Some((_, g)) => {
+                let g = match layer {
+                    Some(i) => g.replace("{i}", &i.to_string()),
+                    None => g.to_string(),
+                };
+                if suffix.is_empty() {
+                    g
+                } else {
+                    format!("{g}.{suffix}")
+                }
+            }
+            None => canonical.to_string(),
+        }
+    }
+
     fn checkpoint_name(&self, canonical: &str) -> Option<String> {
         match &self.source {
-            Source::Gguf { .. } | Source::Memory(_) => Some(canonical.to_string()),
+            Source::Gguf { .. } => Some(self.gguf_name(canonical)),
+            Source::Memory(_) => Some(canonical.to_string()),
             Source::Safetensors { names, files, .. } => {
                 let (pattern, layer, suffix) = split_canonical(canonical);
                 // `a|b`: checkpoints of one family name a tensor either way (with or without a
@@ -299,7 +331,7 @@ impl WeightStore {
         };
         let mut cursor = std::io::Cursor::new(&file[..]);
         content
-            .tensor(&mut cursor, canonical, &self.device)
+            .tensor(&mut cursor, &self.gguf_name(canonical), &self.device)
             .map_err(|e| self.err(canonical, first_line(&e)))
     }
 
@@ -359,7 +391,7 @@ impl WeightStore {
         };
         content
             .tensor_infos
-            .get(canonical)
+            .get(&self.gguf_name(canonical))
             .map(|i| i.ggml_dtype)
             .filter(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
     }
@@ -370,7 +402,7 @@ impl WeightStore {
         let Source::Gguf { content, .. } = &self.source else {
             return Ok(None);
         };
-        match content.tensor_infos.get(canonical) {
+        match content.tensor_infos.get(&self.gguf_name(canonical)) {
             Some(info)
                 if !matches!(
                     info.ggml_dtype,
@@ -435,7 +467,7 @@ impl WeightStore {
         let (Source::Gguf { content, file }, false) = (&self.source, self.dequantize) else {
             return Ok(None);
         };
-        let Some(info) = content.tensor_infos.get(canonical) else {
+        let Some(info) = content.tensor_infos.get(&self.gguf_name(canonical)) else {
             return Ok(None);
         };
         // F16 is read in place too (camelid's F16 kernel); F32 and BF16 are not.
@@ -458,7 +490,7 @@ impl WeightStore {
     /// store's type.
     pub fn matrix(&self, canonical: &str, shape: &[usize]) -> Result<Matrix> {
         if let (Source::Gguf { content, .. }, false) = (&self.source, self.dequantize) {
-            if let Some(info) = content.tensor_infos.get(canonical) {
+            if let Some(info) = content.tensor_infos.get(&self.gguf_name(canonical)) {
                 if !matches!(
                     info.ggml_dtype,
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16

@@ -378,6 +378,19 @@ fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> 
         .from_gguf
         .ok_or_else(|| ModelError::format(path, "family has no GGUF reader"))?;
     let spec = from_gguf(&reader)?;
+    // Tensors the architecture names apart from camelid's canonical names (Falcon-40B's norms).
+    if let Some(renamed) = families::GGUF_EXPORTS
+        .iter()
+        .find(|e| e.family == family.name && e.arch == reader.arch)
+        .map(|e| e.renamed)
+        .filter(|r| {
+            !r.is_empty()
+                && r.iter()
+                    .all(|(_, g)| store.contains(&format!("{}.weight", g.replace("{i}", "0"))))
+        })
+    {
+        store.set_gguf_renamed(renamed);
+    }
     let transformer = Transformer::load(spec, &store)?;
     let tokenizer = if meta.contains_key("tokenizer.ggml.tokens") {
         Some(Tokenizer::from_gguf_metadata(&meta, path)?)

@@ -374,6 +374,8 @@ struct Layout {
     spec: camelid_model::ArchSpec,
     /// Canonical patterns (`blk.{i}.attn_qkv`) of weights the loader transposes.
     transposed: &'static [&'static str],
+    /// The export's `renamed` patterns when the checkpoint holds them, else none.
+    renamed: &'static [(&'static str, &'static str)],
 }
 
 /// `blk.3.attn_qkv.weight` → (`blk.{i}.attn_qkv`, `weight`).
@@ -389,7 +391,20 @@ fn pattern(name: &str) -> (String, &str) {
 }
 
 impl Layout {
+    /// The tensors written for `name`, under the architecture's names.
     fn outputs(&self, name: &str, stored: Vec<usize>) -> Result<Vec<Output>> {
+        let mut outs = self.canonical_outputs(name, stored)?;
+        for out in &mut outs {
+            let (pat, suffix) = pattern(&out.0);
+            if let Some((_, g)) = self.renamed.iter().find(|(c, _)| *c == pat) {
+                let layer = out.0.split('.').nth(1).unwrap_or("0");
+                out.0 = format!("{}.{suffix}", g.replace("{i}", layer));
+            }
+        }
+        Ok(outs)
+    }
+
+    fn canonical_outputs(&self, name: &str, stored: Vec<usize>) -> Result<Vec<Output>> {
         let (pat, suffix) = pattern(name);
         let mut dims = stored;
         if suffix == "weight" && dims.len() == 2 && self.transposed.contains(&pat.as_str()) {
@@ -642,10 +657,15 @@ fn open_hf(dir: &Path, device: &Device, notes: &mut Vec<String>) -> Result<Opene
         notes.push(note);
     }
     let arch = export.arch;
+    let holds_renamed = export
+        .renamed
+        .iter()
+        .all(|(c, _)| store.contains(&format!("{}.weight", c.replace("{i}", "0"))));
     let layout = Layout {
         export,
         spec: spec.clone(),
         transposed: family.hf_transposed,
+        renamed: if holds_renamed { export.renamed } else { &[] },
     };
     // The names the file will hold (what `from_gguf` sees as tensors).
     let mut written = std::collections::HashMap::new();

@@ -62,6 +62,7 @@ pub static BAICHUAN_EXPORT: GgufExport = GgufExport {
     permute_qk: true,
     split_qkv: true,
     llama_cpp: true,
+    renamed: &[],
     metadata: llama_style_gguf_metadata,
     // llama.cpp's baichuan graph picks rotary by a 32-layer count and ALiBi by 40; at other
     // depths it applies no positions at all (camelid reads the file as the checkpoint is).

@@ -3,7 +3,6 @@
 //! or an ALiBi variant whose bias is scaled with the scores.
 
 use super::{activation, classic_gguf, gguf_rotary, llama_style_gguf_metadata, Family, GgufExport};
-use crate::error::ModelError;
 use crate::spec::{
     AlibiSlopes, ArchSpec, MlpSpec, NormSpec, Positions, QkvLayout, QkvPacking, Residual,
     RotarySpec,
@@ -67,18 +66,16 @@ pub static FALCON: Family = Family {
         s.tied_head = cfg.bool_or("tie_word_embeddings", true)?;
         Ok(s)
     },
-    // llama.cpp's falcon graph: one norm feeding attention and MLP in parallel, rotate-half
+    // llama.cpp's falcon graph: one norm (two for Falcon-40B) feeding attention and MLP in parallel, rotate-half
     // rotary, [q | k | v] (the converter reorders the per-kv-group packing), no biases.
     from_gguf: Some(|g| {
         let mut s = classic_gguf(g, "falcon")?;
-        if g.has_tensor("blk.0.attn_norm_2.weight") {
-            return Err(ModelError::format(
-                g.path,
-                "Falcon with a second norm per block (attn_norm_2, Falcon-40B) is not supported from GGUF",
-            ));
-        }
         s.positions = gguf_rotary(g, s.attention.head_dim, false);
-        s.residual = Residual::Parallel { shared_norm: true };
+        // Falcon-40B: `attn_norm_2` feeds attention and `attn_norm` the MLP (read under the
+        // canonical names through `FALCON_EXPORT.renamed`).
+        s.residual = Residual::Parallel {
+            shared_norm: !g.has_tensor("blk.0.attn_norm_2.weight"),
+        };
         s.attention.qkv_layout = QkvLayout::Fused;
         s.attention.qkv_bias = false;
         s.attention.out_bias = false;
@@ -119,6 +116,10 @@ pub static FALCON_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: true,
+    renamed: &[
+        ("blk.{i}.attn_norm", "blk.{i}.attn_norm_2"),
+        ("blk.{i}.ffn_norm", "blk.{i}.attn_norm"),
+    ],
     metadata: llama_style_gguf_metadata,
     adapt: None,
 };

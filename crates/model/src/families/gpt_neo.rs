@@ -103,6 +103,7 @@ pub static GPT_NEO_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: false,
+    renamed: &[],
     metadata: |s, arch| {
         let mut plain = s.clone();
         plain.attention.softmax_scale = None;

@@ -101,6 +101,7 @@ pub static GPT_NEOX_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: true,
+    renamed: &[],
     metadata: |s, arch| {
         let mut m = llama_style_gguf_metadata(s, arch)?;
         m.push((

@@ -65,6 +65,7 @@ pub static GPTJ_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: false,
+    renamed: &[],
     metadata: llama_style_gguf_metadata,
     adapt: None,
 };

@@ -26,6 +26,7 @@ pub static LLAMA_EXPORT: GgufExport = GgufExport {
     permute_qk: true,
     split_qkv: false,
     llama_cpp: true,
+    renamed: &[],
     metadata: llama_style_gguf_metadata,
     adapt: None,
 };

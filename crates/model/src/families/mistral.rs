@@ -28,6 +28,7 @@ pub static MISTRAL_EXPORT: GgufExport = GgufExport {
     permute_qk: true,
     split_qkv: false,
     llama_cpp: true,
+    renamed: &[],
     metadata: llama_style_gguf_metadata,
     adapt: None,
 };

@@ -479,6 +479,12 @@ pub struct GgufExport {
     /// Whether llama.cpp (0.3.36) runs this architecture. The others are written under an
     /// architecture name only camelid reads back (listed in the README).
     pub llama_cpp: bool,
+    /// Canonical tensor-name pattern → the GGUF name llama.cpp gives it, for tensors the
+    /// architecture names apart from camelid's canonical names (Falcon-40B's two norms:
+    /// `ln_attn` is llama.cpp's `attn_norm_2`, `ln_mlp` its `attn_norm`). Applied to a
+    /// checkpoint holding every left-hand tensor of layer 0 when written, and to a file
+    /// holding every right-hand one when read back; other checkpoints keep their names.
+    pub renamed: &'static [(&'static str, &'static str)],
     /// The architecture's metadata keys from the spec.
     pub metadata: fn(&ArchSpec, &str) -> Result<GgufKeys>,
     /// Settings that act only past the trained context and that the architecture has no keys

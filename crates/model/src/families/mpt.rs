@@ -114,6 +114,7 @@ pub static MPT_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: true,
+    renamed: &[],
     metadata: llama_style_gguf_metadata,
     adapt: None,
 };

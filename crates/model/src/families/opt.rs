@@ -106,6 +106,7 @@ pub static OPT_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: false,
+    renamed: &[],
     metadata: |s, arch| {
         let Positions::Learned { offset } = s.positions else {
             return Err(crate::error::ModelError::Input(

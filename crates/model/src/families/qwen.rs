@@ -85,6 +85,7 @@ pub static QWEN_EXPORT: GgufExport = GgufExport {
     permute_qk: false,
     split_qkv: false,
     llama_cpp: true,
+    renamed: &[],
     metadata: |s, arch| {
         let mut m = llama_style_gguf_metadata(s, arch)?;
         let key = format!("{arch}.feed_forward_length");
