@@ -227,7 +227,7 @@ impl QMatrix {
 
     /// Packs or unpacks the blocks as the instruction set wants them.
     fn repacked(mut self) -> Self {
-        let want = self.isa != Isa::Scalar && packed::packable(self.ty, self.rows);
+        let want = self.isa != Isa::Scalar && packed::packable(self.rows);
         if want == self.packed {
             return self;
         }

@@ -28,8 +28,8 @@ use crate::quant::QType;
 /// Rows per packed group (one 256-bit vector of i32 lanes).
 pub const GROUP: usize = 8;
 
-/// Whether a matrix of this type and shape is packed (the SIMD paths only).
-pub fn packable(ty: QType, rows: usize) -> bool {
+/// Whether a matrix of this many rows is packed (the SIMD paths only; every type packs).
+pub fn packable(rows: usize) -> bool {
     rows.is_multiple_of(GROUP) && rows > 0
 }
 
@@ -235,7 +235,9 @@ pub mod x86 {
                     const { assert!(NT <= 8, "each_token! covers 8 tokens") };
                     let nb = a[0].blocks.len();
                     debug_assert_eq!(w.len(), nb * 160);
+                    // The `m·s` terms in their own sums, added at the end (as ggml does).
                     let mut acc = [_mm256_setzero_ps(); NT];
+                    let mut mins = [_mm256_setzero_ps(); NT];
                     let mask = _mm256_set1_epi8(0x0F);
                     let mut p = w.as_ptr();
                     for k in 0..nb {
@@ -260,12 +262,12 @@ pub mod x86 {
                             let s = _mm256_add_epi32(s0, s1);
                             let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
                             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
-                            acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[t]);
+                            mins[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), mins[t]);
                         });
                         p = p.add(160);
                     }
                     for t in 0..NT {
-                        _mm256_storeu_ps(out[t], acc[t]);
+                        _mm256_storeu_ps(out[t], _mm256_add_ps(acc[t], mins[t]));
                     }
                 }
 
