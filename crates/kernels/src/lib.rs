@@ -9,7 +9,7 @@
 //! same thing and is always tested. Several matrices that read the same input (q/k/v, gate/up)
 //! run in one parallel region on one quantized copy of the input ([`matmul_group`]).
 //!
-//! `Q4_0` and `Q8_0` matrices are repacked at load into groups of 8 rows with interleaved
+//! `Q4_0`, `Q4_1` and `Q8_0` matrices are repacked at load into groups of 8 rows with interleaved
 //! blocks (`packed.rs`): one SIMD lane per row, so decode needs no horizontal sums and prefill
 //! multiplies each unpacked weight vector with a tile of tokens. [`F16Matrix`] multiplies fp16
 //! weights read in place, and [`attention`] runs one sequence's attention a query row at a time
@@ -103,7 +103,7 @@ impl std::fmt::Display for KernelError {
 impl std::error::Error for KernelError {}
 
 /// A `[rows, cols]` weight matrix of GGUF blocks, each row `cols / 32` blocks, as in the file,
-/// or (`Q4_0`, `Q8_0` with rows in groups of 8, on the SIMD paths) repacked at load into groups
+/// or (rows in groups of 8, on the SIMD paths) repacked at load into groups
 /// of 8 rows whose blocks are interleaved (see `packed.rs`).
 pub struct QMatrix {
     pub rows: usize,
@@ -227,7 +227,7 @@ impl QMatrix {
 
     /// Packs or unpacks the blocks as the instruction set wants them.
     fn repacked(mut self) -> Self {
-        let want = self.isa != Isa::Scalar && packed::packable(self.ty, self.rows);
+        let want = self.isa != Isa::Scalar && packed::packable(self.rows);
         if want == self.packed {
             return self;
         }
@@ -450,10 +450,12 @@ impl QMatrix {
         unsafe {
             match (self.isa, self.ty) {
                 (Isa::Avx512Vnni, QType::Q4_0) => vnni::q4_0(w, a, out),
+                (Isa::Avx512Vnni, QType::Q4_1) => vnni::q4_1(w, a, out),
                 (Isa::Avx512Vnni, QType::Q8_0) => vnni::q8_0(w, a, out),
                 (Isa::Avx2, QType::Q4_0) => avx2::q4_0(w, a, out),
+                (Isa::Avx2, QType::Q4_1) => avx2::q4_1(w, a, out),
                 (Isa::Avx2, QType::Q8_0) => avx2::q8_0(w, a, out),
-                _ => unreachable!("only Q4_0 and Q8_0 on a SIMD set are packed"),
+                (Isa::Scalar, _) => unreachable!("only matrices on a SIMD set are packed"),
             }
         }
     }
@@ -647,7 +649,7 @@ mod tests {
                         .unwrap()
                         .with_isa(isa);
                     assert_eq!(m.isa(), isa);
-                    let packs = isa != Isa::Scalar && ty != QType::Q4_1 && rows % 8 == 0;
+                    let packs = isa != Isa::Scalar && rows % 8 == 0;
                     assert_eq!(m.is_packed(), packs, "{ty:?} {isa:?} {rows}");
                     let mut out = vec![0f32; tokens * rows];
                     m.matmul(&x, tokens, &mut out).unwrap();
@@ -669,7 +671,7 @@ mod tests {
     #[test]
     fn repacking_round_trips_through_the_scalar_path() {
         let (rows, cols) = (16, 128);
-        for ty in [QType::Q4_0, QType::Q8_0] {
+        for ty in TYPES {
             let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 11));
             let m = QMatrix::from_bytes(ty, rows, cols, &bytes).unwrap();
             assert_eq!(m.is_packed(), Isa::detect() != Isa::Scalar);
@@ -725,6 +727,43 @@ mod tests {
                         (a - b).abs() <= 1e-4 * a.abs().max(1.0),
                         "{ty:?} {isa:?}: {a} vs {b}"
                     );
+                }
+            }
+        }
+    }
+
+    /// A packed matrix (40 rows) against the same weights' first 39 rows, which stay in the
+    /// file's layout and go through the row-by-row SIMD kernels: the same integer sums, so
+    /// only the f32 summation order differs. Decode (1 token), a tile and a remainder.
+    #[test]
+    fn packed_agrees_with_row_by_row() {
+        let (rows, cols, tokens) = (40, 1024, 11);
+        let x = pseudo_random(tokens * cols, 21);
+        for ty in TYPES {
+            let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 22));
+            let part = bytes.len() / rows * (rows - 1);
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+                let packed = QMatrix::from_bytes(ty, rows, cols, &bytes)
+                    .unwrap()
+                    .with_isa(isa);
+                let plain = QMatrix::from_bytes(ty, rows - 1, cols, &bytes[..part])
+                    .unwrap()
+                    .with_isa(isa);
+                assert!(packed.is_packed() && !plain.is_packed());
+                for n in [1, tokens] {
+                    let mut a = vec![0f32; n * rows];
+                    let mut b = vec![0f32; n * (rows - 1)];
+                    packed.matmul(&x[..n * cols], n, &mut a).unwrap();
+                    plain.matmul(&x[..n * cols], n, &mut b).unwrap();
+                    for t in 0..n {
+                        for r in 0..rows - 1 {
+                            let (p, q) = (a[t * rows + r], b[t * (rows - 1) + r]);
+                            assert!(
+                                (p - q).abs() <= 1e-4 * q.abs().max(1.0),
+                                "{ty:?} {isa:?} token {t} row {r}: {p} vs {q}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Weights repacked at load into groups of 8 rows, so that one SIMD lane holds one row.
 //!
-//! In a packed `Q4_0` or `Q8_0` matrix, the blocks of 8 consecutive rows at the same block
+//! In a packed `Q4_0`, `Q4_1` or `Q8_0` matrix, the blocks of 8 consecutive rows at the same block
 //! index are stored together: the 8 fp16 scales first (one `vcvtph2ps` converts them all), then
 //! the quants interleaved in 4-byte pieces, row `r`'s piece in 32-bit lane `r`. A kernel then
 //! multiplies 4 activation values broadcast to all lanes with 4 quants of each of the 8 rows in
@@ -13,6 +13,9 @@
 //!   is byte `4i + b` of row `r`'s 16 nibble bytes, so its low nibble is quant `4i + b` and its
 //!   high nibble quant `16 + 4i + b` (ggml's order). The quants stay unsigned (0..15) and the
 //!   kernel subtracts `8 · Σa` from the integer sum.
+//! - `Q4_1` (160 bytes): 8 × fp16 `d`, 8 × fp16 `m`, then the nibbles as in `Q4_0`. Per block,
+//!   `Σ w·x = d·d_a·Σ q·a + m·s_a`, where `s_a = fp16(d_a·Σa)` is the activation block's
+//!   stored sum (ggml's `Q8_1`): the 8 rows' `m` are converted at once like their `d`.
 //! - `Q8_0` (272 bytes): 8 × fp16 `d`, then 8 vectors of 32 bytes; byte `4r + b` of vector `g`
 //!   is quant `4g + b` of row `r`, stored as `q + 128` (unsigned, `q ^ 0x80`): `vpdpbusd`
 //!   multiplies unsigned by signed bytes, and the kernel subtracts `128 · Σa`.
@@ -25,13 +28,16 @@ use crate::quant::QType;
 /// Rows per packed group (one 256-bit vector of i32 lanes).
 pub const GROUP: usize = 8;
 
-/// Whether a matrix of this type and shape is packed (the SIMD paths only).
-pub fn packable(ty: QType, rows: usize) -> bool {
-    matches!(ty, QType::Q4_0 | QType::Q8_0) && rows.is_multiple_of(GROUP) && rows > 0
+/// Whether a matrix of this many rows is packed (the SIMD paths only; every type packs).
+pub fn packable(rows: usize) -> bool {
+    rows.is_multiple_of(GROUP) && rows > 0
 }
 
 /// Bytes of fp16 scales at the start of a packed block.
 const SCALES: usize = 2 * GROUP;
+
+/// Bytes of fp16 scales and minima at the start of a packed `Q4_1` block.
+const SCALES_MINS: usize = 4 * GROUP;
 
 /// Repacks `src` (`rows` rows of `nb` GGUF blocks) into `dst` (same length).
 pub fn pack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
@@ -60,7 +66,13 @@ pub fn pack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
                             }
                         }
                     }
-                    QType::Q4_1 => unreachable!("Q4_1 is not packed"),
+                    QType::Q4_1 => {
+                        blk[SCALES + 2 * r..SCALES + 2 * r + 2].copy_from_slice(&b[2..4]);
+                        for i in 0..4 {
+                            let at = SCALES_MINS + 32 * i + 4 * r;
+                            blk[at..at + 4].copy_from_slice(&b[4 + 4 * i..8 + 4 * i]);
+                        }
+                    }
                 }
             }
         }
@@ -92,7 +104,13 @@ pub fn unpack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
                             }
                         }
                     }
-                    QType::Q4_1 => unreachable!("Q4_1 is not packed"),
+                    QType::Q4_1 => {
+                        b[2..4].copy_from_slice(&blk[SCALES + 2 * r..SCALES + 2 * r + 2]);
+                        for i in 0..4 {
+                            let at = SCALES_MINS + 32 * i + 4 * r;
+                            b[4 + 4 * i..8 + 4 * i].copy_from_slice(&blk[at..at + 4]);
+                        }
+                    }
                 }
             }
         }
@@ -211,6 +229,48 @@ pub mod x86 {
                     }
                 }
 
+                /// `Q4_1`: `d·d_a·Σq·a + m·s_a` per block; no offset (the quants are 0..15).
+                #[target_feature(enable = $features)]
+                pub unsafe fn q4_1<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+                    const { assert!(NT <= 8, "each_token! covers 8 tokens") };
+                    let nb = a[0].blocks.len();
+                    debug_assert_eq!(w.len(), nb * 160);
+                    // The `m·s` terms in their own sums, added at the end (as ggml does).
+                    let mut acc = [_mm256_setzero_ps(); NT];
+                    let mut mins = [_mm256_setzero_ps(); NT];
+                    let mask = _mm256_set1_epi8(0x0F);
+                    let mut p = w.as_ptr();
+                    for k in 0..nb {
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(SCALES) as *const __m128i));
+                        let mut lo = [_mm256_setzero_si256(); 4];
+                        let mut hi = [_mm256_setzero_si256(); 4];
+                        for i in 0..4 {
+                            let at = SCALES_MINS + 32 * i;
+                            let v = _mm256_loadu_si256(p.add(at) as *const __m256i);
+                            lo[i] = _mm256_and_si256(v, mask);
+                            hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        }
+                        each_token!(NT, t, {
+                            let ab = a[t].blocks.get_unchecked(k);
+                            let q = ab.qs.as_ptr();
+                            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                            for i in 0..4 {
+                                s0 = $dot4(s0, lo[i], bcast(q, i));
+                                s1 = $dot4(s1, hi[i], bcast(q, 4 + i));
+                            }
+                            let s = _mm256_add_epi32(s0, s1);
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
+                            mins[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), mins[t]);
+                        });
+                        p = p.add(160);
+                    }
+                    for t in 0..NT {
+                        _mm256_storeu_ps(out[t], _mm256_add_ps(acc[t], mins[t]));
+                    }
+                }
+
                 #[target_feature(enable = $features)]
                 pub unsafe fn q8_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
                     const { assert!(NT <= 8, "each_token! covers 8 tokens") };
@@ -268,7 +328,7 @@ mod tests {
     #[test]
     fn unpack_inverts_pack() {
         let (rows, nb) = (16, 3);
-        for ty in [QType::Q4_0, QType::Q8_0] {
+        for ty in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
             let src: Vec<u8> = (0..rows * nb * ty.block_bytes())
                 .map(|i| (i * 7 + i / 13) as u8)
                 .collect();
@@ -307,6 +367,34 @@ mod tests {
             for j in 0..QK {
                 let at = SCALES + 32 * (j / 4) + 4 * r + j % 4;
                 assert_eq!(blk[at] ^ 0x80, (r * 32 + j) as u8 ^ (k as u8 * 3));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod q4_1_tests {
+    use super::*;
+
+    /// Row `r`'s block `k` of a packed `Q4_1` group: `d` and `m` in lane `r` of the scale and
+    /// minimum vectors, nibble byte `j` at byte `4r + j % 4` of vector `j / 4`.
+    #[test]
+    fn packed_q4_1_lanes_hold_rows() {
+        let (rows, nb) = (8, 2);
+        let ty = QType::Q4_1;
+        let bb = ty.block_bytes();
+        let src: Vec<u8> = (0..rows * nb * bb).map(|i| (i * 5 + i / 7) as u8).collect();
+        let mut p = vec![0u8; src.len()];
+        pack(ty, rows, nb, &src, &mut p);
+        for k in 0..nb {
+            let blk = &p[k * bb * GROUP..(k + 1) * bb * GROUP];
+            for r in 0..rows {
+                let b = &src[(r * nb + k) * bb..(r * nb + k + 1) * bb];
+                assert_eq!(&blk[2 * r..2 * r + 2], &b[..2]);
+                assert_eq!(&blk[SCALES + 2 * r..SCALES + 2 * r + 2], &b[2..4]);
+                for j in 0..16 {
+                    assert_eq!(blk[SCALES_MINS + 32 * (j / 4) + 4 * r + j % 4], b[4 + j]);
+                }
             }
         }
     }
