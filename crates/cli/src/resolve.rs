@@ -52,8 +52,11 @@ pub fn load(args: &ModelArgs) -> Result<Model> {
     set_threads(args.threads)?;
     // Inference runs its large products on rayon's pool (`camelid_kernels::on_pool`); candle's
     // own spinning pool for the small element-wise ops would make a third and fourth thread
-    // competing for the cores between products.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    // competing for the cores between products. Unless the model has quantized types that
+    // camelid's kernels do not cover: candle runs those products on its pool (see
+    // `candle_threads`).
+    let pin_candle = std::env::var_os("CANDLE_NUM_THREADS").is_none();
+    if pin_candle {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     // Each forward pass allocates and frees its activations (prefill: megabytes per op); kept
@@ -72,5 +75,24 @@ pub fn load(args: &ModelArgs) -> Result<Model> {
     };
     let model = Model::load_with(&path, &device, &opts);
     spinner.finish_and_clear();
-    Ok(model?)
+    let model = model?;
+    if pin_candle {
+        // Candle reads the variable once, when its pool starts: at the first quantized product
+        // or large element-wise op, which loading does not run.
+        let threads = candle_threads(&model, threads_in_use());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+    Ok(model)
+}
+
+/// Threads for candle's own pool: one when camelid's kernels run every large product (the
+/// pool then only runs small element-wise ops between them), all of them when some products
+/// run through candle's quantized matmul (types without a camelid kernel), which would
+/// otherwise run on one core.
+pub fn candle_threads(model: &Model, threads: usize) -> usize {
+    if model.candle_quantized_products() > 0 {
+        threads
+    } else {
+        1
+    }
 }

@@ -175,6 +175,16 @@ impl Model {
         self.transformer.spec()
     }
 
+    /// How many large products run through candle's quantized matmul (on candle's thread pool)
+    /// instead of camelid's kernels: zero when every quantized type of the file has a kernel.
+    pub fn candle_quantized_products(&self) -> usize {
+        self.transformer.candle_quantized_products()
+            + self
+                .encoder
+                .as_ref()
+                .map_or(0, |e| e.candle_quantized_products())
+    }
+
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
             ModelError::tokenizer(

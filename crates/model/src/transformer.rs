@@ -1903,3 +1903,32 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let lse = max + sum.ln();
     logits.iter().map(|&l| l as f64 - lse).collect()
 }
+
+impl Transformer {
+    /// How many projections (and the head) candle runs as quantized products on the CPU: the
+    /// GGUF types camelid's kernels do not cover. Those run on candle's own thread pool, so the
+    /// caller must not pin that pool to one thread when this is not zero.
+    pub fn candle_quantized_products(&self) -> usize {
+        fn attn(a: &Attention) -> Vec<&Linear> {
+            let mut v: Vec<&Linear> = match &a.qkv {
+                Qkv::Split { q, k, v } => vec![q, k, v],
+                Qkv::Fused(l) => vec![l],
+            };
+            v.push(&a.out);
+            v
+        }
+        let mut all: Vec<&Linear> = Vec::new();
+        for b in &self.blocks {
+            all.extend(attn(&b.attn));
+            all.extend(b.cross.as_ref().map(|c| attn(&c.attn)).unwrap_or_default());
+            all.extend(b.mlp.gate.as_ref());
+            all.extend([&b.mlp.up, &b.mlp.down]);
+        }
+        all.extend(self.proj_in.iter().chain(&self.proj_out).chain(&self.head));
+        all.iter()
+            .filter(|l| {
+                matches!(&l.weight, LinearWeight::Candle(QMatMul::QTensor(q)) if q.device().is_cpu())
+            })
+            .count()
+    }
+}
