@@ -18,6 +18,7 @@
 
 mod attention;
 mod f16;
+pub mod kquants;
 mod many;
 mod packed;
 mod quant;
@@ -26,6 +27,7 @@ mod simd;
 
 pub use attention::{attention, AttentionShape, HeadRows};
 pub use f16::F16Matrix;
+pub use kquants::{kmatmul_group, KMatrix, KType};
 pub use many::matmul_group_many;
 pub use quant::{
     dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,

@@ -129,6 +129,8 @@ enum LinearWeight {
     Kernel(camelid_kernels::QMatrix),
     /// GGUF F16 on the CPU, read in place: camelid's F16 kernel.
     F16(camelid_kernels::F16Matrix),
+    /// GGUF Q4_K, Q5_K or Q6_K on the CPU, read in place: camelid's k-quant kernels.
+    KQuant(camelid_kernels::KMatrix),
 }
 
 struct Linear {
@@ -151,6 +153,19 @@ fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
         GgmlDType::Q4_0 => Some(camelid_kernels::QType::Q4_0),
         GgmlDType::Q4_1 => Some(camelid_kernels::QType::Q4_1),
         GgmlDType::Q8_0 => Some(camelid_kernels::QType::Q8_0),
+        _ => None,
+    }
+}
+
+/// The GGUF k-quant types camelid's own kernels run.
+fn kquant_type(dtype: GgmlDType) -> Option<camelid_kernels::KType> {
+    if !use_kernels() {
+        return None;
+    }
+    match dtype {
+        GgmlDType::Q4K => Some(camelid_kernels::KType::Q4K),
+        GgmlDType::Q5K => Some(camelid_kernels::KType::Q5K),
+        GgmlDType::Q6K => Some(camelid_kernels::KType::Q6K),
         _ => None,
     }
 }
@@ -212,6 +227,17 @@ impl Linear {
                         flat: false,
                     });
                 }
+                if let Some(ty) = kquant_type(raw.dtype) {
+                    let m =
+                        camelid_kernels::KMatrix::from_shared(ty, out, inp, raw.file, raw.range)
+                            .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    return Ok(Self {
+                        weight: LinearWeight::KQuant(m),
+                        bias,
+                        compute: None,
+                        flat: false,
+                    });
+                }
             }
         }
         let matrix = store.matrix(&wname, &[out, inp])?;
@@ -219,15 +245,24 @@ impl Linear {
     }
 
     fn from_matrix(m: &Matrix, bias: Option<Tensor>) -> Result<Self> {
-        let ty = match m {
-            Matrix::Quantized(q) if q.device().is_cpu() => kernel_type(q.dtype()),
-            _ => None,
+        let (ty, kty) = match m {
+            Matrix::Quantized(q) if q.device().is_cpu() => {
+                (kernel_type(q.dtype()), kquant_type(q.dtype()))
+            }
+            _ => (None, None),
         };
-        let weight = match (m, ty) {
-            (Matrix::Quantized(q), Some(ty)) => {
+        let weight = match (m, ty, kty) {
+            (Matrix::Quantized(q), Some(ty), _) => {
                 let (rows, cols) = q.shape().dims2()?;
                 LinearWeight::Kernel(
                     camelid_kernels::QMatrix::from_bytes(ty, rows, cols, &q.data()?)
+                        .map_err(|e| ModelError::Input(e.to_string()))?,
+                )
+            }
+            (Matrix::Quantized(q), None, Some(ty)) => {
+                let (rows, cols) = q.shape().dims2()?;
+                LinearWeight::KQuant(
+                    camelid_kernels::KMatrix::from_bytes(ty, rows, cols, &q.data()?)
                         .map_err(|e| ModelError::Input(e.to_string()))?,
                 )
             }
@@ -285,7 +320,9 @@ impl Linear {
                     None => Ok(y),
                 }
             }
-            LinearWeight::Kernel(_) => Ok(Self::forward_group(&[self], x)?.remove(0)),
+            LinearWeight::Kernel(_) | LinearWeight::KQuant(_) => {
+                Ok(Self::forward_group(&[self], x)?.remove(0))
+            }
             LinearWeight::F16(m) => {
                 let mut dims = x.dims().to_vec();
                 dims.pop();
@@ -310,26 +347,39 @@ impl Linear {
             .iter()
             .map(|l| match &l.weight {
                 LinearWeight::Kernel(m) => Some(m),
-                LinearWeight::Candle(_) | LinearWeight::F16(_) => None,
+                _ => None,
             })
             .collect();
-        let Some(mats) = mats else {
-            return linears.iter().map(|l| l.forward(x)).collect();
+        let kmats: Option<Vec<&camelid_kernels::KMatrix>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::KQuant(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let rows: Vec<usize> = match (&mats, &kmats) {
+            (Some(m), _) => m.iter().map(|m| m.rows).collect(),
+            (_, Some(k)) => k.iter().map(|k| k.rows).collect(),
+            _ => return linears.iter().map(|l| l.forward(x)).collect(),
         };
         let mut dims = x.dims().to_vec();
         dims.pop();
         let tokens = dims.iter().product::<usize>();
-        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
+        let mut outs: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; tokens * r]).collect();
         with_f32_slice(x, |input| {
             let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            camelid_kernels::matmul_group_many(&mats, input, tokens, &mut views)
+            match (&mats, &kmats) {
+                (Some(m), _) => camelid_kernels::matmul_group_many(m, input, tokens, &mut views),
+                (_, Some(k)) => camelid_kernels::kmatmul_group(k, input, tokens, &mut views),
+                _ => Ok(()),
+            }
         })?
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         outs.into_iter()
-            .zip(mats.iter().zip(linears))
-            .map(|(out, (m, l))| {
+            .zip(rows.iter().zip(linears))
+            .map(|(out, (&r, l))| {
                 let mut d = dims.clone();
-                d.push(m.rows);
+                d.push(r);
                 let y = Tensor::from_vec(out, d, x.device())?;
                 match &l.bias {
                     Some(b) => y.broadcast_add(b),
