@@ -1,5 +1,6 @@
-//! Products with GGUF k-quant weights (`Q4_K`, `Q5_K`, `Q6_K`: 256 values a super-block),
-//! computed as ggml's CPU backend computes them, so that logits agree with llama.cpp's.
+//! Products with GGUF k-quant weights (`Q4_K`, `Q5_K`, `Q6_K`: 256 values a super-block), and
+//! with the 5-bit `Q5_0` and `Q5_1` (`q5.rs`), computed as ggml's CPU backend computes them, so
+//! that logits agree with llama.cpp's.
 //!
 //! The activations are quantized to ggml's `Q8_K` (256 values a block, an f32 scale
 //! `d = −max/127` of the signed value of largest magnitude, round half to even, and the sums of
@@ -9,11 +10,13 @@
 //! `d_a · fp16(d)` and accumulated in f32 the same way.
 //!
 //! Blocks are read in place (the file's layout); each weight row is unpacked once per tile of
-//! tokens in prefill. AVX2 (`vpmaddubsw` + `vpmaddwd`) or AVX-512 VNNI (`vpdpwssd` fusing the
+//! tokens in prefill. A group of matrices of mixed types (a `Q5_0` query beside a `Q6_K` value
+//! projection) shares each activation format, quantized once. AVX2 (`vpmaddubsw` + `vpmaddwd`) or AVX-512 VNNI (`vpdpwssd` fusing the
 //! scale product with the sum) is chosen at run time; the scalar path computes the same integer
 //! sums and is always tested.
 
-use crate::{Data, Isa, KernelError, SharedOut, TILE};
+use crate::quant::{quantize_into, ActBlock, QK};
+use crate::{q5, Data, Isa, KernelError, SharedOut, TILE};
 use half::f16;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -32,6 +35,10 @@ pub enum KType {
     /// 210 bytes: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 signed 8-bit scales (one
     /// per 16 values), fp16 `d`; `w = d·sc·(q − 32)`.
     Q6K,
+    /// 22 bytes per 32 values: `w = d·(q − 16)`, `Q8_0` activations.
+    Q5_0,
+    /// 24 bytes per 32 values: `w = d·q + m`, `Q8_1` activations.
+    Q5_1,
 }
 
 impl KType {
@@ -40,7 +47,23 @@ impl KType {
             KType::Q4K => 144,
             KType::Q5K => 176,
             KType::Q6K => 210,
+            KType::Q5_0 => 22,
+            KType::Q5_1 => 24,
         }
+    }
+
+    /// Values per block.
+    pub fn block_values(self) -> usize {
+        if self.k_quant() {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// A 256-value type on `Q8_K` activations (else 32 values on `Q8_0`/`Q8_1`).
+    fn k_quant(self) -> bool {
+        matches!(self, KType::Q4K | KType::Q5K | KType::Q6K)
     }
 
     pub fn name(self) -> &'static str {
@@ -48,6 +71,8 @@ impl KType {
             KType::Q4K => "Q4_K",
             KType::Q5K => "Q5_K",
             KType::Q6K => "Q6_K",
+            KType::Q5_0 => "Q5_0",
+            KType::Q5_1 => "Q5_1",
         }
     }
 }
@@ -160,6 +185,7 @@ fn block_quants(ty: KType, b: &[u8]) -> [u8; QK_K] {
                 }
             }
         }
+        KType::Q5_0 | KType::Q5_1 => unreachable!("32-value types are decoded in q5.rs"),
         KType::Q6K => {
             let (ql, qh) = (&b[..128], &b[128..192]);
             for n in 0..2 {
@@ -176,8 +202,8 @@ fn block_quants(ty: KType, b: &[u8]) -> [u8; QK_K] {
     q
 }
 
-/// Scalar dot product of one weight row (raw blocks) with one activation row.
-pub fn dot_scalar(ty: KType, w: &[u8], a: &[Q8KBlock]) -> f32 {
+/// Scalar dot product of one k-quant weight row (raw blocks) with one activation row.
+fn dot_scalar(ty: KType, w: &[u8], a: &[Q8KBlock]) -> f32 {
     let (mut sum, mut mins) = (0f32, 0f32);
     for (b, ab) in w.chunks_exact(ty.block_bytes()).zip(a) {
         let q = block_quants(ty, b);
@@ -206,13 +232,20 @@ pub fn dot_scalar(ty: KType, w: &[u8], a: &[Q8KBlock]) -> f32 {
                 }
                 sum += ab.d * h(&b[208..]) * isum as f32;
             }
+            KType::Q5_0 | KType::Q5_1 => unreachable!("32-value types take Q8_0/Q8_1"),
         }
     }
     sum + mins
 }
 
-/// Dequantizes one block to f64 (tests' reference), as ggml's `dequantize_row_q*_K`.
-pub fn dequantize_block(ty: KType, b: &[u8]) -> [f64; QK_K] {
+/// Dequantizes one block (`ty.block_values()` values) to f64 (tests' reference), as ggml's
+/// `dequantize_row_*`.
+pub fn dequantize_block(ty: KType, b: &[u8]) -> Vec<f64> {
+    match ty {
+        KType::Q5_0 => return q5::dequantize_block(false, b).to_vec(),
+        KType::Q5_1 => return q5::dequantize_block(true, b).to_vec(),
+        _ => {}
+    }
     let q = block_quants(ty, b);
     let mut v = [0f64; QK_K];
     match ty {
@@ -230,8 +263,9 @@ pub fn dequantize_block(ty: KType, b: &[u8]) -> [f64; QK_K] {
                 *x = d * sc * (q[i] as f64 - 32.0);
             }
         }
+        KType::Q5_0 | KType::Q5_1 => unreachable!("returned above"),
     }
-    v
+    v.to_vec()
 }
 
 /// A `[rows, cols]` k-quant weight matrix, each row `cols / 256` blocks as in the file.
@@ -287,13 +321,14 @@ impl KMatrix {
     }
 
     fn check(ty: KType, rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
-        if !cols.is_multiple_of(QK_K) {
+        let bv = ty.block_values();
+        if !cols.is_multiple_of(bv) {
             return Err(KernelError(format!(
-                "{} rows must be a multiple of {QK_K} values, got {cols}",
+                "{} rows must be a multiple of {bv} values, got {cols}",
                 ty.name()
             )));
         }
-        let want = rows * cols / QK_K * ty.block_bytes();
+        let want = rows * cols / bv * ty.block_bytes();
         if len != want {
             return Err(KernelError(format!(
                 "{} [{rows}, {cols}] needs {want} bytes, got {len}",
@@ -332,10 +367,26 @@ impl KMatrix {
                 (Isa::Avx512Vnni, KType::Q4K) => return x86::vnni::q4_k(w, a),
                 (Isa::Avx512Vnni, KType::Q5K) => return x86::vnni::q5_k(w, a),
                 (Isa::Avx512Vnni, KType::Q6K) => return x86::vnni::q6_k(w, a),
-                (Isa::Scalar, _) => {}
+                _ => {}
             }
         }
         a.map(|a| dot_scalar(self.ty, w, a))
+    }
+
+    /// `NT` tokens' dot products with the `Q5_0`/`Q5_1` weight row `w`.
+    fn dot_tile_5<const NT: usize>(&self, w: &[u8], a: [&[ActBlock]; NT]) -> [f32; NT] {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_tile`.
+        unsafe {
+            match (self.isa, self.ty) {
+                (Isa::Avx2, KType::Q5_0) => return q5::x86::avx2::q5_0(w, a),
+                (Isa::Avx2, KType::Q5_1) => return q5::x86::avx2::q5_1(w, a),
+                (Isa::Avx512Vnni, KType::Q5_0) => return q5::x86::vnni::q5_0(w, a),
+                (Isa::Avx512Vnni, KType::Q5_1) => return q5::x86::vnni::q5_1(w, a),
+                _ => {}
+            }
+        }
+        a.map(|a| q5::dot_scalar(self.ty == KType::Q5_1, w, a))
     }
 
     /// `out[t][r] = Σ_c w[r][c] · x[t][c]` for `tokens` rows of `x` (`[tokens, cols]`),
@@ -345,14 +396,15 @@ impl KMatrix {
     }
 
     /// Rows `rows` for tokens `tokens`: each row stays in L1 while the tiles of tokens pass.
-    fn run_rows<'a>(
+    fn run_rows<'a, A: RowDot>(
         &self,
         rows: std::ops::Range<usize>,
-        act: &dyn Fn(usize) -> &'a [Q8KBlock],
+        act: &dyn Fn(usize) -> &'a [A],
         tokens: std::ops::Range<usize>,
         dst: SharedOut,
     ) {
-        let (bytes, rb) = (self.data.bytes(), self.cols / QK_K * self.ty.block_bytes());
+        let bb = self.ty.block_bytes();
+        let (bytes, rb) = (self.data.bytes(), self.cols / self.ty.block_values() * bb);
         for r in rows {
             let w = &bytes[r * rb..(r + 1) * rb];
             let put = |t: usize, v: f32| {
@@ -363,13 +415,13 @@ impl KMatrix {
             let mut t = tokens.start;
             while t < tokens.end {
                 if tokens.end - t >= TILE {
-                    let v = self.dot_tile(w, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                    let v = A::dot(self, w, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
                     for (k, v) in v.into_iter().enumerate() {
                         put(t + k, v);
                     }
                     t += TILE;
                 } else {
-                    put(t, self.dot_tile(w, [act(t)])[0]);
+                    put(t, A::dot(self, w, [act(t)])[0]);
                     t += 1;
                 }
             }
@@ -377,9 +429,27 @@ impl KMatrix {
     }
 }
 
+/// An activation block format and the row kernels that take it.
+trait RowDot: Sized + Sync {
+    fn dot<const NT: usize>(m: &KMatrix, w: &[u8], a: [&[Self]; NT]) -> [f32; NT];
+}
+
+impl RowDot for Q8KBlock {
+    fn dot<const NT: usize>(m: &KMatrix, w: &[u8], a: [&[Self]; NT]) -> [f32; NT] {
+        m.dot_tile(w, a)
+    }
+}
+
+impl RowDot for ActBlock {
+    fn dot<const NT: usize>(m: &KMatrix, w: &[u8], a: [&[Self]; NT]) -> [f32; NT] {
+        m.dot_tile_5(w, a)
+    }
+}
+
 thread_local! {
-    /// The quantized input, reused between calls (no allocation per token).
-    static ACTS: RefCell<Vec<Q8KBlock>> = const { RefCell::new(Vec::new()) };
+    /// The quantized input in both formats, reused between calls (no allocation per token).
+    static ACTS: RefCell<(Vec<Q8KBlock>, Vec<ActBlock>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Bytes of quantized activations a prefill keeps in L2 while a task's rows pass over them.
@@ -419,15 +489,27 @@ pub fn kmatmul_group(
     if tokens == 0 {
         return Ok(());
     }
-    let per_row = cols / QK_K;
+    let needs = |k: bool| mats.iter().any(|m| m.ty.k_quant() == k);
+    let (per_k, per_32) = (cols / QK_K, cols / QK);
     // Taken out of the thread-local for the call (another pass may run a product on this
     // thread while it waits in the parallel region).
     let mut buffer = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
     {
-        buffer.resize(tokens * per_row, Q8KBlock::default());
-        quantize_q8k(x, &mut buffer);
-        let acts = &buffer[..];
-        let act = |t: usize| &acts[t * per_row..(t + 1) * per_row];
+        let (kbuf, buf32) = &mut buffer;
+        let mut token_bytes = 0;
+        if needs(true) {
+            kbuf.resize(tokens * per_k, Q8KBlock::default());
+            quantize_q8k(x, kbuf);
+            token_bytes += per_k * std::mem::size_of::<Q8KBlock>();
+        }
+        if needs(false) {
+            buf32.resize(tokens * per_32, ActBlock::default());
+            quantize_into(x, buf32);
+            token_bytes += per_32 * std::mem::size_of::<ActBlock>();
+        }
+        let (kacts, acts32) = (&kbuf[..], &buf32[..]);
+        let act_k = |t: usize| &kacts[t * per_k..(t + 1) * per_k];
+        let act_32 = |t: usize| &acts32[t * per_32..(t + 1) * per_32];
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
         let starts: Vec<usize> = mats
             .iter()
@@ -438,8 +520,7 @@ pub fn kmatmul_group(
             })
             .collect();
         let total: usize = mats.iter().map(|m| m.rows).sum();
-        let chunk =
-            (ACT_BUDGET / (per_row * std::mem::size_of::<Q8KBlock>())).max(TILE) / TILE * TILE;
+        let chunk = (ACT_BUDGET / token_bytes).max(TILE) / TILE * TILE;
         let work = |range: std::ops::Range<usize>| {
             let mut c = 0;
             while c < tokens {
@@ -449,7 +530,12 @@ pub fn kmatmul_group(
                 while g < range.end {
                     let m = mats[mi];
                     let end = (starts[mi] + m.rows).min(range.end);
-                    m.run_rows(g - starts[mi]..end - starts[mi], &act, c..c_end, dsts[mi]);
+                    let rows = g - starts[mi]..end - starts[mi];
+                    if m.ty.k_quant() {
+                        m.run_rows(rows, &act_k, c..c_end, dsts[mi]);
+                    } else {
+                        m.run_rows(rows, &act_32, c..c_end, dsts[mi]);
+                    }
                     g = end;
                     mi += 1;
                 }
@@ -725,7 +811,7 @@ mod tests {
     use super::*;
     use crate::pseudo_random;
 
-    const TYPES: [KType; 3] = [KType::Q4K, KType::Q5K, KType::Q6K];
+    const TYPES: [KType; 5] = [KType::Q4K, KType::Q5K, KType::Q6K, KType::Q5_0, KType::Q5_1];
 
     /// Random blocks: every quant and scale bit pattern, with small positive fp16 `d` (and
     /// `dmin`), so that any decoding mistake shows.
@@ -753,25 +839,30 @@ mod tests {
                     put(2, scale * 4.0);
                 }
                 KType::Q6K => put(208, scale),
+                KType::Q5_0 => put(0, scale),
+                KType::Q5_1 => {
+                    put(0, scale);
+                    put(2, -scale * 16.0);
+                }
             }
         }
         out
     }
 
     fn reference(ty: KType, bytes: &[u8], x: &[f32], rows: usize, cols: usize) -> Vec<(f64, f64)> {
-        let bb = ty.block_bytes();
+        let (bb, bv) = (ty.block_bytes(), ty.block_values());
         let tokens = x.len() / cols;
         let mut out = Vec::new();
         for t in 0..tokens {
             for r in 0..rows {
                 let (mut want, mut mag) = (0f64, 0f64);
-                for b in 0..cols / QK_K {
-                    let off = (r * cols / QK_K + b) * bb;
+                for b in 0..cols / bv {
+                    let off = (r * cols / bv + b) * bb;
                     for (j, w) in dequantize_block(ty, &bytes[off..off + bb])
                         .iter()
                         .enumerate()
                     {
-                        let xv = x[t * cols + b * QK_K + j] as f64;
+                        let xv = x[t * cols + b * bv + j] as f64;
                         want += w * xv;
                         mag += (w * xv).abs();
                     }
@@ -792,7 +883,7 @@ mod tests {
         for (rows, cols, tokens) in [(37, 512, 6), (16, 2048, 64)] {
             let x = pseudo_random(tokens * cols, 2);
             for ty in TYPES {
-                let bytes = random_blocks(ty, rows * cols / QK_K, 1);
+                let bytes = random_blocks(ty, rows * cols / ty.block_values(), 1);
                 let want = reference(ty, &bytes, &x, rows, cols);
                 for isa in Isa::available() {
                     let m = KMatrix::from_bytes(ty, rows, cols, &bytes)
@@ -824,7 +915,7 @@ mod tests {
         let (rows, cols, tokens) = (9, 4096, 5);
         let x = pseudo_random(tokens * cols, 4);
         for ty in TYPES {
-            let bytes = random_blocks(ty, rows * cols / QK_K, 3);
+            let bytes = random_blocks(ty, rows * cols / ty.block_values(), 3);
             let run = |isa| {
                 let m = KMatrix::from_bytes(ty, rows, cols, &bytes)
                     .unwrap()
@@ -913,6 +1004,53 @@ mod tests {
         let v5 = dequantize_block(KType::Q5K, &c);
         assert_eq!(v5[64], 5.0 * 20.0 - 0.25 * 3.0);
         assert_eq!(v5[128], v[128]);
+    }
+
+    /// A group of mixed types (both activation formats) equals the separate products, for a
+    /// decode step and a prefill with tiles and a remainder.
+    #[test]
+    fn mixed_group_equals_separate_products() {
+        let cols = 512;
+        let mats: Vec<KMatrix> = [(KType::Q5_0, 21), (KType::Q6K, 16), (KType::Q4K, 8)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ty, rows))| {
+                let b = random_blocks(ty, rows * cols / ty.block_values(), i as u64 + 5);
+                KMatrix::from_bytes(ty, rows, cols, &b).unwrap()
+            })
+            .collect();
+        let refs: Vec<&KMatrix> = mats.iter().collect();
+        for tokens in [1, 7] {
+            let x = pseudo_random(tokens * cols, 30 + tokens as u32);
+            let mut outs: Vec<Vec<f32>> =
+                mats.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            kmatmul_group(&refs, &x, tokens, &mut views).unwrap();
+            for (m, o) in mats.iter().zip(&outs) {
+                let mut one = vec![0f32; tokens * m.rows];
+                m.matmul(&x, tokens, &mut one).unwrap();
+                assert_eq!(o, &one, "{:?} {tokens}", m.ktype());
+            }
+        }
+    }
+
+    /// `Q5_0` and `Q5_1` layouts: value `j` is the low nibble of byte `j` with bit `j` of the
+    /// 32-bit field as fifth bit, value `16 + j` the high nibble with bit `16 + j`.
+    #[test]
+    fn five_bit_layouts_follow_ggml() {
+        let mut b = vec![0u8; 22];
+        b[0..2].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[2..6].copy_from_slice(&(1u32 << 3 | 1 << 19).to_le_bytes());
+        b[6 + 3] = 0x72; // value 3: 2 | 16; value 19: 7 | 16
+        b[6 + 4] = 0x09; // value 4: 9, no fifth bit; value 20: 0
+        let v = dequantize_block(KType::Q5_0, &b);
+        assert_eq!((v[3], v[19], v[4], v[20]), (1.0, 3.5, -3.5, -8.0));
+        let mut c = vec![0u8; 24];
+        c[0..2].copy_from_slice(&b[0..2]);
+        c[2..4].copy_from_slice(&f16::from_f32(-1.0).to_bits().to_le_bytes());
+        c[4..].copy_from_slice(&b[2..]);
+        let v = dequantize_block(KType::Q5_1, &c);
+        assert_eq!((v[3], v[19], v[4], v[20]), (8.0, 10.5, 3.5, -1.0));
     }
 
     #[test]

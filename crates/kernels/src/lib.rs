@@ -21,6 +21,7 @@ mod f16;
 pub mod kquants;
 mod many;
 mod packed;
+mod q5;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;

@@ -129,7 +129,8 @@ enum LinearWeight {
     Kernel(camelid_kernels::QMatrix),
     /// GGUF F16 on the CPU, read in place: camelid's F16 kernel.
     F16(camelid_kernels::F16Matrix),
-    /// GGUF Q4_K, Q5_K or Q6_K on the CPU, read in place: camelid's k-quant kernels.
+    /// GGUF Q4_K, Q5_K, Q6_K, Q5_0 or Q5_1 on the CPU, read in place: camelid's k-quant and
+    /// 5-bit kernels.
     KQuant(camelid_kernels::KMatrix),
 }
 
@@ -157,7 +158,7 @@ fn kernel_type(dtype: GgmlDType) -> Option<camelid_kernels::QType> {
     }
 }
 
-/// The GGUF k-quant types camelid's own kernels run.
+/// The GGUF k-quant and 5-bit types camelid's own kernels run (read in place, not repacked).
 fn kquant_type(dtype: GgmlDType) -> Option<camelid_kernels::KType> {
     if !use_kernels() {
         return None;
@@ -166,6 +167,8 @@ fn kquant_type(dtype: GgmlDType) -> Option<camelid_kernels::KType> {
         GgmlDType::Q4K => Some(camelid_kernels::KType::Q4K),
         GgmlDType::Q5K => Some(camelid_kernels::KType::Q5K),
         GgmlDType::Q6K => Some(camelid_kernels::KType::Q6K),
+        GgmlDType::Q5_0 => Some(camelid_kernels::KType::Q5_0),
+        GgmlDType::Q5_1 => Some(camelid_kernels::KType::Q5_1),
         _ => None,
     }
 }
