@@ -13,7 +13,8 @@
 //! blocks (`packed.rs`): one SIMD lane per row, so decode needs no horizontal sums and prefill
 //! multiplies each unpacked weight vector with a tile of tokens. [`F16Matrix`] multiplies fp16
 //! weights read in place, and [`attention`] runs one sequence's attention a query row at a time
-//! on the cache in place.
+//! on the cache in place. [`KMatrix`] runs GGUF `Q4_K`, `Q5_K`, `Q6_K`, `Q5_0` and `Q5_1` weights
+//! in place, as ggml computes them (`kquants.rs`, `q5.rs`).
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
 mod attention;
