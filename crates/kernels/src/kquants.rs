@@ -403,6 +403,21 @@ impl KMatrix {
         tokens: std::ops::Range<usize>,
         dst: SharedOut,
     ) {
+        // AVX-512 has the registers for 8 tokens' accumulators beside the unpacked block.
+        if self.isa == Isa::Avx512Vnni {
+            self.run_rows_tiled::<A, WIDE_TILE>(rows, act, tokens, dst)
+        } else {
+            self.run_rows_tiled::<A, TILE>(rows, act, tokens, dst)
+        }
+    }
+
+    fn run_rows_tiled<'a, A: RowDot, const NT: usize>(
+        &self,
+        rows: std::ops::Range<usize>,
+        act: &dyn Fn(usize) -> &'a [A],
+        tokens: std::ops::Range<usize>,
+        dst: SharedOut,
+    ) {
         let bb = self.ty.block_bytes();
         let (bytes, rb) = (self.data.bytes(), self.cols / self.ty.block_values() * bb);
         for r in rows {
@@ -414,12 +429,12 @@ impl KMatrix {
             };
             let mut t = tokens.start;
             while t < tokens.end {
-                if tokens.end - t >= TILE {
-                    let v = A::dot(self, w, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                if tokens.end - t >= NT {
+                    let v = A::dot::<NT>(self, w, std::array::from_fn(|k| act(t + k)));
                     for (k, v) in v.into_iter().enumerate() {
                         put(t + k, v);
                     }
-                    t += TILE;
+                    t += NT;
                 } else {
                     put(t, A::dot(self, w, [act(t)])[0]);
                     t += 1;
@@ -428,6 +443,9 @@ impl KMatrix {
         }
     }
 }
+
+/// Tokens per tile on AVX-512 (32 vector registers).
+const WIDE_TILE: usize = 8;
 
 /// An activation block format and the row kernels that take it.
 trait RowDot: Sized + Sync {
@@ -520,7 +538,7 @@ pub fn kmatmul_group(
             })
             .collect();
         let total: usize = mats.iter().map(|m| m.rows).sum();
-        let chunk = (ACT_BUDGET / token_bytes).max(TILE) / TILE * TILE;
+        let chunk = (ACT_BUDGET / token_bytes.max(1)).max(WIDE_TILE) / WIDE_TILE * WIDE_TILE;
         let work = |range: std::ops::Range<usize>| {
             let mut c = 0;
             while c < tokens {
@@ -878,9 +896,9 @@ mod tests {
     /// rounding (≤ max|x|/254 per value), bounded relative to Σ|w·x|.
     #[test]
     fn every_type_and_path_matches_an_f64_reference() {
-        // 37 rows: an uneven task split; 6 tokens: a tile of 4 and two single tokens; 64
-        // tokens of 2048 columns: a prefill in two token chunks.
-        for (rows, cols, tokens) in [(37, 512, 6), (16, 2048, 64)] {
+        // 37 rows: an uneven task split; 13 tokens: tiles of 4 (AVX2) or 8 (AVX-512) and single
+        // tokens; 100 tokens of 2048 columns: a prefill in two token chunks (80 + 20).
+        for (rows, cols, tokens) in [(37, 512, 13), (16, 2048, 100)] {
             let x = pseudo_random(tokens * cols, 2);
             for ty in TYPES {
                 let bytes = random_blocks(ty, rows * cols / ty.block_values(), 1);
