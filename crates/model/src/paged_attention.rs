@@ -201,26 +201,251 @@ struct Rows<'a> {
     dst: OutPtr,
 }
 
-/// One member's rows for one head. Compiled for AVX2 where the CPU has it: the same
-/// operations in the same order on wider registers (no fused multiply-add), so the results do
-/// not depend on the path.
+/// One member's rows for one head. Head sizes that are a multiple of 8 take
+/// [`head_rows_lanes`] (8 keys at a time in 8 lanes, compiled for AVX2 where the CPU has it:
+/// the same operations in the same order on wider registers, so the results do not depend on
+/// the path); others take [`head_rows_sequential`], one key at a time.
 fn head_rows(r: &Rows, mi: usize, h: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected on this CPU.
-        return unsafe { head_rows_avx2(r, mi, h) };
+    if r.g.head_dim.is_multiple_of(LANES) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected on this CPU.
+            return unsafe { head_rows_lanes_avx2(r, mi, h) };
+        }
+        return head_rows_lanes(r, mi, h, lane_sums);
     }
-    head_rows_impl(r, mi, h)
+    head_rows_sequential(r, mi, h)
+}
+
+/// Lanes of the attention's vectors (one AVX2 register of f32).
+const LANES: usize = 8;
+
+type Lanes = [f32; LANES];
+
+/// `((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))`: how every sum over lanes is taken.
+#[inline(always)]
+fn lane_sum(x: &Lanes) -> f32 {
+    ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+}
+
+/// `out[j] = lane_sum(a[j])`.
+#[inline(always)]
+fn lane_sums(a: &[Lanes; LANES]) -> Lanes {
+    let mut out = [0f32; LANES];
+    for (o, a) in out.iter_mut().zip(a) {
+        *o = lane_sum(a);
+    }
+    out
+}
+
+/// [`lane_sums`] by three rounds of horizontal adds and one exchange of halves: the same
+/// additions of the same pairs (float addition commutes exactly), so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn lane_sums_avx2(a: &[Lanes; LANES]) -> Lanes {
+    use std::arch::x86_64::*;
+    let mut v = [_mm256_setzero_ps(); LANES];
+    for (v, a) in v.iter_mut().zip(a) {
+        *v = _mm256_loadu_ps(a.as_ptr());
+    }
+    // h01 = [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67] (pair sums);
+    // h0123 = [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | a0 4-7, a1 4-7, a2 4-7, a3 4-7].
+    let h01 = _mm256_hadd_ps(v[0], v[1]);
+    let h23 = _mm256_hadd_ps(v[2], v[3]);
+    let h45 = _mm256_hadd_ps(v[4], v[5]);
+    let h67 = _mm256_hadd_ps(v[6], v[7]);
+    let h0123 = _mm256_hadd_ps(h01, h23);
+    let h4567 = _mm256_hadd_ps(h45, h67);
+    let low = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+    let high = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+    let mut out = [0f32; LANES];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(low, high));
+    out
+}
+
+/// `e^x` in each lane (Cephes' `expf`: `x = n·ln 2 + r`, a degree-5 polynomial in `r`, `2^n`
+/// from the exponent bits), with separate multiplies and adds so that every path rounds the
+/// same way. Relative error below 3e-7 (tested); `x` below -87.33 gives 0.
+#[inline(always)]
+fn exp_lanes(x: Lanes) -> Lanes {
+    const LOW: f32 = -87.336_54;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+    // Loops over lanes, not `array::from_fn`, whose closure is not always inlined (and then
+    // runs without the caller's instruction set).
+    let mut out = [0f32; LANES];
+    for l in 0..LANES {
+        let v = x[l].clamp(LOW, 88.0);
+        let n = (v * std::f32::consts::LOG2_E).round_ties_even();
+        let r = (v - n * C1) - n * C2;
+        let mut p = P[0];
+        for c in &P[1..] {
+            p = p * r + c;
+        }
+        let y = (p * (r * r) + r) + 1.0;
+        let pow = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        out[l] = if x[l] < LOW { 0.0 } else { y * pow };
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn head_rows_avx2(r: &Rows, mi: usize, h: usize) {
-    head_rows_impl(r, mi, h)
+unsafe fn head_rows_lanes_avx2(r: &Rows, mi: usize, h: usize) {
+    // SAFETY: this function is only called where AVX2 was detected.
+    head_rows_lanes(r, mi, h, |a| unsafe { lane_sums_avx2(a) })
 }
 
+/// Attention of one member's rows for one head, the head size a multiple of 8:
+/// - the scores 8 keys at a time, each key's dot product summed in 8 lanes over the columns
+///   in order, then over the lanes by [`lane_sum`] (`sums` takes 8 keys at once);
+/// - their maximum; `e^(s − max)` by [`exp_lanes`], summed in 8 lanes (key `k` in lane
+///   `k mod 8`, in key order) then by [`lane_sum`];
+/// - each output column `Σ (e_k · (1 / sum)) · v_k` in key order.
 #[inline(always)]
-fn head_rows_impl(r: &Rows, mi: usize, h: usize) {
+fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES]) -> Lanes) {
+    let Rows {
+        g,
+        members,
+        q,
+        keys,
+        values,
+        tables,
+        bs,
+        total,
+        dst,
+    } = *r;
+    let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+    let (hs, bst) = (bs * hd, nkv * bs * hd);
+    let rep = nh / nkv;
+    let m = members[mi];
+    let table = tables[mi];
+    let kvh = h / rep;
+    let slope = g.alibi.map_or(0.0, |a| a[h]);
+    let cols = hd / LANES;
+    // Room for a whole group of 8 past the last key.
+    let mut scores = vec![0f32; m.start + m.len + LANES];
+    let mut out = vec![0f32; hd];
+    for i in 0..m.len {
+        let pos = m.start + i;
+        let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let qrow = &q[(h * total + m.offset + i) * hd..][..hd];
+        // Keys `lo..=pos` block by block: (where the span's first key is stored, its
+        // position, the position after its last).
+        let spans = (lo / bs..=pos / bs).map(|b| {
+            let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
+            let at = table[b] as usize * bst + kvh * hs + (from - b * bs) * hd;
+            (at, from, to)
+        });
+        for (at, from, to) in spans.clone() {
+            // In bounds: the table's blocks up to `start + len` were checked above.
+            let span = &keys[at..at + (to - from) * hd];
+            let mut j = from;
+            while j < to {
+                // A group running past the span repeats its last key (computed, not kept).
+                let mut key: [&[f32]; LANES] = [&[]; LANES];
+                for (k, key) in key.iter_mut().enumerate() {
+                    let p = (j + k).min(to - 1) - from;
+                    *key = &span[p * hd..(p + 1) * hd];
+                }
+                let mut dots = [[0f32; LANES]; LANES];
+                for c in 0..cols {
+                    let qc = &qrow[c * LANES..(c + 1) * LANES];
+                    for (d, key) in dots.iter_mut().zip(&key) {
+                        let kc = &key[c * LANES..(c + 1) * LANES];
+                        for l in 0..LANES {
+                            d[l] += qc[l] * kc[l];
+                        }
+                    }
+                }
+                let s = sums(&dots);
+                let n = (to - j).min(LANES);
+                for (k, (&s, score)) in s.iter().zip(&mut scores[j..j + n]).enumerate() {
+                    *score = s * g.scale + slope * (j + k) as f32;
+                }
+                j += n;
+            }
+        }
+        let live = &mut scores[lo..=pos];
+        let mut maxes = [f32::NEG_INFINITY; LANES];
+        for c in live.chunks(LANES) {
+            for (m, &s) in maxes.iter_mut().zip(c) {
+                *m = m.max(s);
+            }
+        }
+        let max = maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = [0f32; LANES];
+        for c in live.chunks_mut(LANES) {
+            let mut x = [f32::NEG_INFINITY; LANES];
+            for (x, &s) in x.iter_mut().zip(c.iter()) {
+                *x = s - max;
+            }
+            let e = exp_lanes(x);
+            for l in 0..LANES {
+                sum[l] += e[l];
+            }
+            let n = c.len();
+            c.copy_from_slice(&e[..n]);
+        }
+        let inv = 1.0 / lane_sum(&sum);
+        let mut c = 0;
+        while c < hd {
+            let (e, v) = (&scores[..], values);
+            c += match hd - c {
+                64.. => weigh_values::<64>(e, inv, v, spans.clone(), c, hd, &mut out),
+                32..=63 => weigh_values::<32>(e, inv, v, spans.clone(), c, hd, &mut out),
+                16..=31 => weigh_values::<16>(e, inv, v, spans.clone(), c, hd, &mut out),
+                _ => weigh_values::<8>(e, inv, v, spans.clone(), c, hd, &mut out),
+            };
+        }
+        let o = ((m.offset + i) * nh + h) * hd;
+        for (d, &a) in out.iter().enumerate() {
+            // SAFETY: row `offset + i`, head `h` belongs to this (member, head) task alone,
+            // and `o + d < total · heads · head_dim` (sizes checked above).
+            unsafe { dst.write(o + d, a) };
+        }
+    }
+}
+
+/// Columns `c .. c + N` of the output, `Σ (e_k · inv) · v_k` over the spans' keys in order,
+/// the `N` sums kept in registers across the keys. Returns `N`.
+#[inline(always)]
+fn weigh_values<const N: usize>(
+    e: &[f32],
+    inv: f32,
+    values: &[f32],
+    spans: impl Iterator<Item = (usize, usize, usize)>,
+    c: usize,
+    hd: usize,
+    out: &mut [f32],
+) -> usize {
+    let mut acc = [0f32; N];
+    for (at, from, to) in spans {
+        let span = &values[at..at + (to - from) * hd];
+        for (&e, value) in e[from..to].iter().zip(span.chunks_exact(hd)) {
+            let p = e * inv;
+            let v: &[f32; N] = value[c..c + N].try_into().expect("N columns");
+            for l in 0..N {
+                acc[l] += p * v[l];
+            }
+        }
+    }
+    out[c..c + N].copy_from_slice(&acc);
+    N
+}
+
+/// One key at a time (head sizes that are not a multiple of 8): each dot product in 8 lanes
+/// summed in order, `expf`, the values weighed in key order.
+fn head_rows_sequential(r: &Rows, mi: usize, h: usize) {
     let Rows {
         g,
         members,
@@ -307,4 +532,241 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exp_lanes_is_within_3e_7_of_exp() {
+        let xs: Vec<f32> = (0..200_000).map(|i| -90.0 + i as f32 * 0.00049).collect();
+        let mut worst = 0f64;
+        for c in xs.chunks_exact(LANES) {
+            let e = exp_lanes(c.try_into().unwrap());
+            for (&x, &e) in c.iter().zip(&e) {
+                if x < -87.336_54 {
+                    assert_eq!(e, 0.0, "{x}");
+                } else {
+                    let want = (x as f64).exp();
+                    worst = worst.max((e as f64 - want).abs() / want);
+                }
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_lanes([0.0; LANES]), [1.0; LANES]);
+        assert_eq!(exp_lanes([f32::NEG_INFINITY; LANES]), [0.0; LANES]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lane_sums_avx2_are_the_plain_sums_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for seed in 0..50 {
+            let v = pseudo_random(64, seed);
+            let a: [Lanes; LANES] = std::array::from_fn(|j| {
+                std::array::from_fn(|l| v[j * LANES + l] * 10f32.powi((l as i32 % 5) - 2))
+            });
+            // SAFETY: AVX2 was detected.
+            let fast = unsafe { lane_sums_avx2(&a) };
+            assert_eq!(fast.map(f32::to_bits), lane_sums(&a).map(f32::to_bits));
+        }
+    }
+
+    /// One member's attention, every head, through `rows` (one of the row functions).
+    fn run(
+        g: &Geometry,
+        member: Member,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        tables: &[&[u32]],
+        bs: usize,
+        rows: fn(&Rows, usize, usize),
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; g.heads * member.len * g.head_dim];
+        let members = [member];
+        let r = Rows {
+            g,
+            members: &members,
+            q,
+            keys,
+            values,
+            tables,
+            bs,
+            total: member.len,
+            dst: OutPtr(out.as_mut_ptr()),
+        };
+        for h in 0..g.heads {
+            rows(&r, 0, h);
+        }
+        out
+    }
+
+    /// The lane-wise rows (plain and AVX2: the same bits) against the one-key-at-a-time rows,
+    /// which sum in another order and use `expf`: head sizes 8, 24 (vectors of 2 + 1) and 64,
+    /// grouped heads, a window, ALiBi, blocks that end mid-group.
+    #[test]
+    fn lane_rows_match_sequential_rows() {
+        let slopes = [0.5f32, 0.25, 0.125, 0.0625, 0.03, 0.01];
+        for (hd, window, alibi) in [
+            (8, None, None),
+            (24, Some(11), None),
+            (64, None, Some(&slopes[..])),
+            (64, Some(30), None),
+        ] {
+            let (nh, nkv, bs) = (6, 2, 16);
+            let g = Geometry {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window,
+                alibi,
+            };
+            let member = Member {
+                start: 37,
+                offset: 0,
+                len: 5,
+            };
+            let total = member.start + member.len;
+            let blocks = total.div_ceil(bs);
+            let q = pseudo_random(nh * member.len * hd, 1);
+            let keys: Vec<f32> = pseudo_random(blocks * nkv * bs * hd, 2)
+                .iter()
+                .map(|x| x * 3.0)
+                .collect();
+            let values = pseudo_random(keys.len(), 3);
+            // Blocks out of order in the pool.
+            let table: Vec<u32> = (0..blocks as u32).rev().collect();
+            let tables = [&table[..]];
+            let want = run(&g, member, &q, &keys, &values, &tables, bs, head_rows_sequential);
+            let plain = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
+                head_rows_lanes(r, m, h, lane_sums)
+            });
+            let worst = plain
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-6, "head size {hd}: {worst}");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let fast = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
+                    // SAFETY: AVX2 was detected.
+                    unsafe { head_rows_lanes_avx2(r, m, h) }
+                });
+                assert_eq!(fast, plain, "head size {hd}");
+            }
+        }
+    }
+
+    /// Members of a pass over shuffled blocks get exactly what each gets alone over its keys
+    /// laid out contiguously (the single-sequence path).
+    #[test]
+    fn paged_members_equal_contiguous_sequences() {
+        let (nh, nkv, hd, bs) = (4, 2, 16, 4);
+        let g = Geometry {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.25,
+            window: None,
+            alibi: None,
+        };
+        // (cached positions, new positions) per member.
+        let shape = [(9usize, 1usize), (0, 6), (3, 1)];
+        let mut next_block = 0u32;
+        let mut tables: Vec<Vec<u32>> = Vec::new();
+        for &(start, len) in &shape {
+            let n = (start + len).div_ceil(bs) as u32;
+            // Interleave members' blocks in the pool.
+            tables.push((0..n).map(|b| b * 3 + next_block).collect());
+            next_block += 1;
+        }
+        let pool_blocks = 3 * 4;
+        let mut keys = vec![0f32; pool_blocks * nkv * bs * hd];
+        let mut values = keys.clone();
+        // Each member's full history, contiguous [kv_head, position, column].
+        let history: Vec<(Vec<f32>, Vec<f32>)> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &(s, l))| {
+                let n = nkv * (s + l) * hd;
+                (pseudo_random(n, 10 + i as u32), pseudo_random(n, 20 + i as u32))
+            })
+            .collect();
+        let total: usize = shape.iter().map(|s| s.1).sum();
+        let mut members = Vec::new();
+        let (mut k_new, mut v_new) = (vec![0f32; nkv * total * hd], vec![0f32; nkv * total * hd]);
+        let mut offset = 0;
+        for (i, &(start, len)) in shape.iter().enumerate() {
+            let (hk, hv) = &history[i];
+            for h in 0..nkv {
+                for p in 0..start + len {
+                    let src = (h * (start + len) + p) * hd;
+                    if p < start {
+                        let dst = tables[i][p / bs] as usize * nkv * bs * hd
+                            + h * bs * hd
+                            + (p % bs) * hd;
+                        keys[dst..dst + hd].copy_from_slice(&hk[src..src + hd]);
+                        values[dst..dst + hd].copy_from_slice(&hv[src..src + hd]);
+                    } else {
+                        let row = offset + p - start;
+                        let kd = (h * total + row) * hd;
+                        let vd = (row * nkv + h) * hd;
+                        k_new[kd..kd + hd].copy_from_slice(&hk[src..src + hd]);
+                        v_new[vd..vd + hd].copy_from_slice(&hv[src..src + hd]);
+                    }
+                }
+            }
+            members.push(Member {
+                start,
+                offset,
+                len,
+            });
+            offset += len;
+        }
+        let q = pseudo_random(nh * total * hd, 30);
+        let mut out = vec![0f32; nh * total * hd];
+        let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+        let pages = KvPages {
+            keys: &mut keys,
+            values: &mut values,
+            tables: &table_refs,
+            block_size: bs,
+        };
+        attend(&g, &members, &q, &k_new, &v_new, pages, &mut out).unwrap();
+        for (i, m) in members.iter().enumerate() {
+            let (hk, hv) = &history[i];
+            let mut qm = vec![0f32; nh * m.len * hd];
+            for h in 0..nh {
+                for r in 0..m.len {
+                    let src = (h * total + m.offset + r) * hd;
+                    let dst = (h * m.len + r) * hd;
+                    qm[dst..dst + hd].copy_from_slice(&q[src..src + hd]);
+                }
+            }
+            let mut alone = vec![0f32; nh * m.len * hd];
+            attend_contiguous(&g, m.start, m.len, &qm, hk, hv, &mut alone).unwrap();
+            let width = nh * hd;
+            assert_eq!(
+                &out[m.offset * width..(m.offset + m.len) * width],
+                &alone[..],
+                "member {i}"
+            );
+        }
+    }
 }
