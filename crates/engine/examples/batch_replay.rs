@@ -52,7 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let model = Arc::new(Model::load(std::path::Path::new(path), &Device::Cpu)?);
-    let tok = model.tokenizer.as_ref().ok_or("the model has no tokenizer")?;
+    let tok = model
+        .tokenizer
+        .as_ref()
+        .ok_or("the model has no tokenizer")?;
     let (handle, mut scheduler) = Scheduler::new(model.clone(), SchedulerConfig::default());
     let mut prompt_tokens = 0;
     let (mut steps, mut out_tokens) = (0usize, 0usize);

@@ -276,7 +276,10 @@ mod tests {
             *a = if j == 0 { 127.0 } else { j as f32 - 15.5 };
         }
         let blocks = x.len() / QK;
-        let (mut plain, mut fast) = (vec![ActBlock::default(); blocks], vec![ActBlock::default(); blocks]);
+        let (mut plain, mut fast) = (
+            vec![ActBlock::default(); blocks],
+            vec![ActBlock::default(); blocks],
+        );
         quantize_into_impl(&x, &mut plain);
         // SAFETY: a SIMD set (AVX2 and more) was detected.
         unsafe { quantize_into_avx2(&x, &mut fast) };

@@ -173,14 +173,26 @@ fn attend_stored(
         total,
         dst: OutPtr(out.as_mut_ptr()),
     };
-    let task = |(mi, h): (usize, usize)| head_rows(&rows, mi, h);
+    // A task is a member's rows for a run of heads: a decode row's heads that share keys and
+    // values go together (those are read from memory once, then from cache), a longer
+    // member's heads one by one (more tasks to share out). How the work is cut does not
+    // change any row's result.
+    let rep = nh / g.kv_heads;
+    let task = |(mi, h0, n): (usize, usize, usize)| {
+        for h in h0..h0 + n {
+            head_rows(&rows, mi, h);
+        }
+    };
     let work: usize = members
         .iter()
         .map(|m| m.len * (m.start + m.len))
         .sum::<usize>()
         * nh
         * hd;
-    let pairs = (0..members.len()).flat_map(|m| (0..nh).map(move |h| (m, h)));
+    let pairs = members.iter().enumerate().flat_map(|(mi, m)| {
+        let n = if m.len == 1 { rep } else { 1 };
+        (0..nh).step_by(n).map(move |h| (mi, h, n))
+    });
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
         pairs.for_each(task);
     } else {
@@ -212,7 +224,7 @@ fn head_rows(r: &Rows, mi: usize, h: usize) {
             // SAFETY: AVX2 was detected on this CPU.
             return unsafe { head_rows_lanes_avx2(r, mi, h) };
         }
-        return head_rows_lanes(r, mi, h, lane_sums);
+        return head_rows_lanes(r, mi, h, lane_sums, exp_lanes);
     }
     head_rows_sequential(r, mi, h)
 }
@@ -264,37 +276,77 @@ unsafe fn lane_sums_avx2(a: &[Lanes; LANES]) -> Lanes {
     out
 }
 
+/// `e^x` below this is 0 (`2^n` leaves the normal range).
+const EXP_LOW: f32 = -87.336_54;
+const EXP_HIGH: f32 = 88.0;
+/// `ln 2` in two parts (the first exact in few bits).
+const EXP_C1: f32 = 0.693_359_4;
+const EXP_C2: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// `e^x` in each lane (Cephes' `expf`: `x = n·ln 2 + r`, a degree-5 polynomial in `r`, `2^n`
 /// from the exponent bits), with separate multiplies and adds so that every path rounds the
-/// same way. Relative error below 3e-7 (tested); `x` below -87.33 gives 0.
+/// same way ([`exp_lanes_avx2`] gives the same bits). Relative error below 3e-7 (tested); `x`
+/// below -87.33 gives 0.
 #[inline(always)]
 fn exp_lanes(x: Lanes) -> Lanes {
-    const LOW: f32 = -87.336_54;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
-    // Loops over lanes, not `array::from_fn`, whose closure is not always inlined (and then
-    // runs without the caller's instruction set).
     let mut out = [0f32; LANES];
     for l in 0..LANES {
-        let v = x[l].clamp(LOW, 88.0);
+        let v = x[l].clamp(EXP_LOW, EXP_HIGH);
         let n = (v * std::f32::consts::LOG2_E).round_ties_even();
-        let r = (v - n * C1) - n * C2;
-        let mut p = P[0];
-        for c in &P[1..] {
+        let r = (v - n * EXP_C1) - n * EXP_C2;
+        let mut p = EXP_P[0];
+        for c in &EXP_P[1..] {
             p = p * r + c;
         }
         let y = (p * (r * r) + r) + 1.0;
         let pow = f32::from_bits(((n as i32 + 127) << 23) as u32);
-        out[l] = if x[l] < LOW { 0.0 } else { y * pow };
+        out[l] = if x[l] < EXP_LOW { 0.0 } else { y * pow };
     }
+    out
+}
+
+/// [`exp_lanes`] in one AVX2 register: the same operations, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn exp_lanes_avx2(x: Lanes) -> Lanes {
+    use std::arch::x86_64::*;
+    let splat = _mm256_set1_ps;
+    let xv = _mm256_loadu_ps(x.as_ptr());
+    // `max(low, x)` and `min(high, v)` keep a NaN `x`, as `clamp` does.
+    let v = _mm256_min_ps(splat(EXP_HIGH), _mm256_max_ps(splat(EXP_LOW), xv));
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(v, splat(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(v, _mm256_mul_ps(n, splat(EXP_C1))),
+        _mm256_mul_ps(n, splat(EXP_C2)),
+    );
+    let mut p = splat(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), splat(c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
+        splat(1.0),
+    );
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+    let under = _mm256_cmp_ps::<_CMP_LT_OQ>(xv, splat(EXP_LOW));
+    let mut out = [0f32; LANES];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_andnot_ps(under, e));
     out
 }
 
@@ -302,7 +354,13 @@ fn exp_lanes(x: Lanes) -> Lanes {
 #[target_feature(enable = "avx2")]
 unsafe fn head_rows_lanes_avx2(r: &Rows, mi: usize, h: usize) {
     // SAFETY: this function is only called where AVX2 was detected.
-    head_rows_lanes(r, mi, h, |a| unsafe { lane_sums_avx2(a) })
+    head_rows_lanes(
+        r,
+        mi,
+        h,
+        |a| unsafe { lane_sums_avx2(a) },
+        |x| unsafe { exp_lanes_avx2(x) },
+    )
 }
 
 /// Attention of one member's rows for one head, the head size a multiple of 8:
@@ -312,7 +370,13 @@ unsafe fn head_rows_lanes_avx2(r: &Rows, mi: usize, h: usize) {
 ///   `k mod 8`, in key order) then by [`lane_sum`];
 /// - each output column `Σ (e_k · (1 / sum)) · v_k` in key order.
 #[inline(always)]
-fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES]) -> Lanes) {
+fn head_rows_lanes(
+    r: &Rows,
+    mi: usize,
+    h: usize,
+    sums: impl Fn(&[Lanes; LANES]) -> Lanes,
+    exp: impl Fn(Lanes) -> Lanes,
+) {
     let Rows {
         g,
         members,
@@ -335,6 +399,7 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
     // Room for a whole group of 8 past the last key.
     let mut scores = vec![0f32; m.start + m.len + LANES];
     let mut out = vec![0f32; hd];
+    let mut list = Vec::new();
     for i in 0..m.len {
         let pos = m.start + i;
         let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -346,7 +411,9 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
             let at = table[b] as usize * bst + kvh * hs + (from - b * bs) * hd;
             (at, from, to)
         });
-        for (at, from, to) in spans.clone() {
+        list.clear();
+        list.extend(spans);
+        for &(at, from, to) in &list {
             // In bounds: the table's blocks up to `start + len` were checked above.
             let span = &keys[at..at + (to - from) * hd];
             let mut j = from;
@@ -361,7 +428,8 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
                 for c in 0..cols {
                     let qc = &qrow[c * LANES..(c + 1) * LANES];
                     for (d, key) in dots.iter_mut().zip(&key) {
-                        let kc = &key[c * LANES..(c + 1) * LANES];
+                        // SAFETY: every key row holds `hd = cols · 8` values.
+                        let kc = unsafe { key.get_unchecked(c * LANES..(c + 1) * LANES) };
                         for l in 0..LANES {
                             d[l] += qc[l] * kc[l];
                         }
@@ -389,7 +457,7 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
             for (x, &s) in x.iter_mut().zip(c.iter()) {
                 *x = s - max;
             }
-            let e = exp_lanes(x);
+            let e = exp(x);
             for l in 0..LANES {
                 sum[l] += e[l];
             }
@@ -401,10 +469,10 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
         while c < hd {
             let (e, v) = (&scores[..], values);
             c += match hd - c {
-                64.. => weigh_values::<64>(e, inv, v, spans.clone(), c, hd, &mut out),
-                32..=63 => weigh_values::<32>(e, inv, v, spans.clone(), c, hd, &mut out),
-                16..=31 => weigh_values::<16>(e, inv, v, spans.clone(), c, hd, &mut out),
-                _ => weigh_values::<8>(e, inv, v, spans.clone(), c, hd, &mut out),
+                64.. => weigh_values::<64>(e, inv, v, list.iter().copied(), c, hd, &mut out),
+                32..=63 => weigh_values::<32>(e, inv, v, list.iter().copied(), c, hd, &mut out),
+                16..=31 => weigh_values::<16>(e, inv, v, list.iter().copied(), c, hd, &mut out),
+                _ => weigh_values::<8>(e, inv, v, list.iter().copied(), c, hd, &mut out),
             };
         }
         let o = ((m.offset + i) * nh + h) * hd;
@@ -565,6 +633,19 @@ mod tests {
         }
         assert!(worst < 3e-7, "relative error {worst}");
         assert_eq!(exp_lanes([0.0; LANES]), [1.0; LANES]);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            for c in xs.chunks_exact(LANES) {
+                let x: Lanes = c.try_into().unwrap();
+                // SAFETY: AVX2 was detected.
+                let fast = unsafe { exp_lanes_avx2(x) };
+                assert_eq!(
+                    fast.map(f32::to_bits),
+                    exp_lanes(x).map(f32::to_bits),
+                    "{x:?}"
+                );
+            }
+        }
         assert_eq!(exp_lanes([f32::NEG_INFINITY; LANES]), [0.0; LANES]);
     }
 
@@ -586,6 +667,7 @@ mod tests {
     }
 
     /// One member's attention, every head, through `rows` (one of the row functions).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         g: &Geometry,
         member: Member,
@@ -652,9 +734,18 @@ mod tests {
             // Blocks out of order in the pool.
             let table: Vec<u32> = (0..blocks as u32).rev().collect();
             let tables = [&table[..]];
-            let want = run(&g, member, &q, &keys, &values, &tables, bs, head_rows_sequential);
+            let want = run(
+                &g,
+                member,
+                &q,
+                &keys,
+                &values,
+                &tables,
+                bs,
+                head_rows_sequential,
+            );
             let plain = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
-                head_rows_lanes(r, m, h, lane_sums)
+                head_rows_lanes(r, m, h, lane_sums, exp_lanes)
             });
             let worst = plain
                 .iter()
@@ -688,13 +779,11 @@ mod tests {
         };
         // (cached positions, new positions) per member.
         let shape = [(9usize, 1usize), (0, 6), (3, 1)];
-        let mut next_block = 0u32;
         let mut tables: Vec<Vec<u32>> = Vec::new();
-        for &(start, len) in &shape {
+        for (i, &(start, len)) in shape.iter().enumerate() {
             let n = (start + len).div_ceil(bs) as u32;
             // Interleave members' blocks in the pool.
-            tables.push((0..n).map(|b| b * 3 + next_block).collect());
-            next_block += 1;
+            tables.push((0..n).map(|b| b * 3 + i as u32).collect());
         }
         let pool_blocks = 3 * 4;
         let mut keys = vec![0f32; pool_blocks * nkv * bs * hd];
@@ -705,7 +794,10 @@ mod tests {
             .enumerate()
             .map(|(i, &(s, l))| {
                 let n = nkv * (s + l) * hd;
-                (pseudo_random(n, 10 + i as u32), pseudo_random(n, 20 + i as u32))
+                (
+                    pseudo_random(n, 10 + i as u32),
+                    pseudo_random(n, 20 + i as u32),
+                )
             })
             .collect();
         let total: usize = shape.iter().map(|s| s.1).sum();
@@ -732,11 +824,7 @@ mod tests {
                     }
                 }
             }
-            members.push(Member {
-                start,
-                offset,
-                len,
-            });
+            members.push(Member { start, offset, len });
             offset += len;
         }
         let q = pseudo_random(nh * total * hd, 30);
