@@ -214,9 +214,9 @@ struct Rows<'a> {
 }
 
 /// One member's rows for one head. Head sizes that are a multiple of 8 take
-/// [`head_rows_lanes`] (8 keys at a time in 8 lanes, compiled for AVX2 where the CPU has it:
-/// the same operations in the same order on wider registers, so the results do not depend on
-/// the path); others take [`head_rows_sequential`], one key at a time.
+/// [`head_rows_lanes`] (8 keys at a time, compiled for AVX2 where the CPU has it), others
+/// [`head_rows_sequential`] (one key at a time). Both do the same operations in the same order,
+/// so a row's numbers do not depend on the path (tested bit for bit).
 fn head_rows(r: &Rows, mi: usize, h: usize) {
     if r.g.head_dim.is_multiple_of(LANES) {
         #[cfg(target_arch = "x86_64")]
@@ -224,7 +224,7 @@ fn head_rows(r: &Rows, mi: usize, h: usize) {
             // SAFETY: AVX2 was detected on this CPU.
             return unsafe { head_rows_lanes_avx2(r, mi, h) };
         }
-        return head_rows_lanes(r, mi, h, lane_sums, exp_lanes);
+        return head_rows_lanes(r, mi, h, lane_sums);
     }
     head_rows_sequential(r, mi, h)
 }
@@ -234,10 +234,11 @@ const LANES: usize = 8;
 
 type Lanes = [f32; LANES];
 
-/// `((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))`: how every sum over lanes is taken.
+/// `((x0 + x1) + x2) + … + x7`: a dot product's 8 lane sums added in order, as
+/// [`head_rows_sequential`]'s `dot` adds them.
 #[inline(always)]
 fn lane_sum(x: &Lanes) -> f32 {
-    ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+    x[1..].iter().fold(x[0], |s, &v| s + v)
 }
 
 /// `out[j] = lane_sum(a[j])`.
@@ -250,8 +251,8 @@ fn lane_sums(a: &[Lanes; LANES]) -> Lanes {
     out
 }
 
-/// [`lane_sums`] by three rounds of horizontal adds and one exchange of halves: the same
-/// additions of the same pairs (float addition commutes exactly), so the same bits.
+/// [`lane_sums`] for 8 keys at once: an 8×8 transpose, then the 8 rows (lane 0 of every key,
+/// lane 1, …) added in order. The same additions, so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -261,92 +262,39 @@ unsafe fn lane_sums_avx2(a: &[Lanes; LANES]) -> Lanes {
     for (v, a) in v.iter_mut().zip(a) {
         *v = _mm256_loadu_ps(a.as_ptr());
     }
-    // h01 = [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67] (pair sums);
-    // h0123 = [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | a0 4-7, a1 4-7, a2 4-7, a3 4-7].
-    let h01 = _mm256_hadd_ps(v[0], v[1]);
-    let h23 = _mm256_hadd_ps(v[2], v[3]);
-    let h45 = _mm256_hadd_ps(v[4], v[5]);
-    let h67 = _mm256_hadd_ps(v[6], v[7]);
-    let h0123 = _mm256_hadd_ps(h01, h23);
-    let h4567 = _mm256_hadd_ps(h45, h67);
-    let low = _mm256_permute2f128_ps(h0123, h4567, 0x20);
-    let high = _mm256_permute2f128_ps(h0123, h4567, 0x31);
-    let mut out = [0f32; LANES];
-    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(low, high));
-    out
-}
-
-/// `e^x` below this is 0 (`2^n` leaves the normal range).
-const EXP_LOW: f32 = -87.336_54;
-const EXP_HIGH: f32 = 88.0;
-/// `ln 2` in two parts (the first exact in few bits).
-const EXP_C1: f32 = 0.693_359_4;
-const EXP_C2: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
-
-/// `e^x` in each lane (Cephes' `expf`: `x = n·ln 2 + r`, a degree-5 polynomial in `r`, `2^n`
-/// from the exponent bits), with separate multiplies and adds so that every path rounds the
-/// same way ([`exp_lanes_avx2`] gives the same bits). Relative error below 3e-7 (tested); `x`
-/// below -87.33 gives 0.
-#[inline(always)]
-fn exp_lanes(x: Lanes) -> Lanes {
-    let mut out = [0f32; LANES];
-    for l in 0..LANES {
-        let v = x[l].clamp(EXP_LOW, EXP_HIGH);
-        let n = (v * std::f32::consts::LOG2_E).round_ties_even();
-        let r = (v - n * EXP_C1) - n * EXP_C2;
-        let mut p = EXP_P[0];
-        for c in &EXP_P[1..] {
-            p = p * r + c;
-        }
-        let y = (p * (r * r) + r) + 1.0;
-        let pow = f32::from_bits(((n as i32 + 127) << 23) as u32);
-        out[l] = if x[l] < EXP_LOW { 0.0 } else { y * pow };
+    // Pairs, then quads, then halves: t[l] holds lane l of keys 0..8.
+    let u0 = _mm256_unpacklo_ps(v[0], v[1]);
+    let u1 = _mm256_unpackhi_ps(v[0], v[1]);
+    let u2 = _mm256_unpacklo_ps(v[2], v[3]);
+    let u3 = _mm256_unpackhi_ps(v[2], v[3]);
+    let u4 = _mm256_unpacklo_ps(v[4], v[5]);
+    let u5 = _mm256_unpackhi_ps(v[4], v[5]);
+    let u6 = _mm256_unpacklo_ps(v[6], v[7]);
+    let u7 = _mm256_unpackhi_ps(v[6], v[7]);
+    let w0 = _mm256_shuffle_ps::<0x44>(u0, u2);
+    let w1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
+    let w2 = _mm256_shuffle_ps::<0x44>(u1, u3);
+    let w3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
+    let w4 = _mm256_shuffle_ps::<0x44>(u4, u6);
+    let w5 = _mm256_shuffle_ps::<0xEE>(u4, u6);
+    let w6 = _mm256_shuffle_ps::<0x44>(u5, u7);
+    let w7 = _mm256_shuffle_ps::<0xEE>(u5, u7);
+    let t = [
+        _mm256_permute2f128_ps::<0x20>(w0, w4),
+        _mm256_permute2f128_ps::<0x20>(w1, w5),
+        _mm256_permute2f128_ps::<0x20>(w2, w6),
+        _mm256_permute2f128_ps::<0x20>(w3, w7),
+        _mm256_permute2f128_ps::<0x31>(w0, w4),
+        _mm256_permute2f128_ps::<0x31>(w1, w5),
+        _mm256_permute2f128_ps::<0x31>(w2, w6),
+        _mm256_permute2f128_ps::<0x31>(w3, w7),
+    ];
+    let mut sum = t[0];
+    for &t in &t[1..] {
+        sum = _mm256_add_ps(sum, t);
     }
-    out
-}
-
-/// [`exp_lanes`] in one AVX2 register: the same operations, so the same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn exp_lanes_avx2(x: Lanes) -> Lanes {
-    use std::arch::x86_64::*;
-    let splat = _mm256_set1_ps;
-    let xv = _mm256_loadu_ps(x.as_ptr());
-    // `max(low, x)` and `min(high, v)` keep a NaN `x`, as `clamp` does.
-    let v = _mm256_min_ps(splat(EXP_HIGH), _mm256_max_ps(splat(EXP_LOW), xv));
-    let n = _mm256_round_ps(
-        _mm256_mul_ps(v, splat(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_sub_ps(
-        _mm256_sub_ps(v, _mm256_mul_ps(n, splat(EXP_C1))),
-        _mm256_mul_ps(n, splat(EXP_C2)),
-    );
-    let mut p = splat(EXP_P[0]);
-    for &c in &EXP_P[1..] {
-        p = _mm256_add_ps(_mm256_mul_ps(p, r), splat(c));
-    }
-    let y = _mm256_add_ps(
-        _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
-        splat(1.0),
-    );
-    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-    let under = _mm256_cmp_ps::<_CMP_LT_OQ>(xv, splat(EXP_LOW));
     let mut out = [0f32; LANES];
-    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_andnot_ps(under, e));
+    _mm256_storeu_ps(out.as_mut_ptr(), sum);
     out
 }
 
@@ -354,29 +302,19 @@ unsafe fn exp_lanes_avx2(x: Lanes) -> Lanes {
 #[target_feature(enable = "avx2")]
 unsafe fn head_rows_lanes_avx2(r: &Rows, mi: usize, h: usize) {
     // SAFETY: this function is only called where AVX2 was detected.
-    head_rows_lanes(
-        r,
-        mi,
-        h,
-        |a| unsafe { lane_sums_avx2(a) },
-        |x| unsafe { exp_lanes_avx2(x) },
-    )
+    head_rows_lanes(r, mi, h, |a| unsafe { lane_sums_avx2(a) })
 }
 
-/// Attention of one member's rows for one head, the head size a multiple of 8:
-/// - the scores 8 keys at a time, each key's dot product summed in 8 lanes over the columns
-///   in order, then over the lanes by [`lane_sum`] (`sums` takes 8 keys at once);
-/// - their maximum; `e^(s − max)` by [`exp_lanes`], summed in 8 lanes (key `k` in lane
-///   `k mod 8`, in key order) then by [`lane_sum`];
-/// - each output column `Σ (e_k · (1 / sum)) · v_k` in key order.
+/// Attention of one member's rows for one head, the head size a multiple of 8, with
+/// [`head_rows_sequential`]'s arithmetic:
+/// - the scores 8 keys at a time (8 independent sums, not one key's long chain), each key's
+///   dot product summed in 8 lanes over the columns in order, then over the lanes by
+///   [`lane_sum`] (`sums` takes 8 keys at once);
+/// - `e^(s − max)` (`expf`), summed in key order;
+/// - each output column `Σ (e_k · (1 / sum)) · v_k` in key order, a block of columns at a time
+///   with its sums in registers.
 #[inline(always)]
-fn head_rows_lanes(
-    r: &Rows,
-    mi: usize,
-    h: usize,
-    sums: impl Fn(&[Lanes; LANES]) -> Lanes,
-    exp: impl Fn(Lanes) -> Lanes,
-) {
+fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES]) -> Lanes) {
     let Rows {
         g,
         members,
@@ -443,28 +381,15 @@ fn head_rows_lanes(
                 j += n;
             }
         }
-        let live = &mut scores[lo..=pos];
-        let mut maxes = [f32::NEG_INFINITY; LANES];
-        for c in live.chunks(LANES) {
-            for (m, &s) in maxes.iter_mut().zip(c) {
-                *m = m.max(s);
-            }
+        let max = scores[lo..=pos]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for s in &mut scores[lo..=pos] {
+            *s = (*s - max).exp();
+            sum += *s;
         }
-        let max = maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = [0f32; LANES];
-        for c in live.chunks_mut(LANES) {
-            let mut x = [f32::NEG_INFINITY; LANES];
-            for (x, &s) in x.iter_mut().zip(c.iter()) {
-                *x = s - max;
-            }
-            let e = exp(x);
-            for l in 0..LANES {
-                sum[l] += e[l];
-            }
-            let n = c.len();
-            c.copy_from_slice(&e[..n]);
-        }
-        let inv = 1.0 / lane_sum(&sum);
+        let inv = 1.0 / sum;
         let mut c = 0;
         while c < hd {
             let (e, v) = (&scores[..], values);
@@ -616,39 +541,6 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn exp_lanes_is_within_3e_7_of_exp() {
-        let xs: Vec<f32> = (0..200_000).map(|i| -90.0 + i as f32 * 0.00049).collect();
-        let mut worst = 0f64;
-        for c in xs.chunks_exact(LANES) {
-            let e = exp_lanes(c.try_into().unwrap());
-            for (&x, &e) in c.iter().zip(&e) {
-                if x < -87.336_54 {
-                    assert_eq!(e, 0.0, "{x}");
-                } else {
-                    let want = (x as f64).exp();
-                    worst = worst.max((e as f64 - want).abs() / want);
-                }
-            }
-        }
-        assert!(worst < 3e-7, "relative error {worst}");
-        assert_eq!(exp_lanes([0.0; LANES]), [1.0; LANES]);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            for c in xs.chunks_exact(LANES) {
-                let x: Lanes = c.try_into().unwrap();
-                // SAFETY: AVX2 was detected.
-                let fast = unsafe { exp_lanes_avx2(x) };
-                assert_eq!(
-                    fast.map(f32::to_bits),
-                    exp_lanes(x).map(f32::to_bits),
-                    "{x:?}"
-                );
-            }
-        }
-        assert_eq!(exp_lanes([f32::NEG_INFINITY; LANES]), [0.0; LANES]);
-    }
-
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn lane_sums_avx2_are_the_plain_sums_bit_for_bit() {
@@ -697,9 +589,9 @@ mod tests {
         out
     }
 
-    /// The lane-wise rows (plain and AVX2: the same bits) against the one-key-at-a-time rows,
-    /// which sum in another order and use `expf`: head sizes 8, 24 (vectors of 2 + 1) and 64,
-    /// grouped heads, a window, ALiBi, blocks that end mid-group.
+    /// The lane-wise rows (plain and AVX2) give the one-key-at-a-time rows' numbers bit for bit:
+    /// head sizes 8, 24 (column blocks of 16 + 8) and 64, grouped heads, a window, ALiBi,
+    /// blocks that end mid-group.
     #[test]
     fn lane_rows_match_sequential_rows() {
         let slopes = [0.5f32, 0.25, 0.125, 0.0625, 0.03, 0.01];
@@ -745,14 +637,9 @@ mod tests {
                 head_rows_sequential,
             );
             let plain = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
-                head_rows_lanes(r, m, h, lane_sums, exp_lanes)
+                head_rows_lanes(r, m, h, lane_sums)
             });
-            let worst = plain
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 2e-6, "head size {hd}: {worst}");
+            assert_eq!(plain, want, "head size {hd}");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 let fast = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
