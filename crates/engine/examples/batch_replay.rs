@@ -4,7 +4,7 @@
 //! and the process's CPU time, so a profile of the serving step needs no server.
 //!
 //! ```sh
-//! cargo run --release -p camelid-engine --example batch_replay -- MODEL.gguf [SEQS] [MAX_TOKENS] [ROUNDS]
+//! cargo run --release -p camelid-engine --example batch_replay -- MODEL.gguf [SEQS] [MAX_TOKENS] [ROUNDS] [BLOCK_SIZE]
 //! ```
 
 use camelid_engine::scheduler::{ChannelSink, Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
@@ -42,12 +42,18 @@ fn cpu_seconds() -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        return Err("usage: batch_replay MODEL.gguf [SEQS] [MAX_TOKENS] [ROUNDS]".into());
+        return Err(
+            "usage: batch_replay MODEL.gguf [SEQS] [MAX_TOKENS] [ROUNDS] [BLOCK_SIZE]".into(),
+        );
     };
     let arg = |i: usize, d: usize| -> Result<usize, Box<dyn std::error::Error>> {
         Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(d))
     };
     let (seqs, max_tokens, rounds) = (arg(2, 32)?, arg(3, 64)?, arg(4, 2)?);
+    let config = SchedulerConfig {
+        block_size: arg(5, SchedulerConfig::default().block_size)?,
+        ..SchedulerConfig::default()
+    };
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
@@ -56,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .tokenizer
         .as_ref()
         .ok_or("the model has no tokenizer")?;
-    let (handle, mut scheduler) = Scheduler::new(model.clone(), SchedulerConfig::default());
+    let (handle, mut scheduler) = Scheduler::new(model.clone(), config);
     let mut prompt_tokens = 0;
     let (mut steps, mut out_tokens) = (0usize, 0usize);
     let (wall, cpu) = (Instant::now(), cpu_seconds());
