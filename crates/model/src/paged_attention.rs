@@ -189,8 +189,10 @@ fn attend_stored(
         .sum::<usize>()
         * nh
         * hd;
-    let pairs = members.iter().enumerate().flat_map(|(mi, m)| {
-        let n = if m.len == 1 { rep } else { 1 };
+    // One decode row alone keeps a task per head (3 tasks for 2 threads would idle one).
+    let group = members.len() >= 4;
+    let pairs = members.iter().enumerate().flat_map(move |(mi, m)| {
+        let n = if group && m.len == 1 { rep } else { 1 };
         (0..nh).step_by(n).map(move |h| (mi, h, n))
     });
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
