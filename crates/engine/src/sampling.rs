@@ -138,12 +138,20 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &l)| (i as u32, l / p.temperature)),
         );
-        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        // Most likely first, ties by token id: a total order, so that selecting the top k and
+        // sorting only those gives exactly the first k of a full sort.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, order);
             c.truncate(p.top_k);
+            c.sort_unstable_by(order);
+        } else if p.top_p < 1.0 || p.min_p > 0.0 {
+            c.sort_unstable_by(order);
         }
+        // Without top-k, top-p or min-p there is no cut to make: the draw runs over the whole
+        // vocabulary in token order (the same distribution, without sorting 50k candidates).
         // Softmax over the survivors.
-        let max = c[0].1;
+        let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
         let mut sum = 0.0f32;
         for x in c.iter_mut() {
             x.1 = (x.1 - max).exp();
@@ -181,14 +189,28 @@ impl Sampler {
     }
 }
 
+/// The first index of the largest logit (NaNs are passed over; 0 when the first is NaN).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let Some(&first) = logits.first() else {
+        return 0;
+    };
+    if first.is_nan() {
+        return 0;
+    }
+    // The maximum in 8 lanes (exact in any order), then its first position.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = logits.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &l) in lanes.iter_mut().zip(c) {
+            *m = m.max(l);
         }
     }
-    best as u32
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -280,5 +302,129 @@ mod tests {
         // Token 1 generated twice: 3.0 - 0.5 - 1.0 = 1.5 < 2.0; prompt tokens do not count.
         assert_eq!(s.sample(&mut [2.0, 3.0], &[1, 1], 2), 0);
         assert_eq!(s.sample(&mut [2.0, 3.0], &[1, 1], 0), 1);
+    }
+
+    /// The loop argmax: the first strictly greater value wins.
+    fn argmax_reference(logits: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    fn pseudo_logits(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((s >> 8) % 4000) as f32 / 400.0 - 5.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest() {
+        for seed in 0..20 {
+            // Values repeat (4000 levels over 49k tokens): ties are common.
+            let l = pseudo_logits(49_157, seed);
+            assert_eq!(argmax(&l), argmax_reference(&l), "seed {seed}");
+        }
+        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0, -1.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, 5.0]), argmax_reference(&[f32::NAN, 5.0]));
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    /// Top-k by selection, then sorting the k, draws exactly what sorting the whole
+    /// vocabulary then cutting draws (the same seeds, with top-p and min-p after it).
+    #[test]
+    fn top_k_by_selection_equals_a_full_sort() {
+        fn full_sort(params: &SamplingParams, logits: &[f32], rng: &mut rand::rngs::StdRng) -> u32 {
+            let mut c: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l / params.temperature))
+                .collect();
+            c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            c.truncate(params.top_k);
+            let max = c[0].1;
+            let mut sum = 0.0f32;
+            for x in c.iter_mut() {
+                x.1 = (x.1 - max).exp();
+                sum += x.1;
+            }
+            for x in c.iter_mut() {
+                x.1 /= sum;
+            }
+            let mut acc = 0.0;
+            let mut keep = c.len();
+            for (i, x) in c.iter().enumerate() {
+                acc += x.1;
+                if acc >= params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+            let floor = c[0].1 * params.min_p;
+            let keep = c.iter().take_while(|x| x.1 >= floor).count().max(1);
+            c.truncate(keep);
+            let total: f32 = c.iter().map(|x| x.1).sum();
+            let mut r = rng.random::<f32>() * total;
+            for x in c.iter() {
+                r -= x.1;
+                if r <= 0.0 {
+                    return x.0;
+                }
+            }
+            c[c.len() - 1].0
+        }
+        for (top_k, top_p, min_p) in [
+            (40, 1.0, 0.0),
+            (40, 0.9, 0.05),
+            (3, 0.5, 0.0),
+            (1000, 0.95, 0.0),
+        ] {
+            let params = SamplingParams {
+                temperature: 0.9,
+                top_k,
+                top_p,
+                min_p,
+                ..SamplingParams::default()
+            };
+            let logits = pseudo_logits(49_152, top_k as u32);
+            let mut s = Sampler::new(params.clone());
+            let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
+            for _ in 0..50 {
+                let want = full_sort(&params, &logits, &mut rng);
+                assert_eq!(s.sample(&mut logits.clone(), &[], 0), want, "top-k {top_k}");
+            }
+        }
+    }
+
+    /// Without any cut, the draw over the unsorted vocabulary follows the softmax.
+    #[test]
+    fn unrestricted_draws_follow_the_softmax() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        });
+        let logits = [0.0f32, (2.0f32).ln(), f32::NEG_INFINITY, (3.0f32).ln()];
+        let mut counts = [0usize; 4];
+        let n = 6000;
+        for _ in 0..n {
+            counts[s.sample(&mut logits.clone(), &[], 0) as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        for (i, want) in [(0, 1.0 / 6.0), (1, 2.0 / 6.0), (3, 3.0 / 6.0)] {
+            let got = counts[i] as f64 / n as f64;
+            assert!((got - want).abs() < 0.03, "token {i}: {got} vs {want}");
+        }
     }
 }

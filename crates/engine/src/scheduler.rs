@@ -737,10 +737,9 @@ impl Scheduler {
         if seq.generated() >= seq.req.max_tokens {
             return Ok(Some(FinishReason::Length));
         }
-        let Some(last) = rows.last() else {
+        let Some(mut row) = rows.into_iter().next_back() else {
             return Ok(None);
         };
-        let mut row = last.clone();
         let logprob = seq.req.logprobs.map(|n| {
             let lp = log_softmax(&row);
             (lp, n)

@@ -448,11 +448,14 @@ impl QMatrix {
         a: [packed::x86::Act; NT],
         out: [*mut f32; NT],
     ) {
-        use packed::x86::{avx2, vnni};
+        use packed::x86::{avx2, vnni, vnni_tiles};
         // SAFETY: the matrix is packed only on a SIMD set detected on this CPU, `w` is one whole
         // group of `a`'s block count, and each `out[t]` has 8 writable values of this task.
         unsafe {
             match (self.isa, self.ty) {
+                // Tiles of tokens: the same results, the integer sums across the tokens.
+                (Isa::Avx512Vnni, QType::Q4_1) if NT > 1 => vnni_tiles::q4_1(w, a, out),
+                (Isa::Avx512Vnni, QType::Q8_0) if NT > 1 => vnni_tiles::q8_0(w, a, out),
                 (Isa::Avx512Vnni, QType::Q4_0) => vnni::q4_0(w, a, out),
                 (Isa::Avx512Vnni, QType::Q4_1) => vnni::q4_1(w, a, out),
                 (Isa::Avx512Vnni, QType::Q8_0) => vnni::q8_0(w, a, out),

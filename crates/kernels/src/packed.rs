@@ -310,6 +310,84 @@ pub mod x86 {
         };
     }
 
+    /// Tiles of several tokens on AVX-512 VNNI with the integer sums taken weight vector by
+    /// weight vector across the tokens (every token's `vpdpbusd` for one vector, then the next
+    /// vector), not token by token: the tile's tokens give 8 independent chains at every step
+    /// instead of two short ones per token, and the weights are unpacked as they are used. The
+    /// integer sums are exact in any order and the f32 operations per token are [`vnni`]'s, so
+    /// the results are [`vnni`]'s bit for bit (a row's numbers do not depend on the tile).
+    pub mod vnni_tiles {
+        use super::*;
+
+        /// [`vnni::q4_1`] for `NT` tokens.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn q4_1<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+            let nb = a[0].blocks.len();
+            debug_assert_eq!(w.len(), nb * 160);
+            let mut acc = [_mm256_setzero_ps(); NT];
+            let mut mins = [_mm256_setzero_ps(); NT];
+            let mask = _mm256_set1_epi8(0x0F);
+            let mut p = w.as_ptr();
+            for k in 0..nb {
+                let mut s = [_mm256_setzero_si256(); NT];
+                for i in 0..4 {
+                    let v = _mm256_loadu_si256(p.add(SCALES_MINS + 32 * i) as *const __m256i);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        *s = dot_vnni(*s, lo, bcast(a.blocks.get_unchecked(k).qs.as_ptr(), i));
+                    }
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                        *s = dot_vnni(*s, hi, bcast(q, 4 + i));
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(SCALES) as *const __m128i));
+                for t in 0..NT {
+                    let ab = a[t].blocks.get_unchecked(k);
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), scale, acc[t]);
+                    mins[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), mins[t]);
+                }
+                p = p.add(160);
+            }
+            for t in 0..NT {
+                _mm256_storeu_ps(out[t], _mm256_add_ps(acc[t], mins[t]));
+            }
+        }
+
+        /// [`vnni::q8_0`] for `NT` tokens.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn q8_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+            let nb = a[0].blocks.len();
+            debug_assert_eq!(w.len(), nb * 272);
+            let mut acc = [_mm256_setzero_ps(); NT];
+            let mut p = w.as_ptr();
+            for k in 0..nb {
+                let mut s = [_mm256_setzero_si256(); NT];
+                for i in 0..8 {
+                    let u = _mm256_loadu_si256(p.add(SCALES + 32 * i) as *const __m256i);
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        *s = dot_vnni(*s, u, bcast(a.blocks.get_unchecked(k).qs.as_ptr(), i));
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                for t in 0..NT {
+                    let ab = a[t].blocks.get_unchecked(k);
+                    let off = _mm256_set1_epi32(128 * *a[t].sums.get_unchecked(k));
+                    let si = _mm256_sub_epi32(s[t], off);
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), scale, acc[t]);
+                }
+                p = p.add(272);
+            }
+            for t in 0..NT {
+                _mm256_storeu_ps(out[t], acc[t]);
+            }
+        }
+    }
+
     group_kernels!(avx2, "avx2,fma,f16c", dot_avx2, q8_avx2, false);
     group_kernels!(
         vnni,
@@ -396,6 +474,70 @@ mod q4_1_tests {
                     assert_eq!(blk[SCALES_MINS + 32 * (j / 4) + 4 * r + j % 4], b[4 + j]);
                 }
             }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod vnni_tiles_tests {
+    use super::x86::{vnni, vnni_tiles, Act};
+    use super::*;
+    use crate::{pseudo_random, quantize_into, quantize_weights, ActBlock, Isa, QK};
+
+    /// The tile kernels give the token-by-token kernels' values bit for bit, for full tiles of 8
+    /// and a partial one, on `Q4_1` and `Q8_0` groups of 18 blocks.
+    #[test]
+    fn tiles_equal_the_token_by_token_kernels() {
+        if Isa::detect() != Isa::Avx512Vnni {
+            return;
+        }
+        let nb = 18;
+        let x = pseudo_random(8 * nb * QK, 31);
+        let mut blocks = vec![ActBlock::default(); 8 * nb];
+        quantize_into(&x, &mut blocks);
+        let mut sums = Vec::new();
+        block_sums(&blocks, &mut sums);
+        let act = |t: usize| Act {
+            blocks: &blocks[t * nb..(t + 1) * nb],
+            sums: &sums[t * nb..(t + 1) * nb],
+        };
+        for ty in [QType::Q4_1, QType::Q8_0] {
+            let src = quantize_weights(ty, &pseudo_random(GROUP * nb * QK, 32));
+            let mut w = vec![0u8; src.len()];
+            pack(ty, GROUP, nb, &src, &mut w);
+            let mut want = [[0f32; GROUP]; 8];
+            let mut got = [[0f32; GROUP]; 8];
+            let mut part = [[0f32; GROUP]; 3];
+            // SAFETY: AVX-512 VNNI was detected; `w` is one group of `nb` blocks; every output
+            // has 8 values.
+            unsafe {
+                let outs = |o: &mut [[f32; GROUP]]| -> Vec<*mut f32> {
+                    o.iter_mut().map(|r| r.as_mut_ptr()).collect()
+                };
+                let tiled: [*mut f32; 8] = outs(&mut got).try_into().unwrap();
+                let three: [*mut f32; 3] = outs(&mut part).try_into().unwrap();
+                for (t, o) in want.iter_mut().enumerate() {
+                    match ty {
+                        QType::Q4_1 => vnni::q4_1(&w, [act(t)], [o.as_mut_ptr()]),
+                        _ => vnni::q8_0(&w, [act(t)], [o.as_mut_ptr()]),
+                    }
+                }
+                match ty {
+                    QType::Q4_1 => {
+                        vnni_tiles::q4_1(&w, std::array::from_fn(act), tiled);
+                        vnni_tiles::q4_1(&w, std::array::from_fn(|t| act(t + 5)), three);
+                    }
+                    _ => {
+                        vnni_tiles::q8_0(&w, std::array::from_fn(act), tiled);
+                        vnni_tiles::q8_0(&w, std::array::from_fn(|t| act(t + 5)), three);
+                    }
+                }
+            }
+            let bits = |r: &[[f32; GROUP]]| -> Vec<u32> {
+                r.iter().flatten().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "{ty:?}");
+            assert_eq!(bits(&part), bits(&want[5..]), "{ty:?}");
         }
     }
 }
