@@ -17,6 +17,8 @@ const ROWS: usize = 4;
 const TILE: usize = 2;
 /// Bytes of weights per row block (kept in L2 while the tokens pass).
 const ROW_BLOCK_BYTES: usize = 128 * 1024;
+/// Contiguous spans of rows per thread in decode (a little slack for a busy core).
+const DECODE_SPANS_PER_THREAD: usize = 2;
 /// Bytes of activations per token chunk.
 const TOKEN_CHUNK_BYTES: usize = 128 * 1024;
 
@@ -107,20 +109,51 @@ impl F16Matrix {
             self.run(rows, x, tokens, dst);
         };
         let threads = rayon::current_num_threads();
-        if threads == 1 || self.rows * tokens < 256 {
+        if tokens == 1 {
+            // Decode: one row at a time (one sequential stream through the matrix, which the
+            // hardware prefetchers follow across rows), in a few contiguous spans per thread.
+            let spans = if threads == 1 || self.rows < 256 {
+                1
+            } else {
+                threads * DECODE_SPANS_PER_THREAD
+            };
+            let per = self.rows.div_ceil(spans);
+            let span = |s: usize| {
+                let rows = s * per..((s + 1) * per).min(self.rows);
+                self.rows_decode(rows, x, dst);
+            };
+            if spans == 1 {
+                span(0);
+            } else {
+                (0..spans).into_par_iter().for_each(span);
+            }
+        } else if threads == 1 || self.rows * tokens < 256 {
             (0..blocks).for_each(work);
-        } else if tokens == 1 {
-            // Decode: a few tasks per thread, as the quantized products.
-            let units = self.rows.div_ceil(ROWS);
-            let chunk = units.div_ceil(threads * 4);
-            (0..units.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                let rows = c * chunk * ROWS..((c + 1) * chunk * ROWS).min(self.rows);
-                self.run(rows, x, tokens, dst);
-            });
         } else {
             (0..blocks).into_par_iter().for_each(work);
         }
         Ok(())
+    }
+
+    /// Rows `rows` against one token, each row's dot product in one pass.
+    fn rows_decode(&self, rows: std::ops::Range<usize>, x: &[f32], dst: SharedOut) {
+        let (cols, w) = (self.cols, self.data.bytes());
+        for r in rows {
+            let row = &w[r * cols * 2..(r + 1) * cols * 2];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is only ever a set detected on this CPU; `row` has `cols` values.
+            let v = unsafe {
+                match self.isa {
+                    Isa::Avx512Vnni => x86::row_avx512(row, x),
+                    Isa::Avx2 => x86::row_avx2(row, x),
+                    Isa::Scalar => dot_scalar(row, x),
+                }
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let v = dot_scalar(row, x);
+            // SAFETY: row `r` belongs to this task alone; `r < rows` (shapes checked).
+            unsafe { dst.write(r, v) };
+        }
     }
 
     /// Rows `rows` for every token: token chunks over groups of 4 rows.
@@ -188,6 +221,72 @@ fn dot_scalar(w: &[u8], x: &[f32]) -> f32 {
 mod x86 {
     use super::{dot_scalar, ROWS};
     use std::arch::x86_64::*;
+
+    /// One row against one token: 8 independent accumulators over 128 values per step, so
+    /// the loads of 256 bytes of weights are in flight together.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn row_avx512(w: &[u8], x: &[f32]) -> f32 {
+        let cols = x.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut c = 0;
+        while c + 128 <= cols {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let at = c + 16 * k;
+                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(2 * at) as *const __m256i));
+                *acc = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(at)), *acc);
+            }
+            c += 128;
+        }
+        while c + 16 <= cols {
+            let wv = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(2 * c) as *const __m256i));
+            acc[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(c)), acc[0]);
+            c += 16;
+        }
+        let a = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])),
+            _mm512_add_ps(_mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7])),
+        );
+        let mut out = _mm512_reduce_add_ps(a);
+        if c < cols {
+            out += dot_scalar(&w[2 * c..], &x[c..]);
+        }
+        out
+    }
+
+    /// [`row_avx512`] on 256-bit registers: 8 accumulators over 64 values per step.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_avx2(w: &[u8], x: &[f32]) -> f32 {
+        let cols = x.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut c = 0;
+        while c + 64 <= cols {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let at = c + 8 * k;
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * at) as *const __m128i));
+                *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(at)), *acc);
+            }
+            c += 64;
+        }
+        while c + 8 <= cols {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * c) as *const __m128i));
+            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(c)), acc[0]);
+            c += 8;
+        }
+        let a = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+            _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])),
+        );
+        let mut s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        let mut out = _mm_cvtss_f32(s);
+        if c < cols {
+            out += dot_scalar(&w[2 * c..], &x[c..]);
+        }
+        out
+    }
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512<const NT: usize>(
@@ -281,7 +380,16 @@ mod tests {
     fn every_path_matches_an_f64_reference() {
         // 13 rows: groups of 4 and a partial one; 100 columns: a tail after the vectors;
         // 6 tokens: tiles of 2; 2048 columns and 45 tokens: two token chunks and a single.
-        for (rows, cols, tokens) in [(13, 100, 6), (9, 2048, 45), (256, 64, 3)] {
+        // One token (decode, row by row): 1000 columns are 7 steps of 128, 6 of 16 and a tail
+        // of 8; 300 rows are split between threads.
+        for (rows, cols, tokens) in [
+            (13, 100, 6),
+            (9, 2048, 45),
+            (256, 64, 3),
+            (13, 100, 1),
+            (300, 1000, 1),
+            (4, 2048, 1),
+        ] {
             let w: Vec<u8> = pseudo_random(rows * cols, 1)
                 .into_iter()
                 .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())

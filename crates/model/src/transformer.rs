@@ -854,6 +854,9 @@ impl Transformer {
                 Embedding::Quantized(q) => Matrix::Quantized(q.clone()),
             };
             Some(Linear::from_matrix(&m, head_bias)?)
+        } else if !spec.normalize_head_rows {
+            // As the layers' projections: F16 and kernel types read from the mapped file.
+            Some(Linear::load(store, "output", v, e, spec.head_bias)?)
         } else {
             let mut m = store.matrix("output.weight", &[v, e])?;
             if spec.normalize_head_rows {
