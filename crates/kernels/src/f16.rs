@@ -17,6 +17,35 @@ const ROWS: usize = 4;
 const TILE: usize = 2;
 /// Bytes of weights per row block (kept in L2 while the tokens pass).
 const ROW_BLOCK_BYTES: usize = 128 * 1024;
+/// Rows per f32 panel of the AVX-512 prefill (two vectors of 16).
+const PANEL_ROWS: usize = 32;
+/// Tokens per panel tile: 24 accumulators, 2 panel vectors and a broadcast of 32 registers.
+const PANEL_TILE: usize = 12;
+/// Below this many tokens the panel's conversion costs more than it saves.
+const PANEL_MIN_TOKENS: usize = 16;
+
+/// The token tiles of a panel product, `(first token, tokens)`: 12 at a time, then 4, then 1.
+fn panel_tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut t = 0;
+    std::iter::from_fn(move || {
+        let nt = match tokens - t {
+            0 => return None,
+            n if n >= PANEL_TILE => PANEL_TILE,
+            n if n >= 4 => 4,
+            _ => 1,
+        };
+        t += nt;
+        Some((t - nt, nt))
+    })
+}
+
+thread_local! {
+    /// The f32 panel of the AVX-512 prefill, reused between calls.
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The transposed input tiles of the AVX-512 prefill, reused between calls.
+    static TILES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Contiguous spans of rows per thread in decode (a little slack for a busy core).
 const DECODE_SPANS_PER_THREAD: usize = 2;
 /// Bytes of activations per token chunk.
@@ -127,12 +156,73 @@ impl F16Matrix {
             } else {
                 (0..spans).into_par_iter().for_each(span);
             }
+        } else if self.isa == Isa::Avx512Vnni && tokens >= PANEL_MIN_TOKENS {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // Prefill: each block of 32 rows is converted once into an f32 panel, and every
+                // token passes over it in tiles of 12 (outer products, no horizontal sums).
+                // The input in tiles of tokens, each transposed (`[col][tile]`), so that a
+                // tile's broadcasts read one contiguous stream (12 rows 8 KiB apart would all
+                // fall in one L1 set).
+                let mut xt = TILES.with(|b| std::mem::take(&mut *b.borrow_mut()));
+                xt.resize(tokens * self.cols, 0.0);
+                for (t, nt) in panel_tiles(tokens) {
+                    let tile = &mut xt[t * self.cols..(t + nt) * self.cols];
+                    for (c, v) in tile.chunks_exact_mut(nt).enumerate() {
+                        for (k, v) in v.iter_mut().enumerate() {
+                            *v = x[(t + k) * self.cols + c];
+                        }
+                    }
+                }
+                let panels = self.rows.div_ceil(PANEL_ROWS);
+                let panel = |b: usize| self.run_panel(b * PANEL_ROWS, &xt, tokens, dst);
+                if threads == 1 {
+                    (0..panels).for_each(panel);
+                } else {
+                    (0..panels).into_par_iter().for_each(panel);
+                }
+                TILES.with(|b| *b.borrow_mut() = xt);
+            }
         } else if threads == 1 || self.rows * tokens < 256 {
             (0..blocks).for_each(work);
         } else {
             (0..blocks).into_par_iter().for_each(work);
         }
         Ok(())
+    }
+
+    /// Rows `r0..r0 + 32` (fewer at the end) for every token on AVX-512: the rows are converted
+    /// to f32 once into a panel laid out `[col][32 rows]`, then tiles of 12 tokens run over it,
+    /// each step two panel vectors (the 32 rows at one column) times one broadcast input value
+    /// per token into 24 accumulators.
+    #[cfg(target_arch = "x86_64")]
+    fn run_panel(&self, r0: usize, xt: &[f32], tokens: usize, dst: SharedOut) {
+        let (cols, w) = (self.cols, self.data.bytes());
+        let nr = (self.rows - r0).min(PANEL_ROWS);
+        PANEL.with(|p| {
+            let mut panel = p.borrow_mut();
+            // Not cleared: rows `nr..32` of a last partial panel are computed but never stored.
+            panel.resize(cols * PANEL_ROWS, 0.0);
+            let rows = &w[r0 * cols * 2..(r0 + nr) * cols * 2];
+            // SAFETY: AVX-512 F is part of the detected set (`isa`); `rows` holds `nr` rows.
+            unsafe { x86::fill_panel(rows, nr, cols, &mut panel) };
+            for (t, nt) in panel_tiles(tokens) {
+                let tile = &xt[t * cols..(t + nt) * cols];
+                let (out, stride) = (dst.0, self.rows);
+                // SAFETY: AVX-512 F is detected; the panel holds `cols` columns of 32 rows, the
+                // tile `nt` tokens' `cols` values, and rows `r0..r0 + nr` of the output belong
+                // to this task.
+                unsafe {
+                    match nt {
+                        PANEL_TILE => x86::panel_tile::<PANEL_TILE>(
+                            &panel, tile, t, cols, out, stride, r0, nr,
+                        ),
+                        4 => x86::panel_tile::<4>(&panel, tile, t, cols, out, stride, r0, nr),
+                        _ => x86::panel_tile::<1>(&panel, tile, t, cols, out, stride, r0, nr),
+                    }
+                }
+            }
+        });
     }
 
     /// Rows `rows` against one token, each row's dot product in one pass.
@@ -221,6 +311,92 @@ fn dot_scalar(w: &[u8], x: &[f32]) -> f32 {
 mod x86 {
     use super::{dot_scalar, ROWS};
     use std::arch::x86_64::*;
+
+    /// `nr` fp16 rows of `cols` → an f32 panel `[cols][32]` (rows `nr..32` stay zero). Taken
+    /// 16 columns at a time, so that the 16 panel lines written stay in L1 over the rows.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fill_panel(w: &[u8], nr: usize, cols: usize, panel: &mut [f32]) {
+        debug_assert!(w.len() == nr * cols * 2 && panel.len() >= cols * 32 && nr <= 32);
+        let (wp, pp) = (w.as_ptr(), panel.as_mut_ptr());
+        let mut c = 0;
+        let mut tmp = [0f32; 16];
+        while c + 16 <= cols {
+            for r in 0..nr {
+                let v = _mm256_loadu_si256(wp.add(2 * (r * cols + c)) as *const __m256i);
+                _mm512_storeu_ps(tmp.as_mut_ptr(), _mm512_cvtph_ps(v));
+                for (j, &v) in tmp.iter().enumerate() {
+                    *pp.add((c + j) * 32 + r) = v;
+                }
+            }
+            c += 16;
+        }
+        for c in c..cols {
+            for r in 0..nr {
+                let b = [w[2 * (r * cols + c)], w[2 * (r * cols + c) + 1]];
+                panel[c * 32 + r] = half::f16::from_bits(u16::from_le_bytes(b)).to_f32();
+            }
+        }
+    }
+
+    /// Tokens `t0..t0 + NT` against a panel (`[cols][32]` f32), their inputs in `x` as
+    /// `[cols][NT]`: `out[(t0 + t) * stride + r0 + r]` for `r < nr`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn panel_tile<const NT: usize>(
+        panel: &[f32],
+        x: &[f32],
+        t0: usize,
+        cols: usize,
+        out: *mut f32,
+        stride: usize,
+        r0: usize,
+        nr: usize,
+    ) {
+        debug_assert!(panel.len() >= cols * 32 && x.len() == NT * cols);
+        let mut lo = [_mm512_setzero_ps(); NT];
+        let mut hi = [_mm512_setzero_ps(); NT];
+        let pp = panel.as_ptr();
+        let xp = x.as_ptr();
+        for c in 0..cols {
+            let a = _mm512_loadu_ps(pp.add(32 * c));
+            let b = _mm512_loadu_ps(pp.add(32 * c + 16));
+            panel_token!(NT, t, {
+                let v = _mm512_set1_ps(*xp.add(c * NT + t));
+                lo[t] = _mm512_fmadd_ps(a, v, lo[t]);
+                hi[t] = _mm512_fmadd_ps(b, v, hi[t]);
+            });
+        }
+        let mlo: __mmask16 = if nr >= 16 { 0xFFFF } else { (1u16 << nr) - 1 };
+        let mhi: __mmask16 = if nr >= 32 {
+            0xFFFF
+        } else if nr > 16 {
+            (1u16 << (nr - 16)) - 1
+        } else {
+            0
+        };
+        for t in 0..NT {
+            let o = out.add((t0 + t) * stride + r0);
+            _mm512_mask_storeu_ps(o, mlo, lo[t]);
+            _mm512_mask_storeu_ps(o.add(16), mhi, hi[t]);
+        }
+    }
+
+    /// Repeats `body` for `t` = 0..12 below `NT`, so each accumulator has a constant index and
+    /// stays in a register.
+    macro_rules! panel_token {
+        ($nt:expr, $t:ident, $body:block) => {
+            panel_token!(@ $nt, $t, $body, 0 1 2 3 4 5 6 7 8 9 10 11)
+        };
+        (@ $nt:expr, $t:ident, $body:block, $($i:literal)*) => {
+            $(
+                if $i < $nt {
+                    let $t = $i;
+                    $body
+                }
+            )*
+        };
+    }
+    use panel_token;
 
     /// One row against one token: 8 independent accumulators over 128 values per step, so
     /// the loads of 256 bytes of weights are in flight together.
@@ -389,6 +565,10 @@ mod tests {
             (13, 100, 1),
             (300, 1000, 1),
             (4, 2048, 1),
+            // AVX-512 prefill panels: 32 rows and a partial panel of 8 (or 6 beyond 16); 30
+            // and 17 tokens: tiles of 12 and single tokens.
+            (40, 100, 30),
+            (54, 64, 17),
         ] {
             let w: Vec<u8> = pseudo_random(rows * cols, 1)
                 .into_iter()
