@@ -118,6 +118,8 @@ pub struct QMatrix {
 /// Bytes the matrix owns, or bytes owned by someone else (a mapped file) that it reads in place.
 enum Data {
     Owned(Vec<u8>),
+    /// Repacked blocks (see [`packed::Buffer`]).
+    Packed(packed::Buffer),
     Shared(Arc<dyn AsRef<[u8]> + Send + Sync>, std::ops::Range<usize>),
 }
 
@@ -125,6 +127,7 @@ impl Data {
     fn bytes(&self) -> &[u8] {
         match self {
             Data::Owned(v) => v,
+            Data::Packed(b) => b.as_slice(),
             Data::Shared(owner, range) => &(**owner).as_ref()[range.clone()],
         }
     }
@@ -233,18 +236,21 @@ impl QMatrix {
         }
         let nb = self.cols / QK;
         let src = self.data.bytes();
-        let mut dst = vec![0u8; src.len()];
         let group_bytes = nb * self.ty.block_bytes() * packed::GROUP;
         let (ty, rows) = (self.ty, self.rows);
-        if want {
+        self.data = if want {
+            let mut dst = packed::Buffer::zeroed(src.len());
             // Groups are independent: packed on the pool (load time).
-            dst.par_chunks_mut(group_bytes)
+            dst.as_mut_slice()
+                .par_chunks_mut(group_bytes)
                 .zip(src.par_chunks(group_bytes))
                 .for_each(|(d, s)| packed::pack(ty, packed::GROUP, nb, s, d));
+            Data::Packed(dst)
         } else {
+            let mut dst = vec![0u8; src.len()];
             packed::unpack(ty, rows, nb, src, &mut dst);
-        }
-        self.data = Data::Owned(dst);
+            Data::Owned(dst)
+        };
         self.packed = want;
         self
     }
