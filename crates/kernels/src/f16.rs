@@ -93,6 +93,33 @@ impl F16Matrix {
         })
     }
 
+    /// [`F16Matrix::from_shared`] copied into memory of its own on 2 MiB pages (see
+    /// `packed::Buffer`), so that a decode streaming through it takes one TLB entry per 2 MiB
+    /// instead of per 4 KiB of the file mapping; the mapped source pages are then released from
+    /// this process's resident set (they stay in the page cache).
+    ///
+    /// # Safety
+    /// `owner` must be a mapping of a file (not anonymous or heap memory, whose released pages
+    /// would read back as zeros) that nobody writes through.
+    pub unsafe fn from_mapped(
+        rows: usize,
+        cols: usize,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self, KernelError> {
+        let mut m = Self::from_shared(rows, cols, owner, range)?;
+        let src = m.data.bytes();
+        let mut copy = crate::packed::Buffer::zeroed(src.len());
+        copy.as_mut_slice()
+            .par_chunks_mut(1 << 20)
+            .zip(src.par_chunks(1 << 20))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        // SAFETY: the caller guarantees a read-only file mapping.
+        unsafe { m.data.release() };
+        m.data = Data::Packed(copy);
+        Ok(m)
+    }
+
     fn check(rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
         if len != rows * cols * 2 {
             return Err(KernelError(format!(
@@ -598,6 +625,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A matrix copied out of a file mapping (its source pages released) multiplies like one
+    /// built from the same bytes, and the mapping still reads the file's bytes.
+    #[test]
+    fn mapped_matrix_is_copied_and_equals_owned() {
+        let (rows, cols) = (48, 2048);
+        let w: Vec<u8> = pseudo_random(rows * cols, 3)
+            .into_iter()
+            .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        let mut file = vec![0x11u8; 4000];
+        file.extend_from_slice(&w);
+        file.extend_from_slice(&[0x22; 100]);
+        let path = std::env::temp_dir().join(format!("camelid-f16-{}", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        // SAFETY: a private temporary file nobody else writes.
+        let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.unwrap();
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(map);
+        // SAFETY: `owner` is a read-only file mapping.
+        let m = unsafe { F16Matrix::from_mapped(rows, cols, owner.clone(), 4000..4000 + w.len()) }
+            .unwrap();
+        assert!((*owner).as_ref() == &file[..]);
+        let owned = F16Matrix::from_bytes(rows, cols, &w).unwrap();
+        for tokens in [1, 20] {
+            let x = pseudo_random(tokens * cols, 4);
+            let (mut a, mut b) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+            m.matmul(&x, tokens, &mut a).unwrap();
+            owned.matmul(&x, tokens, &mut b).unwrap();
+            assert_eq!(a, b);
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

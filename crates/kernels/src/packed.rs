@@ -387,6 +387,21 @@ mod tests {
     use super::*;
     use crate::QK;
 
+    /// Buffers from 2 MiB up start on a 2 MiB boundary; every buffer reads as zeros.
+    #[test]
+    fn buffers_are_zeroed_and_large_ones_aligned() {
+        for len in [0, 1, 4096, HUGE_PAGE, 3 * HUGE_PAGE + 5] {
+            let mut b = Buffer::zeroed(len);
+            assert_eq!(b.as_slice().len(), len);
+            assert!(b.as_slice().iter().all(|&v| v == 0));
+            if len >= HUGE_PAGE {
+                assert_eq!(b.as_slice().as_ptr() as usize % HUGE_PAGE, 0);
+            }
+            b.as_mut_slice().iter_mut().for_each(|v| *v = 7);
+            assert!(b.as_slice().iter().all(|&v| v == 7));
+        }
+    }
+
     #[test]
     fn unpack_inverts_pack() {
         let (rows, nb) = (16, 3);
