@@ -1,10 +1,14 @@
 //! F16 weights (GGUF `F16`) against f32 activations: each weight is converted in registers
 //! (`vcvtph2ps`, F16C or AVX-512) and multiplied in f32, so a decode reads 2 bytes per weight
-//! instead of the 4 of an f32 copy, and loading keeps the file's bytes in place.
+//! instead of the 4 of an f32 copy. A model's matrices are copied at load from the file mapping
+//! into 2 MiB pages ([`F16Matrix::from_mapped`]); they can also be read in place.
 //!
-//! Rows are taken 4 at a time (every activation load serves 4 rows) against tiles of tokens.
-//! Prefill blocks both ways: a block of rows stays in L2 while the tokens pass over it in
-//! chunks that also stay in L2, so the weights are read from memory once per product.
+//! Decode (one token) takes one row at a time with 8 independent accumulators, so each thread
+//! reads one sequential stream that the hardware prefetchers follow from row to row. Prefill on
+//! AVX-512 converts each block of 32 rows once into an f32 panel (`[col][32]`) and runs tiles of
+//! 12 tokens over it as outer products (two panel vectors times a broadcast input value per
+//! token, 24 accumulators, no horizontal sums). Elsewhere rows are taken 4 at a time against
+//! tiles of 2 tokens, in row blocks and token chunks that stay in L2.
 
 use crate::{Data, Isa, KernelError, SharedOut};
 use half::f16;

@@ -12,8 +12,8 @@
 //! `Q4_0`, `Q4_1` and `Q8_0` matrices are repacked at load into groups of 8 rows with interleaved
 //! blocks (`packed.rs`): one SIMD lane per row, so decode needs no horizontal sums and prefill
 //! multiplies each unpacked weight vector with a tile of tokens. [`F16Matrix`] multiplies fp16
-//! weights read in place, and [`attention`] runs one sequence's attention a query row at a time
-//! on the cache in place.
+//! weights, and [`attention`] runs one sequence's attention a query row at a time on the cache
+//! in place. Packed and F16 matrices live in 2 MiB pages (`packed::Buffer`).
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
 mod attention;
