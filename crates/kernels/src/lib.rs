@@ -12,9 +12,10 @@
 //! `Q4_0`, `Q4_1` and `Q8_0` matrices are repacked at load into groups of 8 rows with interleaved
 //! blocks (`packed.rs`): one SIMD lane per row, so decode needs no horizontal sums and prefill
 //! multiplies each unpacked weight vector with a tile of tokens. [`F16Matrix`] multiplies fp16
-//! weights read in place, and [`attention`] runs one sequence's attention a query row at a time
-//! on the cache in place. [`KMatrix`] runs GGUF `Q4_K`, `Q5_K`, `Q6_K`, `Q5_0` and `Q5_1` weights
-//! in place, as ggml computes them (`kquants.rs`, `q5.rs`).
+//! weights, and [`attention`] runs one sequence's attention a query row at a time on the cache
+//! in place. Packed and F16 matrices live in 2 MiB pages (`packed::Buffer`). [`KMatrix`] runs
+//! GGUF `Q4_K`, `Q5_K`, `Q6_K`, `Q5_0` and `Q5_1` weights in place, as ggml computes them
+//! (`kquants.rs`, `q5.rs`).
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
 mod attention;
@@ -122,6 +123,8 @@ pub struct QMatrix {
 /// Bytes the matrix owns, or bytes owned by someone else (a mapped file) that it reads in place.
 enum Data {
     Owned(Vec<u8>),
+    /// Repacked blocks (see [`packed::Buffer`]).
+    Packed(packed::Buffer),
     Shared(Arc<dyn AsRef<[u8]> + Send + Sync>, std::ops::Range<usize>),
 }
 
@@ -129,6 +132,7 @@ impl Data {
     fn bytes(&self) -> &[u8] {
         match self {
             Data::Owned(v) => v,
+            Data::Packed(b) => b.as_slice(),
             Data::Shared(owner, range) => &(**owner).as_ref()[range.clone()],
         }
     }
@@ -237,18 +241,21 @@ impl QMatrix {
         }
         let nb = self.cols / QK;
         let src = self.data.bytes();
-        let mut dst = vec![0u8; src.len()];
         let group_bytes = nb * self.ty.block_bytes() * packed::GROUP;
         let (ty, rows) = (self.ty, self.rows);
-        if want {
+        self.data = if want {
+            let mut dst = packed::Buffer::zeroed(src.len());
             // Groups are independent: packed on the pool (load time).
-            dst.par_chunks_mut(group_bytes)
+            dst.as_mut_slice()
+                .par_chunks_mut(group_bytes)
                 .zip(src.par_chunks(group_bytes))
                 .for_each(|(d, s)| packed::pack(ty, packed::GROUP, nb, s, d));
+            Data::Packed(dst)
         } else {
+            let mut dst = vec![0u8; src.len()];
             packed::unpack(ty, rows, nb, src, &mut dst);
-        }
-        self.data = Data::Owned(dst);
+            Data::Owned(dst)
+        };
         self.packed = want;
         self
     }

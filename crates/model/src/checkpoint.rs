@@ -329,10 +329,32 @@ impl WeightStore {
         let Source::Gguf { content, file } = &self.source else {
             return Err(self.err(canonical, "is not in a GGUF file"));
         };
-        let mut cursor = std::io::Cursor::new(&file[..]);
-        content
-            .tensor(&mut cursor, &self.gguf_name(canonical), &self.device)
-            .map_err(|e| self.err(canonical, first_line(&e)))
+        let name = self.gguf_name(canonical);
+        let info = content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| self.err(canonical, "is missing from the checkpoint"))?;
+        let dtype = info.ggml_dtype;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        // In bounds: every tensor's range was checked against the file size at open. Built from
+        // the mapping directly: one copy, not a read buffer and then a copy.
+        let start = (content.tensor_data_offset + info.offset) as usize;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &file[start..start + len],
+            info.shape.dims().to_vec(),
+            &self.device,
+        )
+        .map_err(|e| self.err(canonical, first_line(&e)))?;
+        // The tensor now owns a copy: drop the mapped pages it was read from from this
+        // process's resident set, so that the bytes are not resident twice (they stay in the
+        // page cache, and a later read of the mapping faults them back in).
+        // SAFETY: a read-only file mapping, in bounds; DONTNEED only drops page-table entries,
+        // and the bytes read back from the file. Failure is harmless.
+        #[cfg(unix)]
+        let _ =
+            unsafe { file.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+        Ok(q)
     }
 
     /// Every tensor of the checkpoint under its canonical name, and the checkpoint names that

@@ -208,8 +208,11 @@ impl Linear {
         if store.device().is_cpu() {
             if let Some(raw) = store.quantized_raw(&wname, &[out, inp])? {
                 if raw.dtype == GgmlDType::F16 && use_kernels() {
-                    let m = camelid_kernels::F16Matrix::from_shared(out, inp, raw.file, raw.range)
-                        .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
+                    // SAFETY: `raw.file` is the GGUF file's read-only mapping.
+                    let m = unsafe {
+                        camelid_kernels::F16Matrix::from_mapped(out, inp, raw.file, raw.range)
+                    }
+                    .map_err(|e| ModelError::Input(format!("{wname}: {e}")))?;
                     return Ok(Self {
                         weight: LinearWeight::F16(m),
                         bias,
@@ -907,6 +910,9 @@ impl Transformer {
                 Embedding::Quantized(q) => Matrix::Quantized(q.clone()),
             };
             Some(Linear::from_matrix(&m, head_bias)?)
+        } else if !spec.normalize_head_rows {
+            // As the layers' projections: F16 and kernel types read from the mapped file.
+            Some(Linear::load(store, "output", v, e, spec.head_bias)?)
         } else {
             let mut m = store.matrix("output.weight", &[v, e])?;
             if spec.normalize_head_rows {
