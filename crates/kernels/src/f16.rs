@@ -170,7 +170,23 @@ impl F16Matrix {
         };
         let threads = rayon::current_num_threads();
         if tokens == 1 {
-            decode_group(&[self], x, &[dst]);
+            // Decode: one row at a time (one sequential stream through the matrix, which the
+            // hardware prefetchers follow across rows), in a few contiguous spans per thread.
+            let spans = if threads == 1 || self.rows < 256 {
+                1
+            } else {
+                threads * DECODE_SPANS_PER_THREAD
+            };
+            let per = self.rows.div_ceil(spans);
+            let span = |s: usize| {
+                let rows = s * per..((s + 1) * per).min(self.rows);
+                self.rows_decode(rows, x, dst);
+            };
+            if spans == 1 {
+                span(0);
+            } else {
+                (0..spans).into_par_iter().for_each(span);
+            }
         } else if self.isa == Isa::Avx512Vnni && tokens >= PANEL_MIN_TOKENS {
             #[cfg(target_arch = "x86_64")]
             {
@@ -311,70 +327,6 @@ impl F16Matrix {
             }
         }
         std::array::from_fn(|t| std::array::from_fn(|r| dot_scalar(w[r], x[t])))
-    }
-}
-
-/// Several F16 matrices with the same number of columns applied to the same input `x`
-/// (`[tokens, cols]`): `outs[i]` gets `[tokens, mats[i].rows]`, the values of
-/// [`F16Matrix::matmul`] bit for bit. In decode (one token) the rows of all the matrices are
-/// shared out in one parallel region; prefill (arithmetic-bound) runs the products in turn.
-pub fn f16_matmul_group(
-    mats: &[&F16Matrix],
-    x: &[f32],
-    tokens: usize,
-    outs: &mut [&mut [f32]],
-) -> Result<(), KernelError> {
-    if outs.len() != mats.len() {
-        return Err(KernelError(format!(
-            "{} matrices but {} outputs",
-            mats.len(),
-            outs.len()
-        )));
-    }
-    let cols = mats.first().map_or(0, |m| m.cols);
-    for (m, o) in mats.iter().zip(outs.iter()) {
-        if m.cols != cols || x.len() != tokens * m.cols || o.len() != tokens * m.rows {
-            return Err(KernelError(format!(
-                "matmul shapes: x has {} values for {tokens}×{}, out has {} for {tokens}×{}",
-                x.len(),
-                m.cols,
-                o.len(),
-                m.rows
-            )));
-        }
-    }
-    if tokens != 1 {
-        for (m, o) in mats.iter().zip(outs.iter_mut()) {
-            m.matmul(x, tokens, o)?;
-        }
-        return Ok(());
-    }
-    let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-    decode_group(mats, x, &dsts);
-    Ok(())
-}
-
-/// One token against every row of `mats` (shapes checked), one row at a time (one sequential
-/// stream through each matrix, which the hardware prefetchers follow across rows), the rows of
-/// all the matrices split end to end into a few contiguous spans per thread.
-fn decode_group(mats: &[&F16Matrix], x: &[f32], dsts: &[SharedOut]) {
-    let lens: Vec<usize> = mats.iter().map(|m| m.rows).collect();
-    let total: usize = lens.iter().sum();
-    let threads = rayon::current_num_threads();
-    let spans = if threads == 1 || total < 256 {
-        1
-    } else {
-        threads * DECODE_SPANS_PER_THREAD
-    };
-    let per = total.div_ceil(spans);
-    let span = |s: usize| {
-        let rows = s * per..((s + 1) * per).min(total);
-        crate::split_across(&lens, rows, |i, rows| mats[i].rows_decode(rows, x, dsts[i]));
-    };
-    if spans == 1 {
-        span(0);
-    } else {
-        (0..spans).into_par_iter().for_each(span);
     }
 }
 
@@ -711,58 +663,9 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
-    /// A grouped product (q/k/v- and gate/up-like shapes, spans that cross from one matrix
-    /// into the next) equals the separate products bit for bit, on every path.
-    #[test]
-    fn group_equals_separate_products() {
-        let cols = 192;
-        let shapes = [(300, 1), (37, 2), (45, 3)];
-        for isa in Isa::available() {
-            let mats: Vec<F16Matrix> = shapes
-                .iter()
-                .map(|&(rows, seed)| {
-                    let w: Vec<u8> = pseudo_random(rows * cols, seed)
-                        .into_iter()
-                        .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())
-                        .collect();
-                    F16Matrix::from_bytes(rows, cols, &w).unwrap().with_isa(isa)
-                })
-                .collect();
-            for n in [1, 2, 3] {
-                let refs: Vec<&F16Matrix> = mats[..n].iter().collect();
-                for tokens in [1, 5, 20] {
-                    let x = pseudo_random(tokens * cols, 10 + tokens as u32);
-                    let mut grouped: Vec<Vec<f32>> =
-                        refs.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
-                    let mut views: Vec<&mut [f32]> =
-                        grouped.iter_mut().map(|o| &mut o[..]).collect();
-                    f16_matmul_group(&refs, &x, tokens, &mut views).unwrap();
-                    for (m, g) in refs.iter().zip(&grouped) {
-                        let mut one = vec![0f32; tokens * m.rows];
-                        m.matmul(&x, tokens, &mut one).unwrap();
-                        let same = one.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(
-                            same,
-                            "{isa:?} {n} matrices, {tokens} tokens, {} rows",
-                            m.rows
-                        );
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn bad_shapes_are_errors() {
         assert!(F16Matrix::from_bytes(2, 4, &[0; 15]).is_err());
-        let (a, b) = (
-            F16Matrix::from_bytes(2, 4, &[0; 16]).unwrap(),
-            F16Matrix::from_bytes(1, 8, &[0; 16]).unwrap(),
-        );
-        assert!(
-            f16_matmul_group(&[&a, &b], &[0.0; 4], 1, &mut [&mut [0.0; 2], &mut [0.0; 1]]).is_err()
-        );
-        assert!(f16_matmul_group(&[&a], &[0.0; 4], 1, &mut []).is_err());
         let m = F16Matrix::from_bytes(2, 4, &[0; 16]).unwrap();
         assert!(m.matmul(&[0.0; 7], 2, &mut [0.0; 4]).is_err());
         let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(vec![0u8; 16]);

@@ -29,7 +29,7 @@ mod quant;
 mod simd;
 
 pub use attention::{attention, AttentionShape, HeadRows};
-pub use f16::{f16_matmul_group, F16Matrix};
+pub use f16::F16Matrix;
 pub use kquants::{kmatmul_group, KMatrix, KType};
 pub use many::matmul_group_many;
 pub use quant::{
@@ -541,49 +541,38 @@ pub fn matmul_group(
             per_row,
         };
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-        // Work is shared out in units of 8 rows (a packed group), numbered across the matrices.
-        let lens: Vec<usize> = mats
+        // Work is shared out in units of 8 rows (a packed group); global unit index → matrix.
+        let starts: Vec<usize> = mats
             .iter()
-            .map(|m| m.rows.div_ceil(packed::GROUP))
+            .scan(0, |s, m| {
+                let start = *s;
+                *s += m.rows.div_ceil(packed::GROUP);
+                Some(start)
+            })
             .collect();
-        let units: usize = lens.iter().sum();
+        let units: usize = mats.iter().map(|m| m.rows.div_ceil(packed::GROUP)).sum();
         // Tasks own disjoint rows and write `out[t][row]` in place.
         let work = |range: std::ops::Range<usize>| {
-            split_across(&lens, range, |mi, u| {
+            let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
+            let mut u = range.start;
+            while u < range.end {
                 let m = mats[mi];
-                let rows = u.start * packed::GROUP..(u.end * packed::GROUP).min(m.rows);
+                let end = (starts[mi] + m.rows.div_ceil(packed::GROUP)).min(range.end);
+                let rows = (u - starts[mi]) * packed::GROUP
+                    ..((end - starts[mi]) * packed::GROUP).min(m.rows);
                 if m.packed {
                     m.run_packed(rows, &acts, tokens, dsts[mi]);
                 } else {
                     m.run_rows(rows, &acts, tokens, dsts[mi]);
                 }
-            })
+                u = end;
+                mi += 1;
+            }
         };
         parallel_units(units, tokens, &work);
     }
     ACTS.with(|a| *a.borrow_mut() = buffer);
     Ok(())
-}
-
-/// Runs `f(i, part)` for each matrix `i` that `range` crosses, where the matrices' units
-/// (`lens[i]` each) are numbered end to end and `part` is matrix `i`'s share of `range`,
-/// counted from its own first unit.
-fn split_across(
-    lens: &[usize],
-    range: std::ops::Range<usize>,
-    mut f: impl FnMut(usize, std::ops::Range<usize>),
-) {
-    let mut start = 0;
-    for (i, &len) in lens.iter().enumerate() {
-        if start >= range.end {
-            break;
-        }
-        let (lo, hi) = (range.start.max(start), range.end.min(start + len));
-        if lo < hi {
-            f(i, lo - start..hi - start);
-        }
-        start += len;
-    }
 }
 
 /// Runs `f` on a thread of the pool the kernels use, so that the calling thread sleeps for the

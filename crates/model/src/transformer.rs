@@ -346,8 +346,8 @@ impl Linear {
         }
     }
 
-    /// Several projections of the same input (q/k/v, gate/up). Kernel-backed ones (quantized
-    /// or F16) share one copy of `x` and one parallel region.
+    /// Several projections of the same input (q/k/v, gate/up). Kernel-backed ones share one
+    /// quantized copy of `x` and one parallel region.
     fn forward_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let mats: Option<Vec<&camelid_kernels::QMatrix>> = linears
             .iter()
@@ -363,17 +363,9 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let fmats: Option<Vec<&camelid_kernels::F16Matrix>> = linears
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::F16(m) => Some(m),
-                _ => None,
-            })
-            .collect();
-        let rows: Vec<usize> = match (&mats, &kmats, &fmats) {
-            (Some(m), _, _) => m.iter().map(|m| m.rows).collect(),
-            (_, Some(k), _) => k.iter().map(|k| k.rows).collect(),
-            (_, _, Some(f)) => f.iter().map(|f| f.rows).collect(),
+        let rows: Vec<usize> = match (&mats, &kmats) {
+            (Some(m), _) => m.iter().map(|m| m.rows).collect(),
+            (_, Some(k)) => k.iter().map(|k| k.rows).collect(),
             _ => return linears.iter().map(|l| l.forward(x)).collect(),
         };
         let mut dims = x.dims().to_vec();
@@ -382,10 +374,9 @@ impl Linear {
         let mut outs: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; tokens * r]).collect();
         with_f32_slice(x, |input| {
             let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            match (&mats, &kmats, &fmats) {
-                (Some(m), _, _) => camelid_kernels::matmul_group_many(m, input, tokens, &mut views),
-                (_, Some(k), _) => camelid_kernels::kmatmul_group(k, input, tokens, &mut views),
-                (_, _, Some(f)) => camelid_kernels::f16_matmul_group(f, input, tokens, &mut views),
+            match (&mats, &kmats) {
+                (Some(m), _) => camelid_kernels::matmul_group_many(m, input, tokens, &mut views),
+                (_, Some(k)) => camelid_kernels::kmatmul_group(k, input, tokens, &mut views),
                 _ => Ok(()),
             }
         })?
