@@ -60,7 +60,8 @@ unsafe impl Sync for Buffer {}
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Bytes of a slab that small buffers are cut from (address space: only the huge pages that
-/// buffers touch become resident).
+/// buffers touch become resident). The slab being cut from stays allocated until a buffer
+/// needs a new one, even when all its buffers are gone.
 const SLAB: usize = 16 * HUGE_PAGE;
 
 /// One allocation, marked for huge pages before its first write.
