@@ -39,26 +39,43 @@ const SCALES: usize = 2 * GROUP;
 /// Bytes of fp16 scales and minima at the start of a packed `Q4_1` block.
 const SCALES_MINS: usize = 4 * GROUP;
 
-/// Memory of a packed matrix, zeroed. From 2 MiB up it is aligned to 2 MiB and marked for
-/// transparent huge pages (before its first write, so the pages are huge from the start): a
-/// decode streaming through the weights then needs one TLB entry per 2 MiB instead of per
-/// 4 KiB. Elsewhere (or if the kernel declines) it is ordinary memory.
+/// Memory of a packed matrix, zeroed, in transparent huge pages where the kernel grants them: a
+/// step streaming through the weights then needs one TLB entry per 2 MiB instead of per 4 KiB.
+/// From 2 MiB up a buffer is its own allocation aligned to 2 MiB. Smaller ones (a small
+/// model's layer matrices: 69–553 KB in SmolLM2-135M) are cut one after another from shared
+/// 2 MiB-aligned slabs, which would otherwise each sit in 4 KiB pages of their own; a slab's
+/// memory is freed with the last buffer cut from it. Elsewhere (or if the kernel declines) it
+/// is ordinary memory.
 pub(crate) struct Buffer {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    layout: std::alloc::Layout,
+    _region: std::sync::Arc<Region>,
 }
 
-// SAFETY: the buffer owns its memory like a `Vec<u8>`.
+// SAFETY: the buffer owns its bytes of the region like a `Vec<u8>`; no two buffers overlap.
 unsafe impl Send for Buffer {}
 unsafe impl Sync for Buffer {}
 
 /// Bytes of a transparent huge page on x86-64.
 const HUGE_PAGE: usize = 2 << 20;
 
-impl Buffer {
-    pub(crate) fn zeroed(len: usize) -> Self {
-        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+/// Bytes of a slab that small buffers are cut from (address space: only the huge pages that
+/// buffers touch become resident). The slab being cut from stays allocated until a buffer
+/// needs a new one, even when all its buffers are gone.
+const SLAB: usize = 16 * HUGE_PAGE;
+
+/// One allocation, marked for huge pages before its first write.
+struct Region {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the region is plain memory; its buffers coordinate access to disjoint ranges.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn new(len: usize, align: usize) -> Self {
         let layout = std::alloc::Layout::from_size_align(len.max(1), align)
             .unwrap_or_else(|_| panic!("a buffer of {len} bytes exceeds the address space"));
         // SAFETY: the layout has a non-zero size.
@@ -67,7 +84,7 @@ impl Buffer {
             std::alloc::handle_alloc_error(layout)
         };
         #[cfg(target_os = "linux")]
-        if len >= HUGE_PAGE {
+        if len >= HUGE_PAGE && align == HUGE_PAGE {
             // SAFETY: whole 2 MiB pages inside this allocation; MADV_HUGEPAGE only changes how
             // the kernel backs them. Failure is harmless (4 KiB pages).
             unsafe {
@@ -78,9 +95,50 @@ impl Buffer {
                 );
             }
         }
-        // SAFETY: `len` bytes are allocated at `ptr`.
+        Self { ptr, layout }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// The slab small buffers are being cut from, and the bytes of it already handed out.
+static SLAB_NOW: std::sync::Mutex<Option<(std::sync::Arc<Region>, usize)>> =
+    std::sync::Mutex::new(None);
+
+impl Buffer {
+    pub(crate) fn zeroed(len: usize) -> Self {
+        let (region, offset) = if len >= HUGE_PAGE {
+            (std::sync::Arc::new(Region::new(len, HUGE_PAGE)), 0)
+        } else {
+            // A poisoned lock only means another thread panicked while holding it; the slab
+            // state itself is always consistent.
+            let mut now = SLAB_NOW.lock().unwrap_or_else(|e| e.into_inner());
+            let fits = |(_, used): &(std::sync::Arc<Region>, usize)| {
+                used.next_multiple_of(64) + len <= SLAB
+            };
+            if !now.as_ref().is_some_and(fits) {
+                *now = Some((std::sync::Arc::new(Region::new(SLAB, HUGE_PAGE)), 0));
+            }
+            let (region, used) = now.as_mut().expect("a slab was just made");
+            let offset = used.next_multiple_of(64);
+            *used = offset + len;
+            (region.clone(), offset)
+        };
+        // SAFETY: `offset + len` bytes lie inside the region (checked above), and no other
+        // buffer is given them.
+        let ptr = unsafe { region.ptr.add(offset) };
+        // SAFETY: `len` bytes at `ptr` belong to this buffer alone.
         unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
-        Self { ptr, len, layout }
+        Self {
+            ptr,
+            len,
+            _region: region,
+        }
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {
@@ -91,13 +149,6 @@ impl Buffer {
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `len` initialized bytes owned by `self`, borrowed mutably once.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
@@ -477,6 +528,37 @@ mod tests {
             }
             b.as_mut_slice().iter_mut().for_each(|v| *v = 7);
             assert!(b.as_slice().iter().all(|&v| v == 7));
+        }
+    }
+
+    /// Small buffers are cut from shared 2 MiB-aligned slabs without overlapping, and their
+    /// memory stays valid while any of them lives.
+    #[test]
+    fn small_buffers_share_slabs() {
+        let mut all: Vec<Buffer> = (0..40).map(|i| Buffer::zeroed(300_000 + i)).collect();
+        for (i, b) in all.iter_mut().enumerate() {
+            assert!(b.as_slice().iter().all(|&v| v == 0));
+            assert_eq!(b.as_slice().as_ptr() as usize % 64, 0);
+            b.as_mut_slice().iter_mut().for_each(|v| *v = i as u8);
+        }
+        let mut spans: Vec<(usize, usize)> = all
+            .iter()
+            .map(|b| (b.as_slice().as_ptr() as usize, b.as_slice().len()))
+            .collect();
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        let slabs: std::collections::HashSet<usize> = all
+            .iter()
+            .map(|b| std::sync::Arc::as_ptr(&b._region) as usize)
+            .collect();
+        assert!(slabs.len() < all.len() / 4, "{} slabs", slabs.len());
+        for b in &all {
+            let base = b._region.ptr.as_ptr() as usize;
+            assert_eq!(base % HUGE_PAGE, 0);
+        }
+        all.drain(..20);
+        for (i, b) in all.iter().enumerate() {
+            assert!(b.as_slice().iter().all(|&v| v == (i + 20) as u8));
         }
     }
 

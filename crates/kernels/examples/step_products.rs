@@ -1,0 +1,73 @@
+//! The MLP products of a serving step on SmolLM2-135M's shapes (`Q4_1` gate and up 1536 × 576,
+//! down 576 × 1536) for TOKENS rows, over LAYERS distinct layers: 1 layer stays in cache, 30
+//! stream their 66 MB of weights as the step does. Prints the process's CPU time per token, per
+//! 32-value block and per 8-row group (robust on a shared machine, unlike wall time):
+//! `cargo run --release -p camelid-kernels --example step_products [TOKENS] [LAYERS] [REPS]`
+//! (run it with `RAYON_NUM_THREADS=1` to time one core).
+
+use camelid_kernels::{matmul_group, quantize_weights, QMatrix, QType};
+
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let tokens = args.first().copied().unwrap_or(32);
+    let layers = args.get(1).copied().unwrap_or(30);
+    let reps = args.get(2).copied().unwrap_or(20);
+    let mut s = 1u32;
+    let mut rnd = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let mut matrix = |rows: usize, cols: usize| {
+        let w = quantize_weights(QType::Q4_1, &rnd(rows * cols));
+        QMatrix::from_bytes(QType::Q4_1, rows, cols, &w).expect("valid shapes")
+    };
+    let (hidden, inter) = (576, 1536);
+    let mlps: Vec<[QMatrix; 3]> = (0..layers)
+        .map(|_| {
+            [
+                matrix(inter, hidden),
+                matrix(inter, hidden),
+                matrix(hidden, inter),
+            ]
+        })
+        .collect();
+    let (x, h) = (rnd(tokens * hidden), rnd(tokens * inter));
+    let (mut gate, mut up, mut down) = (
+        vec![0f32; tokens * inter],
+        vec![0f32; tokens * inter],
+        vec![0f32; tokens * hidden],
+    );
+    let start = cpu_seconds();
+    for _ in 0..reps {
+        for [g, u, d] in &mlps {
+            matmul_group(&[g, u], &x, tokens, &mut [&mut gate, &mut up]).expect("shapes");
+            matmul_group(&[d], &h, tokens, &mut [&mut down]).expect("shapes");
+        }
+    }
+    let cpu = cpu_seconds() - start;
+    let units = (3 * inter * hidden / 8 / 32 * tokens * layers * reps) as f64;
+    println!(
+        "{tokens} tokens, {layers} layers, {reps} reps: CPU {cpu:.2} s, {:.3} ns per token, block and group (check {})",
+        cpu / units * 1e9,
+        gate[7] + down[5]
+    );
+}
