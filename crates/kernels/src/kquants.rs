@@ -529,34 +529,21 @@ pub fn kmatmul_group(
         let act_k = |t: usize| &kacts[t * per_k..(t + 1) * per_k];
         let act_32 = |t: usize| &acts32[t * per_32..(t + 1) * per_32];
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-        let starts: Vec<usize> = mats
-            .iter()
-            .scan(0, |s, m| {
-                let start = *s;
-                *s += m.rows;
-                Some(start)
-            })
-            .collect();
-        let total: usize = mats.iter().map(|m| m.rows).sum();
+        let spans = crate::Spans::new(mats.iter().map(|m| m.rows));
+        let total = spans.total();
         let chunk = (ACT_BUDGET / token_bytes.max(1)).max(WIDE_TILE) / WIDE_TILE * WIDE_TILE;
         let work = |range: std::ops::Range<usize>| {
             let mut c = 0;
             while c < tokens {
                 let c_end = (c + chunk).min(tokens);
-                let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
-                let mut g = range.start;
-                while g < range.end {
+                spans.for_each(range.clone(), |mi, rows| {
                     let m = mats[mi];
-                    let end = (starts[mi] + m.rows).min(range.end);
-                    let rows = g - starts[mi]..end - starts[mi];
                     if m.ty.k_quant() {
                         m.run_rows(rows, &act_k, c..c_end, dsts[mi]);
                     } else {
                         m.run_rows(rows, &act_32, c..c_end, dsts[mi]);
                     }
-                    g = end;
-                    mi += 1;
-                }
+                });
                 c = c_end;
             }
         };

@@ -541,35 +541,21 @@ pub fn matmul_group(
             per_row,
         };
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-        // Work is shared out in units of 8 rows (a packed group); global unit index → matrix.
-        let starts: Vec<usize> = mats
-            .iter()
-            .scan(0, |s, m| {
-                let start = *s;
-                *s += m.rows.div_ceil(packed::GROUP);
-                Some(start)
-            })
-            .collect();
-        let units: usize = mats.iter().map(|m| m.rows.div_ceil(packed::GROUP)).sum();
+        // Work is shared out in units of 8 rows (a packed group).
+        let spans = Spans::new(mats.iter().map(|m| m.rows.div_ceil(packed::GROUP)));
         // Tasks own disjoint rows and write `out[t][row]` in place.
         let work = |range: std::ops::Range<usize>| {
-            let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
-            let mut u = range.start;
-            while u < range.end {
+            spans.for_each(range, |mi, units| {
                 let m = mats[mi];
-                let end = (starts[mi] + m.rows.div_ceil(packed::GROUP)).min(range.end);
-                let rows = (u - starts[mi]) * packed::GROUP
-                    ..((end - starts[mi]) * packed::GROUP).min(m.rows);
+                let rows = units.start * packed::GROUP..(units.end * packed::GROUP).min(m.rows);
                 if m.packed {
                     m.run_packed(rows, &acts, tokens, dsts[mi]);
                 } else {
                     m.run_rows(rows, &acts, tokens, dsts[mi]);
                 }
-                u = end;
-                mi += 1;
-            }
+            });
         };
-        parallel_units(units, tokens, &work);
+        parallel_units(spans.total(), tokens, &work);
     }
     ACTS.with(|a| *a.borrow_mut() = buffer);
     Ok(())
@@ -584,6 +570,48 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     // From outside the pool, `join` runs both closures on a worker and blocks until done.
     rayon::join(f, || ()).0
+}
+
+/// The matrices of a group laid end to end, measured in units (rows, or 8-row groups): a task's
+/// global range of units becomes, for each matrix it crosses, that matrix's local range.
+pub(crate) struct Spans {
+    starts: Vec<usize>,
+    total: usize,
+}
+
+impl Spans {
+    pub(crate) fn new(units: impl Iterator<Item = usize>) -> Spans {
+        let mut total = 0;
+        let starts = units
+            .map(|n| {
+                let start = total;
+                total += n;
+                start
+            })
+            .collect();
+        Spans { starts, total }
+    }
+
+    pub(crate) fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Calls `f(matrix index, local range)` for each matrix `range` crosses, in order.
+    pub(crate) fn for_each(
+        &self,
+        range: std::ops::Range<usize>,
+        mut f: impl FnMut(usize, std::ops::Range<usize>),
+    ) {
+        let mut mi = self.starts.partition_point(|&s| s <= range.start) - 1;
+        let mut g = range.start;
+        while g < range.end {
+            let next = self.starts.get(mi + 1).copied().unwrap_or(self.total);
+            let end = next.min(range.end);
+            f(mi, g - self.starts[mi]..end - self.starts[mi]);
+            g = end;
+            mi += 1;
+        }
+    }
 }
 
 /// Splits `0..n` units of 8 rows into a few tasks per thread (fewer hand-offs than

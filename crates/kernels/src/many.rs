@@ -45,25 +45,15 @@ pub fn matmul_group_many(
         let acts = &buffer[..];
         let act = |t: usize| &acts[t * per_row..(t + 1) * per_row];
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-        let starts: Vec<usize> = mats
-            .iter()
-            .scan(0, |s, m| {
-                let start = *s;
-                *s += m.rows;
-                Some(start)
-            })
-            .collect();
-        let total: usize = mats.iter().map(|m| m.rows).sum();
+        let spans = crate::Spans::new(mats.iter().map(|m| m.rows));
+        let total = spans.total();
         let work = |range: std::ops::Range<usize>| {
-            let mut mi = starts.partition_point(|&s| s <= range.start) - 1;
-            let mut g = range.start;
-            while g < range.end {
+            spans.for_each(range, |mi, rows| {
                 let m = mats[mi];
-                let end = (starts[mi] + m.rows).min(range.end);
                 let (bytes, rb) = (m.data.bytes(), m.cols / QK * m.ty.block_bytes());
-                let mut r0 = g - starts[mi];
-                while r0 < end - starts[mi] {
-                    let r1 = (r0 + ROW_BLOCK).min(end - starts[mi]);
+                let mut r0 = rows.start;
+                while r0 < rows.end {
+                    let r1 = (r0 + ROW_BLOCK).min(rows.end);
                     let mut t = 0;
                     while t < tokens {
                         let nt = if tokens - t >= TILE { TILE } else { 1 };
@@ -87,9 +77,7 @@ pub fn matmul_group_many(
                     }
                     r0 = r1;
                 }
-                g = end;
-                mi += 1;
-            }
+            });
         };
         // Shared out in units of 8 rows, as `matmul_group` does.
         let group = crate::packed::GROUP;

@@ -63,7 +63,7 @@ pub mod x86 {
     #![allow(clippy::missing_safety_doc)]
 
     use crate::quant::ActBlock;
-    use crate::simd::{f16_at, hsum};
+    use crate::simd::{f16_at, hsum, idot_avx2, idot_vnni};
     use std::arch::x86_64::*;
 
     /// 32 bits → 32 bytes, 0xFF where the bit is set (ggml's `bytes_from_bits_32`).
@@ -153,19 +153,7 @@ pub mod x86 {
         };
     }
 
-    /// Σ over 4-byte groups of u8 × i8, as eight i32 (u ≤ 31: pair sums fit in i16).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn idot_avx2(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    #[inline]
-    unsafe fn idot_vnni(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-    }
-
+    // u ≤ 31 here: `idot_avx2`'s pair sums fit in i16.
     kernels!(avx2, "avx2,fma,f16c", idot_avx2);
     kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", idot_vnni);
 }

@@ -122,14 +122,14 @@ macro_rules! kernels {
 /// Σ over 4-byte groups of u8 × i8, as eight i32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn idot_avx2(u: __m256i, s: __m256i) -> __m256i {
+pub(crate) unsafe fn idot_avx2(u: __m256i, s: __m256i) -> __m256i {
     // u ≤ 127 (|w|) or ≤ 15 (nibbles), |s| ≤ 127: pair sums fit in i16 without saturating.
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn idot_vnni(u: __m256i, s: __m256i) -> __m256i {
+pub(crate) unsafe fn idot_vnni(u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 }
 
