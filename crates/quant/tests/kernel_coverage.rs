@@ -3,7 +3,6 @@
 //!
 //! Unlike `llama_cpp.rs`, this process keeps camelid's kernels on (no `CAMELID_KERNELS=candle`).
 
-use camelid_engine::generate::all_logits;
 use camelid_model::Model;
 use camelid_quant::{quantize, types, QuantizeOptions};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -139,43 +138,7 @@ fn k_quant_kernels_match_llama_cpp_logits() {
         assert_eq!(report.bytes, rec["bytes"].as_u64().unwrap(), "{case}: size");
         let model = Model::load(&out, &Device::Cpu).unwrap();
         assert_eq!(model.candle_quantized_products(), 0, "{case}");
-        let ids: Vec<u32> = rec["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let ours = all_logits(&model, &ids).unwrap();
-        let theirs = rec["logits"].as_array().unwrap();
-        assert_eq!(ours.len(), theirs.len());
-        let (mut max_diff, mut decided) = (0f32, 0);
-        let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
-        for (o, t) in ours.iter().zip(theirs) {
-            let t: Vec<f32> = t
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            assert_eq!(o.len(), t.len());
-            for (a, b) in o.iter().zip(&t) {
-                max_diff = max_diff.max((a - b).abs());
-            }
-            let best = argmax(&t);
-            let second = (0..t.len())
-                .filter(|&i| i != best)
-                .map(|i| t[i])
-                .fold(f32::NEG_INFINITY, f32::max);
-            if t[best] - second > 2.0 * tol {
-                decided += 1;
-                assert_eq!(argmax(o), best, "{case}: top-1 differs");
-            }
-        }
-        eprintln!(
-            "{case}: max |Δlogit| camelid's kernels vs llama.cpp = {max_diff:.2e}, {decided} positions decided"
-        );
-        assert!(max_diff <= tol, "{case}: max |Δlogit| {max_diff} > {tol}");
-        assert!(decided >= 2, "{case}: only {decided} positions decided");
+        common::assert_logits_match(case, &model, &rec, tol, 2);
     }
     std::fs::remove_dir_all(&dir).ok();
 }

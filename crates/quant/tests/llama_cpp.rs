@@ -15,7 +15,6 @@
 //! random tiny model's Q8_0 logits by up to 0.22), so they check the file, not the kernel
 //! choice; with both, camelid's Q8_0 logits equal llama.cpp's exactly.
 
-use camelid_engine::generate::all_logits;
 use camelid_model::Model;
 use camelid_quant::{quantize, types, QuantizeOptions};
 use candle_core::Device;
@@ -235,52 +234,7 @@ fn check_case_with(case: &str, logit_tol: f32, min_decided: usize) {
 
     // 3. camelid's logits on the file = llama.cpp's.
     let model = Model::load(&file, &Device::Cpu).unwrap();
-    let ids: Vec<u32> = rec["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let ours = all_logits(&model, &ids).unwrap();
-    let theirs = rec["logits"].as_array().unwrap();
-    let mut max_diff = 0f32;
-    let mut top1_same = 0;
-    let mut decided = 0;
-    for (o, t) in ours.iter().zip(theirs) {
-        let t: Vec<f32> = t
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        assert_eq!(o.len(), t.len());
-        for (a, b) in o.iter().zip(&t) {
-            max_diff = max_diff.max((a - b).abs());
-        }
-        let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
-        let best = argmax(&t);
-        let second = (0..t.len())
-            .filter(|&i| i != best)
-            .map(|i| t[i])
-            .fold(f32::NEG_INFINITY, f32::max);
-        // Where llama.cpp's lead is wider than twice the tolerance, the winner must agree.
-        if t[best] - second > 2.0 * logit_tol {
-            decided += 1;
-            top1_same += usize::from(argmax(o) == best);
-        }
-    }
-    eprintln!(
-        "{case}: max |Δlogit| camelid vs llama.cpp = {max_diff:.2e}, top-1 equal {top1_same}/{decided} decided positions"
-    );
-    assert!(
-        max_diff <= logit_tol,
-        "{case}: max |Δlogit| {max_diff} > {logit_tol}"
-    );
-    assert_eq!(top1_same, decided, "{case}: top-1 differs");
-    assert!(
-        decided >= min_decided,
-        "{case}: only {decided} positions decided"
-    );
+    common::assert_logits_match(case, &model, &rec, logit_tol, min_decided);
     std::fs::remove_dir_all(&dir).ok();
 }
 

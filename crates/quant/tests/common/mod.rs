@@ -67,3 +67,56 @@ pub fn mix_llama(dir: &Path) -> PathBuf {
     std::fs::write(d.join("config.json"), config.to_string()).unwrap();
     d
 }
+
+/// camelid's logits on `model` for the fixture's `ids` against llama.cpp's recorded `logits`:
+/// every value within `tol`, and where llama.cpp's lead is wider than twice `tol` the winner
+/// must agree, on at least `min_decided` positions.
+pub fn assert_logits_match(
+    case: &str,
+    model: &camelid_model::Model,
+    rec: &serde_json::Value,
+    tol: f32,
+    min_decided: usize,
+) {
+    let ids: Vec<u32> = rec["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let ours = camelid_engine::generate::all_logits(model, &ids).unwrap();
+    let theirs = rec["logits"].as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len(), "{case}: positions");
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    let (mut max_diff, mut top1_same, mut decided) = (0f32, 0, 0);
+    for (o, t) in ours.iter().zip(theirs) {
+        let t: Vec<f32> = t
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(o.len(), t.len());
+        for (a, b) in o.iter().zip(&t) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+        let best = argmax(&t);
+        let second = (0..t.len())
+            .filter(|&i| i != best)
+            .map(|i| t[i])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if t[best] - second > 2.0 * tol {
+            decided += 1;
+            top1_same += usize::from(argmax(o) == best);
+        }
+    }
+    eprintln!(
+        "{case}: max |Δlogit| camelid vs llama.cpp = {max_diff:.2e}, top-1 equal {top1_same}/{decided} decided positions"
+    );
+    assert!(max_diff <= tol, "{case}: max |Δlogit| {max_diff} > {tol}");
+    assert_eq!(top1_same, decided, "{case}: top-1 differs");
+    assert!(
+        decided >= min_decided,
+        "{case}: only {decided} positions decided"
+    );
+}
