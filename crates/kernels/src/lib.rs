@@ -419,16 +419,28 @@ impl QMatrix {
             .max(PACKED_TILE)
             / PACKED_TILE
             * PACKED_TILE;
+        // AVX-512 takes two adjacent groups at once (16 rows, 512-bit vectors) and the tokens
+        // in tiles of 1 to 8, as even as they come (9 tokens are 5 + 4, not 8 + 1). A single
+        // token (decode) keeps the one-group kernels, which measured faster there.
+        let pairs = self.isa == Isa::Avx512Vnni && tokens > 1;
+        let (first, end) = (rows.start / packed::GROUP, rows.end / packed::GROUP);
         let mut c = 0;
         while c < tokens {
             let c_end = (c + chunk).min(tokens);
-            for g in rows.start / packed::GROUP..rows.end / packed::GROUP {
-                let w = &bytes[g * gb..(g + 1) * gb];
-                // SAFETY: rows `8g..8g + 8` belong to this task alone; token `t < tokens`.
+            let mut g = first;
+            while g < end {
+                let n = if pairs && g + 1 < end { 2 } else { 1 };
+                let w = &bytes[g * gb..(g + n) * gb];
+                // SAFETY: rows `8g..8g + 8n` belong to this task alone; token `t < tokens`.
                 let out = |t: usize| unsafe { dst.0.add(t * self.rows + g * packed::GROUP) };
                 let mut t = c;
                 while t < c_end {
-                    if c_end - t >= PACKED_TILE {
+                    if n == 2 {
+                        let left = c_end - t;
+                        let nt = left.div_ceil(left.div_ceil(PACKED_TILE_AVX512));
+                        self.packed_pair(w, nt, |k| acts.packed(t + k), |k| out(t + k));
+                        t += nt;
+                    } else if c_end - t >= PACKED_TILE {
                         let a = std::array::from_fn(|k| acts.packed(t + k));
                         self.packed_tile::<PACKED_TILE>(w, a, std::array::from_fn(|k| out(t + k)));
                         t += PACKED_TILE;
@@ -437,9 +449,46 @@ impl QMatrix {
                         t += 1;
                     }
                 }
+                g += n;
             }
             c = c_end;
         }
+    }
+
+    /// Two adjacent packed groups (16 rows, `w`) against `nt` (1 to 8) tokens `act(0..nt)`,
+    /// writing 16 values at each `out(k)`: the same values as [`Self::packed_tile`] on each
+    /// group.
+    #[cfg(target_arch = "x86_64")]
+    fn packed_pair<'a>(
+        &self,
+        w: &[u8],
+        nt: usize,
+        act: impl Fn(usize) -> packed::x86::Act<'a>,
+        out: impl Fn(usize) -> *mut f32,
+    ) {
+        use packed::x86::vnni_pairs;
+        debug_assert_eq!(self.isa, Isa::Avx512Vnni);
+        macro_rules! tiles {
+            ($($n:literal)*) => {
+                match nt {
+                    $($n => {
+                        let (a, o) = (std::array::from_fn(&act), std::array::from_fn(&out));
+                        // SAFETY: the matrix is packed on AVX-512 VNNI, detected on this CPU;
+                        // `w` is two whole groups of `a`'s block count, and each `out(k)` has
+                        // 16 writable values of this task.
+                        unsafe {
+                            match self.ty {
+                                QType::Q4_0 => vnni_pairs::q4_0::<$n>(w, a, o),
+                                QType::Q4_1 => vnni_pairs::q4_1::<$n>(w, a, o),
+                                QType::Q8_0 => vnni_pairs::q8_0::<$n>(w, a, o),
+                            }
+                        }
+                    })*
+                    _ => unreachable!("a pair tile holds 1 to 8 tokens"),
+                }
+            };
+        }
+        tiles!(1 2 3 4 5 6 7 8)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -615,7 +664,8 @@ impl Spans {
 }
 
 /// Splits `0..n` units of 8 rows into a few tasks per thread (fewer hand-offs than
-/// fine-grained tasks, enough for work stealing to even out a busy core).
+/// fine-grained tasks, enough for work stealing to even out a busy core). Tasks take an even
+/// number of units, so that the AVX-512 kernels find their packed groups in pairs.
 fn parallel_units(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
     let threads = rayon::current_num_threads();
     // Below this much work a hand-off costs more than it saves.
@@ -623,7 +673,7 @@ fn parallel_units(n: usize, tokens: usize, f: &(dyn Fn(std::ops::Range<usize>) +
         return f(0..n);
     }
     let tasks = threads * 4;
-    let chunk = n.div_ceil(tasks);
+    let chunk = n.div_ceil(tasks).next_multiple_of(2);
     (0..n.div_ceil(chunk))
         .into_par_iter()
         .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n)));
@@ -806,6 +856,37 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A token's values do not depend on the other tokens of the call: batches of several
+    /// sizes (tiles of two groups at once, uneven tiles, a last unpaired group) give each
+    /// token's values bit for bit as the token alone (decode kernels) does.
+    #[test]
+    fn batched_tokens_equal_each_token_alone() {
+        let (rows, cols) = (40, 320);
+        let x = pseudo_random(17 * cols, 51);
+        for ty in TYPES {
+            let bytes = quantize_weights(ty, &pseudo_random(rows * cols, 52));
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+                let m = QMatrix::from_bytes(ty, rows, cols, &bytes)
+                    .unwrap()
+                    .with_isa(isa);
+                assert!(m.is_packed());
+                let alone: Vec<u32> = (0..17)
+                    .flat_map(|t| {
+                        let mut o = vec![0f32; rows];
+                        m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut o).unwrap();
+                        o.into_iter().map(f32::to_bits)
+                    })
+                    .collect();
+                for n in [2, 3, 8, 9, 13, 17] {
+                    let mut o = vec![0f32; n * rows];
+                    m.matmul(&x[..n * cols], n, &mut o).unwrap();
+                    let got: Vec<u32> = o.into_iter().map(f32::to_bits).collect();
+                    assert_eq!(got, alone[..n * rows], "{ty:?} {isa:?} {n} tokens");
                 }
             }
         }

@@ -231,12 +231,15 @@ pub fn unpack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
     debug_assert_eq!(src.len(), rows * nb * bb);
 }
 
-/// Σ of each activation block's quants, the offset correction of the packed kernels.
+/// `128 · Σa` for each activation block: the offset that `Q8_0`'s unsigned quants add to the
+/// integer sum (`Q4_0`'s, `8 · Σa`, is a 16th of it). Kept scaled so that a kernel subtracts
+/// it with a broadcast straight from memory: a broadcast from a general register would take a
+/// slot of the two pipes that run the multiplies.
 pub fn block_sums(acts: &[crate::ActBlock], out: &mut Vec<i32>) {
     out.clear();
     out.extend(
         acts.iter()
-            .map(|a| a.qs.iter().map(|&q| q as i32).sum::<i32>()),
+            .map(|a| 128 * a.qs.iter().map(|&q| q as i32).sum::<i32>()),
     );
 }
 
@@ -330,7 +333,7 @@ pub mod x86 {
                                 s0 = $dot4(s0, lo[i], bcast(q, i));
                                 s1 = $dot4(s1, hi[i], bcast(q, 4 + i));
                             }
-                            let off = _mm256_set1_epi32(8 * *a[t].sums.get_unchecked(k));
+                            let off = _mm256_set1_epi32(*a[t].sums.get_unchecked(k) >> 4);
                             let s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), off);
                             let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
                             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
@@ -407,7 +410,7 @@ pub mod x86 {
                             }
                             let mut s = _mm256_add_epi32(s0, s1);
                             if $off8 {
-                                let off = _mm256_set1_epi32(128 * *a[t].sums.get_unchecked(k));
+                                let off = _mm256_set1_epi32(*a[t].sums.get_unchecked(k));
                                 s = _mm256_sub_epi32(s, off);
                             }
                             let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
@@ -488,7 +491,7 @@ pub mod x86 {
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
                 for t in 0..NT {
                     let ab = a[t].blocks.get_unchecked(k);
-                    let off = _mm256_set1_epi32(128 * *a[t].sums.get_unchecked(k));
+                    let off = _mm256_set1_epi32(*a[t].sums.get_unchecked(k));
                     let si = _mm256_sub_epi32(s[t], off);
                     let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), scale, acc[t]);
@@ -497,6 +500,151 @@ pub mod x86 {
             }
             for t in 0..NT {
                 _mm256_storeu_ps(out[t], acc[t]);
+            }
+        }
+    }
+
+    /// [`vnni_tiles`] on two adjacent groups at once (16 rows, `w` holding both): each 512-bit
+    /// vector holds group `g`'s 8 lanes in its low half and group `g + 1`'s in its high half,
+    /// so every activation broadcast, conversion and float operation serves 16 rows. Zen 4 runs
+    /// a 512-bit operation in two halves, so the multiplies cost the same pipe time; what
+    /// halves is everything around them. Each lane's operations are [`vnni_tiles`]'s, so the
+    /// values are the same bit for bit; `out[t]` receives 16 values.
+    pub mod vnni_pairs {
+        use super::*;
+
+        /// Group `g`'s 32 bytes at `p` in the low half, group `g + 1`'s at `p + gb` in the high.
+        #[inline(always)]
+        unsafe fn pair(p: *const u8, gb: usize) -> __m512i {
+            let lo = _mm256_loadu_si256(p as *const __m256i);
+            let hi = _mm256_loadu_si256(p.add(gb) as *const __m256i);
+            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+        }
+
+        /// The two groups' 8 fp16 values at `p` and `p + gb` as 16 f32.
+        #[inline(always)]
+        unsafe fn pair_f16(p: *const u8, gb: usize) -> __m512 {
+            let lo = _mm_loadu_si128(p as *const __m128i);
+            let hi = _mm_loadu_si128(p.add(gb) as *const __m128i);
+            _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1))
+        }
+
+        #[inline(always)]
+        unsafe fn bcast16(p: *const i8, i: usize) -> __m512i {
+            _mm512_set1_epi32(std::ptr::read_unaligned((p as *const i32).add(i)))
+        }
+
+        /// [`vnni::q4_0`] for groups `g` and `g + 1`, the integer sums taken as in
+        /// [`vnni_tiles`] (exact in any order).
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn q4_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+            let nb = a[0].blocks.len();
+            let gb = nb * 144;
+            debug_assert_eq!(w.len(), 2 * gb);
+            let mut acc = [_mm512_setzero_ps(); NT];
+            let mask = _mm512_set1_epi8(0x0F);
+            let mut p = w.as_ptr();
+            for k in 0..nb {
+                let mut s = [_mm512_setzero_si512(); NT];
+                for i in 0..4 {
+                    let v = pair(p.add(SCALES + 32 * i), gb);
+                    let lo = _mm512_and_si512(v, mask);
+                    let hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), mask);
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                        *s = _mm512_dpbusd_epi32(*s, lo, bcast16(q, i));
+                    }
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                        *s = _mm512_dpbusd_epi32(*s, hi, bcast16(q, 4 + i));
+                    }
+                }
+                let d = pair_f16(p, gb);
+                for t in 0..NT {
+                    let ab = a[t].blocks.get_unchecked(k);
+                    let off = _mm512_set1_epi32(*a[t].sums.get_unchecked(k) >> 4);
+                    let si = _mm512_sub_epi32(s[t], off);
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), scale, acc[t]);
+                }
+                p = p.add(144);
+            }
+            for t in 0..NT {
+                _mm512_storeu_ps(out[t], acc[t]);
+            }
+        }
+
+        /// [`vnni_tiles::q4_1`] for groups `g` and `g + 1`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn q4_1<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+            let nb = a[0].blocks.len();
+            let gb = nb * 160;
+            debug_assert_eq!(w.len(), 2 * gb);
+            let mut acc = [_mm512_setzero_ps(); NT];
+            let mut mins = [_mm512_setzero_ps(); NT];
+            let mask = _mm512_set1_epi8(0x0F);
+            let mut p = w.as_ptr();
+            for k in 0..nb {
+                let mut s = [_mm512_setzero_si512(); NT];
+                for i in 0..4 {
+                    let v = pair(p.add(SCALES_MINS + 32 * i), gb);
+                    let lo = _mm512_and_si512(v, mask);
+                    // A 32-bit shift (AVX-512F) is as good as a 16-bit one: the mask drops
+                    // the bits that cross into a neighbouring byte.
+                    let hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), mask);
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                        *s = _mm512_dpbusd_epi32(*s, lo, bcast16(q, i));
+                    }
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                        *s = _mm512_dpbusd_epi32(*s, hi, bcast16(q, 4 + i));
+                    }
+                }
+                let d = pair_f16(p, gb);
+                let m = pair_f16(p.add(SCALES), gb);
+                for t in 0..NT {
+                    let ab = a[t].blocks.get_unchecked(k);
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scale, acc[t]);
+                    mins[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), mins[t]);
+                }
+                p = p.add(160);
+            }
+            for t in 0..NT {
+                _mm512_storeu_ps(out[t], _mm512_add_ps(acc[t], mins[t]));
+            }
+        }
+
+        /// [`vnni_tiles::q8_0`] for groups `g` and `g + 1`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn q8_0<const NT: usize>(w: &[u8], a: [Act; NT], out: [*mut f32; NT]) {
+            let nb = a[0].blocks.len();
+            let gb = nb * 272;
+            debug_assert_eq!(w.len(), 2 * gb);
+            let mut acc = [_mm512_setzero_ps(); NT];
+            let mut p = w.as_ptr();
+            for k in 0..nb {
+                let mut s = [_mm512_setzero_si512(); NT];
+                for i in 0..8 {
+                    let u = pair(p.add(SCALES + 32 * i), gb);
+                    for (s, a) in s.iter_mut().zip(&a) {
+                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                        *s = _mm512_dpbusd_epi32(*s, u, bcast16(q, i));
+                    }
+                }
+                let d = pair_f16(p, gb);
+                for t in 0..NT {
+                    let ab = a[t].blocks.get_unchecked(k);
+                    let off = _mm512_set1_epi32(*a[t].sums.get_unchecked(k));
+                    let si = _mm512_sub_epi32(s[t], off);
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), scale, acc[t]);
+                }
+                p = p.add(272);
+            }
+            for t in 0..NT {
+                _mm512_storeu_ps(out[t], acc[t]);
             }
         }
     }
@@ -639,7 +787,7 @@ mod q4_1_tests {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod vnni_tiles_tests {
-    use super::x86::{vnni, vnni_tiles, Act};
+    use super::x86::{vnni, vnni_pairs, vnni_tiles, Act};
     use super::*;
     use crate::{pseudo_random, quantize_into, quantize_weights, ActBlock, Isa, QK};
 
@@ -697,6 +845,78 @@ mod vnni_tiles_tests {
             };
             assert_eq!(bits(&got), bits(&want), "{ty:?}");
             assert_eq!(bits(&part), bits(&want[5..]), "{ty:?}");
+        }
+    }
+
+    /// Two adjacent groups through [`vnni_pairs`] against `NT` tokens: 16 values per token.
+    fn pairs<const NT: usize>(ty: QType, w: &[u8], a: [Act; NT]) -> Vec<[f32; 2 * GROUP]> {
+        let mut out = vec![[0f32; 2 * GROUP]; NT];
+        let ptrs: [*mut f32; NT] = std::array::from_fn(|t| out[t].as_mut_ptr());
+        // SAFETY: callers check for AVX-512 VNNI; `w` holds two groups of `a`'s block count;
+        // every output has 16 values.
+        unsafe {
+            match ty {
+                QType::Q4_0 => vnni_pairs::q4_0(w, a, ptrs),
+                QType::Q4_1 => vnni_pairs::q4_1(w, a, ptrs),
+                QType::Q8_0 => vnni_pairs::q8_0(w, a, ptrs),
+            }
+        }
+        out
+    }
+
+    /// The pair kernels give, in the low and high halves of each token's 16 values, the
+    /// token-by-token kernels' values for the first and the second group bit for bit, for every
+    /// type and tiles of 1, 3 and 8 tokens.
+    #[test]
+    fn pairs_equal_the_token_by_token_kernels() {
+        if Isa::detect() != Isa::Avx512Vnni {
+            return;
+        }
+        let nb = 18;
+        let x = pseudo_random(8 * nb * QK, 41);
+        let mut blocks = vec![ActBlock::default(); 8 * nb];
+        quantize_into(&x, &mut blocks);
+        let mut sums = Vec::new();
+        block_sums(&blocks, &mut sums);
+        let act = |t: usize| Act {
+            blocks: &blocks[t * nb..(t + 1) * nb],
+            sums: &sums[t * nb..(t + 1) * nb],
+        };
+        for ty in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let src = quantize_weights(ty, &pseudo_random(2 * GROUP * nb * QK, 42));
+            let mut w = vec![0u8; src.len()];
+            pack(ty, 2 * GROUP, nb, &src, &mut w);
+            let gb = w.len() / 2;
+            // want[t]: group 0's 8 values, then group 1's.
+            let want: Vec<[f32; 2 * GROUP]> = (0..8)
+                .map(|t| {
+                    let mut o = [0f32; 2 * GROUP];
+                    for (g, half) in o.chunks_exact_mut(GROUP).enumerate() {
+                        let wg = &w[g * gb..(g + 1) * gb];
+                        let p = [half.as_mut_ptr()];
+                        // SAFETY: AVX-512 VNNI was detected; `wg` is one group of `nb`
+                        // blocks; the output has 8 values.
+                        unsafe {
+                            match ty {
+                                QType::Q4_0 => vnni::q4_0(wg, [act(t)], p),
+                                QType::Q4_1 => vnni::q4_1(wg, [act(t)], p),
+                                QType::Q8_0 => vnni::q8_0(wg, [act(t)], p),
+                            }
+                        }
+                    }
+                    o
+                })
+                .collect();
+            assert_ne!(want[0][..GROUP], want[0][GROUP..], "two different groups");
+            let bits = |r: &[[f32; 2 * GROUP]]| -> Vec<u32> {
+                r.iter().flatten().map(|v| v.to_bits()).collect()
+            };
+            let eight = pairs::<8>(ty, &w, std::array::from_fn(act));
+            assert_eq!(bits(&eight), bits(&want), "{ty:?} 8 tokens");
+            let three = pairs::<3>(ty, &w, std::array::from_fn(|t| act(t + 4)));
+            assert_eq!(bits(&three), bits(&want[4..7]), "{ty:?} 3 tokens");
+            let one = pairs(ty, &w, [act(7)]);
+            assert_eq!(bits(&one), bits(&want[7..]), "{ty:?} 1 token");
         }
     }
 }
