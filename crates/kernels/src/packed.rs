@@ -22,6 +22,11 @@
 //!
 //! The integer sums are the same as the unpacked kernels' (exact); only the order in which the
 //! scaled block sums are added in f32 differs.
+//!
+//! On AVX-512, products of several tokens take two adjacent groups at once (`x86::vnni_pairs`):
+//! one 512-bit vector holds group `g`'s lanes in its low half and group `g + 1`'s in its high
+//! half, so each activation broadcast, conversion and float operation serves 16 rows. The
+//! layout stays the 8-row one; every row's operations are the same as with one group.
 
 use crate::quant::QType;
 
