@@ -191,11 +191,52 @@ fn attend_stored(
         let n = if group && m.len == 1 { rep } else { 1 };
         (0..nh).step_by(n).map(move |h| (mi, h, n))
     });
+    // Each task asks for the next one's keys and values before it starts on its own, so they
+    // come from memory while it computes.
+    let run = |tasks: &[(usize, usize, usize)]| {
+        for (i, &t) in tasks.iter().enumerate() {
+            if let Some(&(mi, h0, _)) = tasks.get(i + 1) {
+                prefetch_task(&rows, mi, h0);
+            }
+            task(t);
+        }
+    };
+    let tasks: Vec<_> = pairs.collect();
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
-        pairs.for_each(task);
+        run(&tasks);
     } else {
-        pairs.collect::<Vec<_>>().into_par_iter().for_each(task);
+        let chunk = tasks.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+        tasks.par_chunks(chunk).for_each(run);
     }
+}
+
+/// Asks the memory system for the keys and values that task `(mi, h0, ·)`'s first row reads
+/// (a block's run of positions is a few KiB, contiguous, the blocks anywhere in the pool, which
+/// the hardware prefetcher would only pick up after a few misses each). Changes no number.
+fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let (g, bs, hd) = (r.g, r.bs, r.g.head_dim);
+        let (m, table) = (r.members[mi], r.tables[mi]);
+        let (hs, bst) = (bs * hd, g.kv_heads * bs * hd);
+        let kvh = h0 / (g.heads / g.kv_heads);
+        let pos = m.start;
+        let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for (b, &block) in table.iter().enumerate().take(pos / bs + 1).skip(lo / bs) {
+            let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
+            let at = block as usize * bst + kvh * hs + (from - b * bs) * hd;
+            for data in [r.keys, r.values] {
+                // In bounds: the table's blocks up to `start + len` were checked.
+                for line in data[at..at + (to - from) * hd].chunks(16) {
+                    // SAFETY: a prefetch reads nothing; the address is inside `data`.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (r, mi, h0);
 }
 
 /// What every (member, head) task of a pass reads.
