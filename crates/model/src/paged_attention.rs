@@ -205,7 +205,10 @@ fn attend_stored(
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
         run(&tasks);
     } else {
-        let chunk = tasks.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+        let chunk = tasks
+            .len()
+            .div_ceil(4 * rayon::current_num_threads())
+            .max(1);
         tasks.par_chunks(chunk).for_each(run);
     }
 }
@@ -383,25 +386,41 @@ struct Plain;
 impl Kernel for Plain {
     #[inline(always)]
     unsafe fn dots(self, q: &[f32], keys: &[&[f32]; LANES]) -> Lanes {
-        std::array::from_fn(|j| {
-            let k = keys[j];
-            let mut a: Lanes = std::array::from_fn(|l| q[l] * k[l]);
-            for c in (LANES..q.len()).step_by(LANES) {
-                for (l, a) in a.iter_mut().enumerate() {
-                    *a = q[c + l].mul_add(k[c + l], *a);
+        // Loops, not closures: inlined into a caller compiled for FMA, `mul_add` is one
+        // instruction.
+        let (q0, q) = q.split_at(LANES);
+        let mut out = [0f32; LANES];
+        for (o, k) in out.iter_mut().zip(keys) {
+            let (k0, k) = k.split_at(LANES);
+            let mut a = [0f32; LANES];
+            for l in 0..LANES {
+                a[l] = q0[l] * k0[l];
+            }
+            for (qc, kc) in q.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    a[l] = qc[l].mul_add(kc[l], a[l]);
                 }
             }
-            reduce16(&a)
-        })
+            *o = reduce16(&a);
+        }
+        out
     }
 
     #[inline(always)]
     unsafe fn exp_sum(self, s: &mut [f32]) -> f32 {
         let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut lanes = [0f32; LANES];
-        for (j, x) in s.iter_mut().enumerate() {
+        for x in s.iter_mut() {
             *x = exp_neg(*x - max);
-            lanes[j % LANES] += *x;
+        }
+        let mut lanes = [0f32; LANES];
+        let mut chunks = s.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                lanes[l] += c[l];
+            }
+        }
+        for (a, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+            *a += x;
         }
         reduce16(&lanes)
     }
@@ -419,25 +438,28 @@ impl Kernel for Plain {
     ) -> usize {
         let w = LANES * C;
         for (h, out) in out.into_iter().enumerate() {
-            let acc = &mut out[c..c + w];
-            acc.fill(0.0);
+            // The sums in a local array (registers where the CPU has them), not in `out`.
+            let mut acc = [[0f32; LANES]; C];
             for &(at, from, to) in spans {
                 let span = &values[at..at + (to - from) * hd];
                 for (&e, value) in e[h][from..to].iter().zip(span.chunks_exact(hd)) {
-                    for (a, &v) in acc.iter_mut().zip(&value[c..c + w]) {
-                        *a = e.mul_add(v, *a);
+                    for (a, v) in acc.iter_mut().zip(value[c..c + w].chunks_exact(LANES)) {
+                        for l in 0..LANES {
+                            a[l] = e.mul_add(v[l], a[l]);
+                        }
                     }
                 }
             }
-            for a in acc {
-                *a *= inv[h];
+            for (o, a) in out[c..c + w].chunks_exact_mut(LANES).zip(&acc) {
+                for l in 0..LANES {
+                    o[l] = a[l] * inv[h];
+                }
             }
         }
         w
     }
 }
 
-/// [`group_rows`] with [`Plain`] compiled for FMA (x86 CPUs without AVX-512).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_rows_fma(r: &Rows, mi: usize, h0: usize, n: usize) {
