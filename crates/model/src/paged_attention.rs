@@ -1,9 +1,11 @@
 //! Attention of a batched pass ([`crate::transformer::Transformer::forward_batch`]) read
 //! straight from a paged KV pool: each member's new keys and values are written into its
 //! blocks, and its queries attend over the blocks in place, with no copy of the cache and no
-//! per-member tensor operations. Every (member, head) pair is one task; within it each query
-//! row sums in a fixed order, so a row's result does not depend on the other members or on how
-//! its sequence was cut into pieces.
+//! per-member tensor operations. A task is a member's rows for a run of heads; within it each
+//! query row sums in a fixed order, so a row's result does not depend on the other members, on
+//! how the heads were grouped or on how its sequence was cut into pieces. The same functions
+//! serve one sequence alone ([`attend_contiguous`]), so a sequence gets the same numbers
+//! served among others.
 
 use rayon::prelude::*;
 
