@@ -224,6 +224,9 @@ fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
         let (g, bs, hd) = (r.g, r.bs, r.g.head_dim);
         let (m, table) = (r.members[mi], r.tables[mi]);
+        if m.len == 0 {
+            return;
+        }
         let (hs, bst) = (bs * hd, g.kv_heads * bs * hd);
         let kvh = h0 / (g.heads / g.kv_heads);
         let pos = m.start;
@@ -232,7 +235,7 @@ fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
             let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
             let at = block as usize * bst + kvh * hs + (from - b * bs) * hd;
             for data in [r.keys, r.values] {
-                // In bounds: the table's blocks up to `start + len` were checked.
+                // In bounds: the table's blocks up to `start + len` (≥ `pos + 1`) were checked.
                 for line in data[at..at + (to - from) * hd].chunks(16) {
                     // SAFETY: a prefetch reads nothing; the address is inside `data`.
                     unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
