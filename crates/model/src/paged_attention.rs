@@ -1,9 +1,11 @@
 //! Attention of a batched pass ([`crate::transformer::Transformer::forward_batch`]) read
 //! straight from a paged KV pool: each member's new keys and values are written into its
 //! blocks, and its queries attend over the blocks in place, with no copy of the cache and no
-//! per-member tensor operations. Every (member, head) pair is one task; within it each query
-//! row sums in a fixed order, so a row's result does not depend on the other members or on how
-//! its sequence was cut into pieces.
+//! per-member tensor operations. A task is a member's rows for a run of heads; within it each
+//! query row sums in a fixed order, so a row's result does not depend on the other members, on
+//! how the heads were grouped or on how its sequence was cut into pieces. The same functions
+//! serve one sequence alone ([`attend_contiguous`]), so a sequence gets the same numbers
+//! served among others.
 
 use rayon::prelude::*;
 
@@ -178,11 +180,7 @@ fn attend_stored(
     // member's heads one by one (more tasks to share out). How the work is cut does not
     // change any row's result.
     let rep = nh / g.kv_heads;
-    let task = |(mi, h0, n): (usize, usize, usize)| {
-        for h in h0..h0 + n {
-            head_rows(&rows, mi, h);
-        }
-    };
+    let task = |(mi, h0, n): (usize, usize, usize)| head_group(&rows, mi, h0, n);
     let work: usize = members
         .iter()
         .map(|m| m.len * (m.start + m.len))
@@ -195,11 +193,58 @@ fn attend_stored(
         let n = if group && m.len == 1 { rep } else { 1 };
         (0..nh).step_by(n).map(move |h| (mi, h, n))
     });
+    // Each task asks for the next one's keys and values before it starts on its own, so they
+    // come from memory while it computes.
+    let run = |tasks: &[(usize, usize, usize)]| {
+        for (i, &t) in tasks.iter().enumerate() {
+            if let Some(&(mi, h0, _)) = tasks.get(i + 1) {
+                prefetch_task(&rows, mi, h0);
+            }
+            task(t);
+        }
+    };
+    let tasks: Vec<_> = pairs.collect();
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
-        pairs.for_each(task);
+        run(&tasks);
     } else {
-        pairs.collect::<Vec<_>>().into_par_iter().for_each(task);
+        let chunk = tasks
+            .len()
+            .div_ceil(4 * rayon::current_num_threads())
+            .max(1);
+        tasks.par_chunks(chunk).for_each(run);
     }
+}
+
+/// Asks the memory system for the keys and values that task `(mi, h0, ·)`'s first row reads
+/// (a block's run of positions is a few KiB, contiguous, the blocks anywhere in the pool, which
+/// the hardware prefetcher would only pick up after a few misses each). Changes no number.
+fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let (g, bs, hd) = (r.g, r.bs, r.g.head_dim);
+        let (m, table) = (r.members[mi], r.tables[mi]);
+        if m.len == 0 {
+            return;
+        }
+        let (hs, bst) = (bs * hd, g.kv_heads * bs * hd);
+        let kvh = h0 / (g.heads / g.kv_heads);
+        let pos = m.start;
+        let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for (b, &block) in table.iter().enumerate().take(pos / bs + 1).skip(lo / bs) {
+            let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
+            let at = block as usize * bst + kvh * hs + (from - b * bs) * hd;
+            for data in [r.keys, r.values] {
+                // In bounds: the table's blocks up to `start + len` (≥ `pos + 1`) were checked.
+                for line in data[at..at + (to - from) * hd].chunks(16) {
+                    // SAFETY: a prefetch reads nothing; the address is inside `data`.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (r, mi, h0);
 }
 
 /// What every (member, head) task of a pass reads.
@@ -215,108 +260,235 @@ struct Rows<'a> {
     dst: OutPtr,
 }
 
-/// One member's rows for one head. Head sizes that are a multiple of 8 take
-/// [`head_rows_lanes`] (8 keys at a time, compiled for AVX2 where the CPU has it), others
-/// [`head_rows_sequential`] (one key at a time). Both do the same operations in the same order,
-/// so a row's numbers do not depend on the path (tested bit for bit).
-fn head_rows(r: &Rows, mi: usize, h: usize) {
+/// A task's heads `h0 .. h0 + n` (sharing one KV head) for one member's rows. Head sizes that
+/// are a multiple of 16 take [`group_rows`] (AVX-512 where the CPU has it, else the same
+/// arithmetic in plain Rust, tested bit for bit), others [`head_rows_sequential`] one head at a
+/// time. Which one runs depends only on the head size, so every path that must agree (a
+/// sequence alone, served among others) takes the same one.
+fn head_group(r: &Rows, mi: usize, h0: usize, n: usize) {
     if r.g.head_dim.is_multiple_of(LANES) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected on this CPU.
-            return unsafe { head_rows_lanes_avx2(r, mi, h) };
+        {
+            if avx512() {
+                // SAFETY: AVX-512F and FMA were detected on this CPU.
+                return unsafe { group_rows_avx512(r, mi, h0, n) };
+            }
+            if std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: FMA was detected on this CPU.
+                return unsafe { group_rows_fma(r, mi, h0, n) };
+            }
         }
-        return head_rows_lanes(r, mi, h, lane_sums);
+        return group_rows(r, mi, h0, n, Plain);
     }
-    head_rows_sequential(r, mi, h)
+    for h in h0..h0 + n {
+        head_rows_sequential(r, mi, h);
+    }
 }
 
-/// Lanes of the attention's vectors (one AVX2 register of f32).
-const LANES: usize = 8;
+#[cfg(all(test, target_arch = "x86_64"))]
+use avx512::reduce16x16 as avx512_reduce16x16;
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Lanes of the attention's vectors (one AVX-512 register of f32).
+const LANES: usize = 16;
 
 type Lanes = [f32; LANES];
 
-/// `((x0 + x1) + x2) + … + x7`: a dot product's 8 lane sums added in order, as
-/// [`head_rows_sequential`]'s `dot` adds them.
+/// The sum of 16 lanes as a halving tree: the upper half added onto the lower, four times
+/// (`a[m] + a[m + 8]`, then `+ [m + 4]`, `+ [m + 2]`, `+ [m + 1]`). Every sum of 16 partial sums
+/// in [`group_rows`] is this one.
 #[inline(always)]
-fn lane_sum(x: &Lanes) -> f32 {
-    x[1..].iter().fold(x[0], |s, &v| s + v)
-}
-
-/// `out[j] = lane_sum(a[j])`.
-#[inline(always)]
-fn lane_sums(a: &[Lanes; LANES]) -> Lanes {
-    let mut out = [0f32; LANES];
-    for (o, a) in out.iter_mut().zip(a) {
-        *o = lane_sum(a);
+fn reduce16(a: &Lanes) -> f32 {
+    let mut s = *a;
+    let mut half = LANES / 2;
+    while half > 0 {
+        for m in 0..half {
+            s[m] += s[m + half];
+        }
+        half /= 2;
     }
-    out
+    s[0]
 }
 
-/// [`lane_sums`] for 8 keys at once: an 8×8 transpose, then the 8 rows (lane 0 of every key,
-/// lane 1, …) added in order. The same additions, so the same bits.
+/// `e^x` for `x ≤ 0` (the softmax's `s − max`), the same bits in every implementation: in
+/// f64, `x` clamped to −120 (`e^x` then rounds to 0 in f32 anyway), `n = round(x·log₂e)`,
+/// `r = x − n·ln 2` (one fused multiply-add), `e^r` by its Taylor series to degree 10 (relative
+/// error under 3e-13 for `|r| ≤ ln 2 / 2`), times `2^n`, rounded once to f32. So the result is
+/// `e^x` correctly rounded except where `e^x` lies within ~1e-12 (relative) of a halfway point
+/// between two floats (tested against f64 `exp`).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = (x as f64).max(EXP_MIN);
+    let n = (x * std::f64::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-std::f64::consts::LN_2, x);
+    let mut p = EXP_TAYLOR[0];
+    for &c in &EXP_TAYLOR[1..] {
+        p = p.mul_add(r, c);
+    }
+    (p * f64::from_bits(((n as i64 + 1023) << 52) as u64)) as f32
+}
+
+const EXP_MIN: f64 = -120.0;
+/// `1/k!` for `k = 10, 9, …, 0`.
+const EXP_TAYLOR: [f64; 11] = [
+    1.0 / 3_628_800.0,
+    1.0 / 362_880.0,
+    1.0 / 40_320.0,
+    1.0 / 5_040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
+/// The three inner kernels of [`group_rows`]: one implementation in plain Rust ([`Plain`], the
+/// definition) and one in AVX-512 intrinsics with the same operations in the same order.
+trait Kernel: Copy {
+    /// `out[j] = q · k_j` for 16 keys: per lane `l`, `q[l]·k[l]` then `fma(q[16c + l],
+    /// k[16c + l], ·)` over the column blocks `c` in order; then [`reduce16`].
+    ///
+    /// # Safety
+    /// Every key row holds `q.len()` values, a multiple of 16; the CPU has what the
+    /// implementation needs.
+    unsafe fn dots(self, q: &[f32], keys: &[&[f32]; LANES]) -> Lanes;
+
+    /// `s = e^(s − max)` over `s` ([`exp_neg`]); returns `Σ s` summed in 16 lanes (element
+    /// `j` into lane `j mod 16`, in order) then [`reduce16`].
+    ///
+    /// # Safety
+    /// The CPU has what the implementation needs.
+    unsafe fn exp_sum(self, s: &mut [f32]) -> f32;
+
+    /// For `H` heads: `out[h][d] = (Σ_k fma(e_h[k], v_k[d], ·)) · inv[h]` over the spans'
+    /// keys in order, columns `c .. c + 16·C`; returns `16·C`.
+    ///
+    /// # Safety
+    /// As [`Kernel::dots`]; `c + 16·C ≤ hd`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weigh<const H: usize, const C: usize>(
+        self,
+        e: [&[f32]; H],
+        inv: [f32; H],
+        values: &[f32],
+        spans: &[(usize, usize, usize)],
+        c: usize,
+        hd: usize,
+        out: [&mut [f32]; H],
+    ) -> usize;
+}
+
+/// [`Kernel`] in plain Rust: the definition of the arithmetic.
+#[derive(Clone, Copy)]
+struct Plain;
+
+impl Kernel for Plain {
+    #[inline(always)]
+    unsafe fn dots(self, q: &[f32], keys: &[&[f32]; LANES]) -> Lanes {
+        // Loops, not closures: inlined into a caller compiled for FMA, `mul_add` is one
+        // instruction.
+        let (q0, q) = q.split_at(LANES);
+        let mut out = [0f32; LANES];
+        for (o, k) in out.iter_mut().zip(keys) {
+            let (k0, k) = k.split_at(LANES);
+            let mut a = [0f32; LANES];
+            for l in 0..LANES {
+                a[l] = q0[l] * k0[l];
+            }
+            for (qc, kc) in q.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    a[l] = qc[l].mul_add(kc[l], a[l]);
+                }
+            }
+            *o = reduce16(&a);
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn exp_sum(self, s: &mut [f32]) -> f32 {
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for x in s.iter_mut() {
+            *x = exp_neg(*x - max);
+        }
+        let mut lanes = [0f32; LANES];
+        let mut chunks = s.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                lanes[l] += c[l];
+            }
+        }
+        for (a, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+            *a += x;
+        }
+        reduce16(&lanes)
+    }
+
+    #[inline(always)]
+    unsafe fn weigh<const H: usize, const C: usize>(
+        self,
+        e: [&[f32]; H],
+        inv: [f32; H],
+        values: &[f32],
+        spans: &[(usize, usize, usize)],
+        c: usize,
+        hd: usize,
+        out: [&mut [f32]; H],
+    ) -> usize {
+        let w = LANES * C;
+        for (h, out) in out.into_iter().enumerate() {
+            // The sums in a local array (registers where the CPU has them), not in `out`.
+            let mut acc = [[0f32; LANES]; C];
+            for &(at, from, to) in spans {
+                let span = &values[at..at + (to - from) * hd];
+                for (&e, value) in e[h][from..to].iter().zip(span.chunks_exact(hd)) {
+                    for (a, v) in acc.iter_mut().zip(value[c..c + w].chunks_exact(LANES)) {
+                        for l in 0..LANES {
+                            a[l] = e.mul_add(v[l], a[l]);
+                        }
+                    }
+                }
+            }
+            for (o, a) in out[c..c + w].chunks_exact_mut(LANES).zip(&acc) {
+                for l in 0..LANES {
+                    o[l] = a[l] * inv[h];
+                }
+            }
+        }
+        w
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn lane_sums_avx2(a: &[Lanes; LANES]) -> Lanes {
-    use std::arch::x86_64::*;
-    let mut v = [_mm256_setzero_ps(); LANES];
-    for (v, a) in v.iter_mut().zip(a) {
-        *v = _mm256_loadu_ps(a.as_ptr());
-    }
-    // Pairs, then quads, then halves: t[l] holds lane l of keys 0..8.
-    let u0 = _mm256_unpacklo_ps(v[0], v[1]);
-    let u1 = _mm256_unpackhi_ps(v[0], v[1]);
-    let u2 = _mm256_unpacklo_ps(v[2], v[3]);
-    let u3 = _mm256_unpackhi_ps(v[2], v[3]);
-    let u4 = _mm256_unpacklo_ps(v[4], v[5]);
-    let u5 = _mm256_unpackhi_ps(v[4], v[5]);
-    let u6 = _mm256_unpacklo_ps(v[6], v[7]);
-    let u7 = _mm256_unpackhi_ps(v[6], v[7]);
-    let w0 = _mm256_shuffle_ps::<0x44>(u0, u2);
-    let w1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
-    let w2 = _mm256_shuffle_ps::<0x44>(u1, u3);
-    let w3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
-    let w4 = _mm256_shuffle_ps::<0x44>(u4, u6);
-    let w5 = _mm256_shuffle_ps::<0xEE>(u4, u6);
-    let w6 = _mm256_shuffle_ps::<0x44>(u5, u7);
-    let w7 = _mm256_shuffle_ps::<0xEE>(u5, u7);
-    let t = [
-        _mm256_permute2f128_ps::<0x20>(w0, w4),
-        _mm256_permute2f128_ps::<0x20>(w1, w5),
-        _mm256_permute2f128_ps::<0x20>(w2, w6),
-        _mm256_permute2f128_ps::<0x20>(w3, w7),
-        _mm256_permute2f128_ps::<0x31>(w0, w4),
-        _mm256_permute2f128_ps::<0x31>(w1, w5),
-        _mm256_permute2f128_ps::<0x31>(w2, w6),
-        _mm256_permute2f128_ps::<0x31>(w3, w7),
-    ];
-    let mut sum = t[0];
-    for &t in &t[1..] {
-        sum = _mm256_add_ps(sum, t);
-    }
-    let mut out = [0f32; LANES];
-    _mm256_storeu_ps(out.as_mut_ptr(), sum);
-    out
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_rows_fma(r: &Rows, mi: usize, h0: usize, n: usize) {
+    group_rows(r, mi, h0, n, Plain)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn head_rows_lanes_avx2(r: &Rows, mi: usize, h: usize) {
-    // SAFETY: this function is only called where AVX2 was detected.
-    head_rows_lanes(r, mi, h, |a| unsafe { lane_sums_avx2(a) })
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn group_rows_avx512(r: &Rows, mi: usize, h0: usize, n: usize) {
+    group_rows(r, mi, h0, n, avx512::Avx512)
 }
 
-/// Attention of one member's rows for one head, the head size a multiple of 8, with
-/// [`head_rows_sequential`]'s arithmetic:
-/// - the scores 8 keys at a time (8 independent sums, not one key's long chain), each key's
-///   dot product summed in 8 lanes over the columns in order, then over the lanes by
-///   [`lane_sum`] (`sums` takes 8 keys at once);
-/// - `e^(s − max)` (`expf`), summed in key order;
-/// - each output column `Σ (e_k · (1 / sum)) · v_k` in key order, a block of columns at a time
-///   with its sums in registers.
+/// Attention of one member's rows for heads `h0 .. h0 + n` (one KV head's), the head size a
+/// multiple of 16:
+/// - the scores 16 keys at a time ([`Kernel::dots`]), `dot · scale + slope · position`; the
+///   heads take turns on each group of keys while it is in cache;
+/// - `e^(s − max)` and its sum ([`Kernel::exp_sum`]);
+/// - each output column `(Σ_k e_k · v_k) / Σ e` in key order ([`Kernel::weigh`]), up to 4
+///   heads at once on each value row.
+///
+/// The order of every sum is fixed by the row alone, so neither the other members, nor how the
+/// heads are grouped, nor where the blocks are changes a number.
 #[inline(always)]
-fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES]) -> Lanes) {
+fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
     let Rows {
         g,
         members,
@@ -330,20 +502,18 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
     } = *r;
     let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
     let (hs, bst) = (bs * hd, nkv * bs * hd);
-    let rep = nh / nkv;
     let m = members[mi];
     let table = tables[mi];
-    let kvh = h / rep;
-    let slope = g.alibi.map_or(0.0, |a| a[h]);
-    let cols = hd / LANES;
-    // Room for a whole group of 8 past the last key.
-    let mut scores = vec![0f32; m.start + m.len + LANES];
-    let mut out = vec![0f32; hd];
+    let kvh = h0 / (nh / nkv);
+    // Per head: scores (room for a whole group of 16 past the last key), output row.
+    let stride = m.start + m.len + LANES;
+    let mut scores = vec![0f32; n * stride];
+    let mut out = vec![0f32; n * hd];
+    let mut inv = vec![0f32; n];
     let mut list = Vec::new();
     for i in 0..m.len {
         let pos = m.start + i;
         let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let qrow = &q[(h * total + m.offset + i) * hd..][..hd];
         // Keys `lo..=pos` block by block: (where the span's first key is stored, its
         // position, the position after its last).
         let spans = (lo / bs..=pos / bs).map(|b| {
@@ -359,86 +529,250 @@ fn head_rows_lanes(r: &Rows, mi: usize, h: usize, sums: impl Fn(&[Lanes; LANES])
             let mut j = from;
             while j < to {
                 // A group running past the span repeats its last key (computed, not kept).
-                let mut key: [&[f32]; LANES] = [&[]; LANES];
-                for (k, key) in key.iter_mut().enumerate() {
+                let key: [&[f32]; LANES] = std::array::from_fn(|k| {
                     let p = (j + k).min(to - 1) - from;
-                    *key = &span[p * hd..(p + 1) * hd];
-                }
-                let mut dots = [[0f32; LANES]; LANES];
-                for c in 0..cols {
-                    let qc = &qrow[c * LANES..(c + 1) * LANES];
-                    for (d, key) in dots.iter_mut().zip(&key) {
-                        // SAFETY: every key row holds `hd = cols · 8` values.
-                        let kc = unsafe { key.get_unchecked(c * LANES..(c + 1) * LANES) };
-                        for l in 0..LANES {
-                            d[l] += qc[l] * kc[l];
-                        }
+                    &span[p * hd..(p + 1) * hd]
+                });
+                let cnt = (to - j).min(LANES);
+                for (hh, scores) in scores.chunks_exact_mut(stride).enumerate() {
+                    let h = h0 + hh;
+                    let qrow = &q[(h * total + m.offset + i) * hd..][..hd];
+                    let slope = g.alibi.map_or(0.0, |a| a[h]);
+                    // SAFETY: every key row holds `hd` values, a multiple of 16; the caller
+                    // checked the CPU.
+                    let d = unsafe { kernel.dots(qrow, &key) };
+                    for (k, (&d, s)) in d.iter().zip(&mut scores[j..j + cnt]).enumerate() {
+                        *s = d * g.scale + slope * (j + k) as f32;
                     }
                 }
-                let s = sums(&dots);
-                let n = (to - j).min(LANES);
-                for (k, (&s, score)) in s.iter().zip(&mut scores[j..j + n]).enumerate() {
-                    *score = s * g.scale + slope * (j + k) as f32;
-                }
-                j += n;
+                j += cnt;
             }
         }
-        let max = scores[lo..=pos]
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
-        for s in &mut scores[lo..=pos] {
-            *s = (*s - max).exp();
-            sum += *s;
+        for (scores, inv) in scores.chunks_exact_mut(stride).zip(&mut inv) {
+            // SAFETY: the caller checked the CPU.
+            *inv = 1.0 / unsafe { kernel.exp_sum(&mut scores[lo..=pos]) };
         }
-        let inv = 1.0 / sum;
-        let mut c = 0;
-        while c < hd {
-            let (e, v) = (&scores[..], values);
-            c += match hd - c {
-                64.. => weigh_values::<64>(e, inv, v, list.iter().copied(), c, hd, &mut out),
-                32..=63 => weigh_values::<32>(e, inv, v, list.iter().copied(), c, hd, &mut out),
-                16..=31 => weigh_values::<16>(e, inv, v, list.iter().copied(), c, hd, &mut out),
-                _ => weigh_values::<8>(e, inv, v, list.iter().copied(), c, hd, &mut out),
+        let mut h = 0;
+        while h < n {
+            let e = &scores[h * stride..];
+            let o = &mut out[h * hd..];
+            h += match n - h {
+                4.. => weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
+                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
+                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
+                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
             };
         }
-        let o = ((m.offset + i) * nh + h) * hd;
-        for (d, &a) in out.iter().enumerate() {
-            // SAFETY: row `offset + i`, head `h` belongs to this (member, head) task alone,
-            // and `o + d < total · heads · head_dim` (sizes checked above).
-            unsafe { dst.write(o + d, a) };
+        for (hh, out) in out.chunks_exact(hd).enumerate() {
+            let o = ((m.offset + i) * nh + h0 + hh) * hd;
+            for (d, &a) in out.iter().enumerate() {
+                // SAFETY: row `offset + i`, head `h0 + hh` belongs to this task alone, and
+                // `o + d < total · heads · head_dim` (sizes checked above).
+                unsafe { dst.write(o + d, a) };
+            }
         }
     }
 }
 
-/// Columns `c .. c + N` of the output, `Σ (e_k · inv) · v_k` over the spans' keys in order,
-/// the `N` sums kept in registers across the keys. Returns `N`.
+/// The output rows of `H` heads (scores `stride` apart in `e`, rows `hd` apart in `out`), all
+/// columns, 64 at a time where they last. Returns `H`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn weigh_values<const N: usize>(
+fn weigh_heads<const H: usize, K: Kernel>(
+    kernel: K,
     e: &[f32],
-    inv: f32,
+    stride: usize,
+    inv: &[f32],
     values: &[f32],
-    spans: impl Iterator<Item = (usize, usize, usize)>,
-    c: usize,
+    spans: &[(usize, usize, usize)],
     hd: usize,
     out: &mut [f32],
 ) -> usize {
-    let mut acc = [0f32; N];
-    for (at, from, to) in spans {
-        let span = &values[at..at + (to - from) * hd];
-        for (&e, value) in e[from..to].iter().zip(span.chunks_exact(hd)) {
-            let p = e * inv;
-            let v: &[f32; N] = value[c..c + N].try_into().expect("N columns");
-            for l in 0..N {
-                acc[l] += p * v[l];
+    let e: [&[f32]; H] = std::array::from_fn(|h| &e[h * stride..(h + 1) * stride]);
+    let inv: [f32; H] = std::array::from_fn(|h| inv[h]);
+    let mut c = 0;
+    while c < hd {
+        let mut rows = out.chunks_exact_mut(hd);
+        let o: [&mut [f32]; H] = std::array::from_fn(|_| rows.next().expect("H rows"));
+        // SAFETY: `c + width ≤ hd` (hd a multiple of 16); the caller checked the CPU.
+        c += unsafe {
+            match (hd - c) / LANES {
+                4.. => kernel.weigh::<H, 4>(e, inv, values, spans, c, hd, o),
+                2 | 3 => kernel.weigh::<H, 2>(e, inv, values, spans, c, hd, o),
+                _ => kernel.weigh::<H, 1>(e, inv, values, spans, c, hd, o),
             }
-        }
+        };
     }
-    out[c..c + N].copy_from_slice(&acc);
-    N
+    H
 }
 
-/// One key at a time (head sizes that are not a multiple of 8): each dot product in 8 lanes
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Kernel, Lanes, EXP_MIN, EXP_TAYLOR, LANES};
+    use std::arch::x86_64::*;
+
+    /// [`Kernel`] in AVX-512 intrinsics: [`super::Plain`]'s operations lane for lane.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512;
+
+    /// [`super::reduce16`] of each of 16 registers at once: lane `4t + r` of the result is
+    /// the sum of `a[t + 4r]` (the four halvings as shuffles between register pairs).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn reduce16x16(a: &[__m512; LANES]) -> __m512 {
+        // 256-bit halves: lanes 0..8 of b[j] are a[2j]'s `x[m] + x[m + 8]`, lanes 8..16 a[2j+1]'s.
+        let b: [__m512; 8] = std::array::from_fn(|j| {
+            let (x, y) = (a[2 * j], a[2 * j + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xEE>(x, y),
+            )
+        });
+        // 128-bit quarters: quarter t of c[i] is a[4i + t]'s `+ [m + 4]`.
+        let c: [__m512; 4] = std::array::from_fn(|i| {
+            let (x, y) = (b[2 * i], b[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xDD>(x, y),
+            )
+        });
+        // Pairs within quarters: quarter t of d[u] is (a[8u + t], a[8u + 4 + t])'s `+ [m + 2]`.
+        let d: [__m512; 2] = std::array::from_fn(|u| {
+            let (x, y) = (c[2 * u], c[2 * u + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(x, y),
+                _mm512_shuffle_ps::<0xEE>(x, y),
+            )
+        });
+        // Lane 4t + r: a[t + 4r]'s `+ [m + 1]`.
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(d[0], d[1]),
+            _mm512_shuffle_ps::<0xDD>(d[0], d[1]),
+        )
+    }
+
+    /// [`super::reduce16`] of one register.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn reduce16(v: __m512) -> f32 {
+        let v = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0xEE>(v, v));
+        let v = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0x55>(v, v));
+        let v = _mm512_add_ps(v, _mm512_shuffle_ps::<0xEE>(v, v));
+        let v = _mm512_add_ps(v, _mm512_shuffle_ps::<0x55>(v, v));
+        _mm512_cvtss_f32(v)
+    }
+
+    /// [`super::exp_neg`] on 8 lanes of f64.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn exp_neg_pd(x: __m512d) -> __m256 {
+        let x = _mm512_max_pd(x, _mm512_set1_pd(EXP_MIN));
+        let n = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E)),
+        );
+        let r = _mm512_fmadd_pd(n, _mm512_set1_pd(-std::f64::consts::LN_2), x);
+        let mut p = _mm512_set1_pd(EXP_TAYLOR[0]);
+        for &c in &EXP_TAYLOR[1..] {
+            p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c));
+        }
+        // `p · 2^n`, exact (`n ≥ −174`), then one rounding to f32.
+        _mm512_cvtpd_ps(_mm512_scalef_pd(p, n))
+    }
+
+    /// [`super::exp_neg`] on 16 lanes.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn exp_neg(x: __m512) -> __m512 {
+        let lo = exp_neg_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+        let hi = exp_neg_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(
+            _mm512_shuffle_f32x4::<0xEE>(x, x),
+        )));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    }
+
+    impl Kernel for Avx512 {
+        #[inline(always)]
+        unsafe fn dots(self, q: &[f32], keys: &[&[f32]; LANES]) -> Lanes {
+            // Register i holds key 4·(i mod 4) + i / 4, so that the reduction's lane j is key j.
+            let k: [*const f32; LANES] =
+                std::array::from_fn(|i| keys[4 * (i % 4) + i / 4].as_ptr());
+            let q = q.as_ptr();
+            let hd = keys[0].len();
+            let q0 = _mm512_loadu_ps(q);
+            let mut a: [__m512; LANES] =
+                std::array::from_fn(|i| _mm512_mul_ps(q0, _mm512_loadu_ps(k[i])));
+            for c in (LANES..hd).step_by(LANES) {
+                let qc = _mm512_loadu_ps(q.add(c));
+                for (a, &k) in a.iter_mut().zip(&k) {
+                    *a = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k.add(c)), *a);
+                }
+            }
+            let mut out = [0f32; LANES];
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce16x16(&a));
+            out
+        }
+
+        #[inline(always)]
+        unsafe fn exp_sum(self, s: &mut [f32]) -> f32 {
+            let (n, p) = (s.len(), s.as_mut_ptr());
+            let tail = |j: usize| -> __mmask16 { ((1u32 << (n - j).min(LANES)) - 1) as __mmask16 };
+            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for j in (0..n).step_by(LANES) {
+                let x = _mm512_mask_loadu_ps(max, tail(j), p.add(j));
+                max = _mm512_max_ps(max, x);
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+            let mut sum = _mm512_setzero_ps();
+            for j in (0..n).step_by(LANES) {
+                let m = tail(j);
+                let e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(j)), max));
+                _mm512_mask_storeu_ps(p.add(j), m, e);
+                sum = _mm512_mask_add_ps(sum, m, sum, e);
+            }
+            reduce16(sum)
+        }
+
+        #[inline(always)]
+        unsafe fn weigh<const H: usize, const C: usize>(
+            self,
+            e: [&[f32]; H],
+            inv: [f32; H],
+            values: &[f32],
+            spans: &[(usize, usize, usize)],
+            c: usize,
+            hd: usize,
+            out: [&mut [f32]; H],
+        ) -> usize {
+            let mut acc = [[_mm512_setzero_ps(); C]; H];
+            for &(at, from, to) in spans {
+                let span = values[at..at + (to - from) * hd].as_ptr().add(c);
+                for k in from..to {
+                    let v: [__m512; C] = std::array::from_fn(|cc| {
+                        _mm512_loadu_ps(span.add((k - from) * hd + cc * LANES))
+                    });
+                    for (acc, e) in acc.iter_mut().zip(&e) {
+                        let w = _mm512_set1_ps(*e.get_unchecked(k));
+                        for (a, &v) in acc.iter_mut().zip(&v) {
+                            *a = _mm512_fmadd_ps(w, v, *a);
+                        }
+                    }
+                }
+            }
+            for ((acc, out), &inv) in acc.iter().zip(out).zip(&inv) {
+                for (cc, &a) in acc.iter().enumerate() {
+                    let o = out.as_mut_ptr().add(c + cc * LANES);
+                    _mm512_storeu_ps(o, _mm512_mul_ps(a, _mm512_set1_ps(inv)));
+                }
+            }
+            LANES * C
+        }
+    }
+}
+
+/// One key at a time (head sizes that are not a multiple of 16): each dot product in 8 lanes
 /// summed in order, `expf`, the values weighed in key order.
 fn head_rows_sequential(r: &Rows, mi: usize, h: usize) {
     let Rows {
@@ -543,24 +877,59 @@ mod tests {
             .collect()
     }
 
-    #[cfg(target_arch = "x86_64")]
+    /// `exp_neg` is f64 `exp` rounded to f32 over `[-104, 0]` (a million points, every one
+    /// equal), 1 at 0, and 0 far below; the AVX-512 version gives the same bits.
     #[test]
-    fn lane_sums_avx2_are_the_plain_sums_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            return;
+    fn exp_neg_is_exp_correctly_rounded() {
+        let xs: Vec<f32> = (0..=1_000_000).map(|i| -104.0 * i as f32 / 1e6).collect();
+        let mut wrong = 0;
+        for &x in &xs {
+            if exp_neg(x) != (x as f64).exp() as f32 {
+                wrong += 1;
+            }
         }
-        for seed in 0..50 {
-            let v = pseudo_random(64, seed);
-            let a: [Lanes; LANES] = std::array::from_fn(|j| {
-                std::array::from_fn(|l| v[j * LANES + l] * 10f32.powi((l as i32 % 5) - 2))
-            });
-            // SAFETY: AVX2 was detected.
-            let fast = unsafe { lane_sums_avx2(&a) };
-            assert_eq!(fast.map(f32::to_bits), lane_sums(&a).map(f32::to_bits));
+        assert_eq!(wrong, 0, "{wrong} of {} not correctly rounded", xs.len());
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(-1000.0), 0.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            let mut s = xs.clone();
+            // SAFETY: AVX-512F and FMA were detected.
+            let sum = unsafe { avx512::Avx512.exp_sum(&mut s) };
+            // SAFETY: as above; the plain kernel needs nothing.
+            let mut p = xs.clone();
+            let want = unsafe { Plain.exp_sum(&mut p) };
+            assert_eq!(s, p);
+            assert_eq!(sum.to_bits(), want.to_bits());
         }
     }
 
-    /// One member's attention, every head, through `rows` (one of the row functions).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_sums_are_reduce16_bit_for_bit() {
+        if !avx512() {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let v = pseudo_random(16 * 16, 7);
+        let a: [Lanes; LANES] = std::array::from_fn(|j| {
+            std::array::from_fn(|l| v[j * LANES + l] * 10f32.powi((l as i32 % 5) - 2))
+        });
+        let want: Lanes = std::array::from_fn(|j| reduce16(&a[j]));
+        // SAFETY: AVX-512F was detected.
+        unsafe {
+            // Register i holds row 4·(i mod 4) + i / 4 (as `dots` loads keys).
+            let regs: [__m512; LANES] =
+                std::array::from_fn(|i| _mm512_loadu_ps(a[4 * (i % 4) + i / 4].as_ptr()));
+            let mut got = [0f32; LANES];
+            _mm512_storeu_ps(got.as_mut_ptr(), avx512_reduce16x16(&regs));
+            assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits));
+        }
+    }
+
+    /// One member's attention, every head, through `rows` (a task function: member, first
+    /// head, heads), the heads `group` at a time.
     #[allow(clippy::too_many_arguments)]
     fn run(
         g: &Geometry,
@@ -570,7 +939,8 @@ mod tests {
         values: &[f32],
         tables: &[&[u32]],
         bs: usize,
-        rows: fn(&Rows, usize, usize),
+        group: usize,
+        rows: &dyn Fn(&Rows, usize, usize, usize),
     ) -> Vec<f32> {
         let mut out = vec![0f32; g.heads * member.len * g.head_dim];
         let members = [member];
@@ -585,25 +955,72 @@ mod tests {
             total: member.len,
             dst: OutPtr(out.as_mut_ptr()),
         };
-        for h in 0..g.heads {
-            rows(&r, 0, h);
+        for h in (0..g.heads).step_by(group) {
+            rows(&r, 0, h, group);
         }
         out
     }
 
-    /// The lane-wise rows (plain and AVX2) give the one-key-at-a-time rows' numbers bit for bit:
-    /// head sizes 8, 24 (column blocks of 16 + 8) and 64, grouped heads, a window, ALiBi,
-    /// blocks that end mid-group.
+    /// Plain f64 attention of `run`'s member: the reference the kernels are held to.
+    fn reference(
+        g: &Geometry,
+        member: Member,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        table: &[u32],
+        bs: usize,
+    ) -> Vec<f64> {
+        let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+        let at =
+            |h: usize, p: usize| table[p / bs] as usize * nkv * bs * hd + h * bs * hd + p % bs * hd;
+        let mut out = vec![0f64; nh * member.len * hd];
+        for i in 0..member.len {
+            let pos = member.start + i;
+            let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let qrow = &q[(h * member.len + i) * hd..][..hd];
+                let slope = g.alibi.map_or(0.0, |a| a[h]) as f64;
+                let s: Vec<f64> = (lo..=pos)
+                    .map(|p| {
+                        let k = &keys[at(kvh, p)..][..hd];
+                        let d: f64 = qrow.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        d * g.scale as f64 + slope * p as f64
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (p, e) in (lo..=pos).zip(&e) {
+                    let v = &values[at(kvh, p)..][..hd];
+                    for d in 0..hd {
+                        out[(i * nh + h) * hd + d] += e / sum * v[d] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every row path against the f64 reference (largest difference under 2e-6, measured 5.0e-7; the outputs
+    /// are averages of values in [-1, 1]); the AVX-512 and FMA-compiled kernels give the plain
+    /// kernel's numbers bit for bit; grouping heads changes nothing. Head sizes 16 … 128
+    /// (column blocks of 64, 32, 16), 24 (the one-key-at-a-time path), 5 heads per KV head
+    /// (weighing 4 + 1 at once), a window, ALiBi, blocks that end mid-group, several rows.
     #[test]
-    fn lane_rows_match_sequential_rows() {
-        let slopes = [0.5f32, 0.25, 0.125, 0.0625, 0.03, 0.01];
-        for (hd, window, alibi) in [
-            (8, None, None),
-            (24, Some(11), None),
-            (64, None, Some(&slopes[..])),
-            (64, Some(30), None),
+    fn rows_match_reference_and_each_other() {
+        let slopes = [0.5f32, 0.25, 0.125, 0.0625, 0.03, 0.01, 0.3, 0.2, 0.1, 0.05];
+        for (hd, nh, window, alibi, len) in [
+            (16, 6, None, None, 1),
+            (24, 6, Some(11), None, 3),
+            (48, 10, None, Some(&slopes[..]), 2),
+            (64, 6, None, None, 1),
+            (64, 6, Some(30), None, 5),
+            (80, 10, Some(20), Some(&slopes[..]), 1),
+            (128, 6, None, None, 4),
         ] {
-            let (nh, nkv, bs) = (6, 2, 16);
+            let (nkv, bs) = (2, 16);
             let g = Geometry {
                 heads: nh,
                 kv_heads: nkv,
@@ -615,7 +1032,7 @@ mod tests {
             let member = Member {
                 start: 37,
                 offset: 0,
-                len: 5,
+                len,
             };
             let total = member.start + member.len;
             let blocks = total.div_ceil(bs);
@@ -628,27 +1045,35 @@ mod tests {
             // Blocks out of order in the pool.
             let table: Vec<u32> = (0..blocks as u32).rev().collect();
             let tables = [&table[..]];
-            let want = run(
-                &g,
-                member,
-                &q,
-                &keys,
-                &values,
-                &tables,
-                bs,
-                head_rows_sequential,
-            );
-            let plain = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
-                head_rows_lanes(r, m, h, lane_sums)
-            });
-            assert_eq!(plain, want, "head size {hd}");
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                let fast = run(&g, member, &q, &keys, &values, &tables, bs, |r, m, h| {
-                    // SAFETY: AVX2 was detected.
-                    unsafe { head_rows_lanes_avx2(r, m, h) }
-                });
-                assert_eq!(fast, plain, "head size {hd}");
+            let rep = nh / nkv;
+            let run = |group, rows: &dyn Fn(&Rows, usize, usize, usize)| {
+                run(&g, member, &q, &keys, &values, &tables, bs, group, rows)
+            };
+            let want = reference(&g, member, &q, &keys, &values, &table, bs);
+            let grouped = run(rep, &head_group);
+            let worst = grouped
+                .iter()
+                .zip(&want)
+                .map(|(&a, &b)| (a as f64 - b).abs())
+                .fold(0f64, f64::max);
+            assert!(worst < 2e-6, "head size {hd}: {worst:e} from the reference");
+            assert_eq!(run(1, &head_group), grouped, "head size {hd}: grouping");
+            if hd % LANES == 0 {
+                let plain = run(rep, &|r, m, h, n| group_rows(r, m, h, n, Plain));
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if avx512() {
+                        // SAFETY: AVX-512F and FMA were detected.
+                        let fast = run(rep, &|r, m, h, n| unsafe { group_rows_avx512(r, m, h, n) });
+                        assert_eq!(fast, plain, "head size {hd}: AVX-512");
+                    }
+                    if std::arch::is_x86_feature_detected!("fma") {
+                        // SAFETY: FMA was detected.
+                        let fma = run(rep, &|r, m, h, n| unsafe { group_rows_fma(r, m, h, n) });
+                        assert_eq!(fma, plain, "head size {hd}: FMA");
+                    }
+                }
+                assert_eq!(grouped, plain, "head size {hd}");
             }
         }
     }
