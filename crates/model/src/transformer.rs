@@ -1735,6 +1735,11 @@ impl Transformer {
     /// (`seq_len` of each the end of the previous) may share a pass: a piece sees the keys its
     /// predecessors stored. Every member's result depends only on its own tokens and cache,
     /// never on the other members, since all row-wise work is per row.
+    ///
+    /// Over a paged pool, a model whose blocks [`Self::row_blocks`] accepts (pre-norm RMSNorm
+    /// decoders such as LLaMA, Mistral, Qwen2, SmolLM2) runs its blocks on plain rows with
+    /// parallel row kernels ([`Self::blocks_rows`]); every other model by tensor ops
+    /// ([`Self::blocks_batch`]). Both give the same bits.
     pub fn forward_batch(
         &self,
         seqs: &[BatchSeq],
