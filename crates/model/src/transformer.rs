@@ -372,21 +372,26 @@ impl Linear {
 
     /// [`Linear::forward_group`] on plain rows: `x` is `[tokens, in]` row-major, each result
     /// `[tokens, out]` row-major with its bias added (the same numbers).
-    fn products(
+    /// The results go to `outs` (one buffer per projection, resized): a pass reuses its
+    /// buffers from layer to layer, and camelid's kernels write every element, so they are
+    /// not cleared first.
+    fn products_into(
         linears: &[&Linear],
         x: &[f32],
         tokens: usize,
         device: &Device,
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        outs: &mut Vec<Vec<f32>>,
+    ) -> candle_core::Result<()> {
         let Some(group) = KernelGroup::of(linears) else {
             let inp = x.len() / tokens.max(1);
             let x = Tensor::from_slice(x, (tokens, inp), device)?;
-            return linears
+            *outs = linears
                 .iter()
                 .map(|l| l.forward(&x)?.flatten_all()?.to_vec1::<f32>())
-                .collect();
+                .collect::<candle_core::Result<_>>()?;
+            return Ok(());
         };
-        let mut outs = group.products(x, tokens)?;
+        group.products_into(x, tokens, outs)?;
         for (out, l) in outs.iter_mut().zip(linears) {
             if let Some(b) = &l.bias {
                 let b = b.to_vec1::<f32>()?;
@@ -397,7 +402,7 @@ impl Linear {
                 }
             }
         }
-        Ok(outs)
+        Ok(())
     }
 }
 
@@ -435,15 +440,29 @@ impl<'a> KernelGroup<'a> {
 
     /// The products of `tokens` rows of `input`, without biases.
     fn products(&self, input: &[f32], tokens: usize) -> candle_core::Result<Vec<Vec<f32>>> {
-        let mut outs: Vec<Vec<f32>> = self.rows.iter().map(|r| vec![0f32; tokens * r]).collect();
+        let mut outs = Vec::new();
+        self.products_into(input, tokens, &mut outs)?;
+        Ok(outs)
+    }
+
+    /// [`Self::products`] into `outs`, resized (the kernels write every element).
+    fn products_into(
+        &self,
+        input: &[f32],
+        tokens: usize,
+        outs: &mut Vec<Vec<f32>>,
+    ) -> candle_core::Result<()> {
+        outs.resize_with(self.rows.len(), Vec::new);
+        for (o, r) in outs.iter_mut().zip(&self.rows) {
+            o.resize(tokens * r, 0.0);
+        }
         let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
         match (&self.mats, &self.kmats) {
             (Some(m), _) => camelid_kernels::matmul_group_many(m, input, tokens, &mut views),
             (_, Some(k)) => camelid_kernels::kmatmul_group(k, input, tokens, &mut views),
             _ => Ok(()),
         }
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok(outs)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -2050,6 +2069,7 @@ impl Transformer {
         };
         let norm_weight = |n: &Norm| n.weight.to_vec1::<f32>();
         let mut normed = vec![0f32; total * hidden];
+        let mut bufs = RowBuffers::default();
         if let Some(first) = self.blocks.first() {
             let n = &first.attn_norm;
             crate::rows::rms_norm(&xs, &norm_weight(n)?, n.eps, &mut normed);
@@ -2062,7 +2082,7 @@ impl Transformer {
                 Some(w) if block.attn.windowed => Some(w),
                 _ => None,
             };
-            let a = self.attend_rows(
+            self.attend_rows(
                 &block.attn,
                 &normed,
                 total,
@@ -2071,24 +2091,27 @@ impl Transformer {
                 slopes.as_deref(),
                 members,
                 pages,
+                &mut bufs,
             )?;
             let n = block.mlp_norm.as_ref().unwrap_or(&block.attn_norm);
-            crate::rows::add_rms_norm(&mut xs, &a, &norm_weight(n)?, n.eps, &mut normed);
-            let m = self.mlp_rows(&block.mlp, &normed, total)?;
+            let a = bufs.out.first().map_or(&[][..], |a| a.as_slice());
+            crate::rows::add_rms_norm(&mut xs, a, &norm_weight(n)?, n.eps, &mut normed);
+            self.mlp_rows(&block.mlp, &normed, total, &mut bufs)?;
+            let m = bufs.down.first().map_or(&[][..], |m| m.as_slice());
             // The residual add, with the next block's norm.
             match self.blocks.get(layer + 1) {
                 Some(next) => {
                     let n = &next.attn_norm;
-                    crate::rows::add_rms_norm(&mut xs, &m, &norm_weight(n)?, n.eps, &mut normed);
+                    crate::rows::add_rms_norm(&mut xs, m, &norm_weight(n)?, n.eps, &mut normed);
                 }
-                None => crate::rows::add(&mut xs, &m),
+                None => crate::rows::add(&mut xs, m),
             }
         }
         Ok(Tensor::from_vec(xs, (1, total, hidden), &self.device)?)
     }
 
     /// [`Self::attend_paged`] and the output projection on plain rows: `x` is `[total, in]`;
-    /// returns `[total, hidden]`.
+    /// leaves `[total, hidden]` in `bufs.out[0]`.
     #[allow(clippy::too_many_arguments)]
     fn attend_rows(
         &self,
@@ -2100,33 +2123,38 @@ impl Transformer {
         alibi: Option<&[f32]>,
         members: &[crate::paged_attention::Member],
         pages: crate::paged_attention::KvPages,
-    ) -> Result<Vec<f32>> {
+        bufs: &mut RowBuffers,
+    ) -> Result<()> {
         let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
-        let mut q = vec![0f32; nh * total * hd];
-        let mut k = vec![0f32; nkv * total * hd];
+        // `heads_major` writes every element of q and k.
+        bufs.q.resize(nh * total * hd, 0.0);
+        bufs.k.resize(nkv * total * hd, 0.0);
+        let missing = || ModelError::Input("q/k/v projection missing".into());
         let v = match &attn.qkv {
             Qkv::Split {
                 q: ql,
                 k: kl,
                 v: vl,
             } => {
-                let mut p = Linear::products(&[ql, kl, vl], x, total, &self.device)?;
-                let (Some(v), Some(pk), Some(pq)) = (p.pop(), p.pop(), p.pop()) else {
-                    return Err(ModelError::Input("q/k/v projection missing".into()));
+                let p = &mut bufs.qkv;
+                Linear::products_into(&[ql, kl, vl], x, total, &self.device, p)?;
+                let [pq, pk, v] = p.as_slice() else {
+                    return Err(missing());
                 };
-                crate::rows::heads_major(&pq, nh * hd, 0, nh, hd, rotary, &mut q);
-                crate::rows::heads_major(&pk, nkv * hd, 0, nkv, hd, rotary, &mut k);
-                v
+                crate::rows::heads_major(pq, nh * hd, 0, nh, hd, rotary, &mut bufs.q);
+                crate::rows::heads_major(pk, nkv * hd, 0, nkv, hd, rotary, &mut bufs.k);
+                v.as_slice()
             }
             Qkv::Fused(l) => {
-                let p = Linear::products(&[l], x, total, &self.device)?.remove(0);
+                Linear::products_into(&[l], x, total, &self.device, &mut bufs.qkv)?;
+                let p = bufs.qkv.first().ok_or_else(missing)?;
                 let width = (nh + 2 * nkv) * hd;
-                crate::rows::heads_major(&p, width, 0, nh, hd, rotary, &mut q);
-                crate::rows::heads_major(&p, width, nh * hd, nkv, hd, rotary, &mut k);
-                p.chunks(width)
-                    .flat_map(|row| &row[(nh + nkv) * hd..])
-                    .copied()
-                    .collect()
+                crate::rows::heads_major(p, width, 0, nh, hd, rotary, &mut bufs.q);
+                crate::rows::heads_major(p, width, nh * hd, nkv, hd, rotary, &mut bufs.k);
+                bufs.v.clear();
+                bufs.v
+                    .extend(p.chunks(width).flat_map(|row| &row[(nh + nkv) * hd..]));
+                bufs.v.as_slice()
             }
         };
         let geometry = crate::paged_attention::Geometry {
@@ -2137,30 +2165,62 @@ impl Transformer {
             window,
             alibi,
         };
-        let mut out = vec![0f32; total * nh * hd];
-        crate::paged_attention::attend(&geometry, members, &q, &k, &v, pages, &mut out)
-            .map_err(ModelError::Input)?;
-        Ok(Linear::products(&[&attn.out], &out, total, &self.device)?.remove(0))
+        bufs.heads.clear();
+        bufs.heads.resize(total * nh * hd, 0.0);
+        crate::paged_attention::attend(
+            &geometry,
+            members,
+            &bufs.q,
+            &bufs.k,
+            v,
+            pages,
+            &mut bufs.heads,
+        )
+        .map_err(ModelError::Input)?;
+        let out = &mut bufs.out;
+        Linear::products_into(&[&attn.out], &bufs.heads, total, &self.device, out)?;
+        Ok(())
     }
 
     /// [`Mlp::forward`] on plain rows `[total, hidden]`: SwiGLU's `silu(gate) · up` fused
-    /// ([`crate::rows::silu_mul`]), other activations by candle's ops.
-    fn mlp_rows(&self, mlp: &Mlp, x: &[f32], total: usize) -> Result<Vec<f32>> {
+    /// ([`crate::rows::silu_mul`]), other activations by candle's ops. Leaves `[total,
+    /// hidden]` in `bufs.down[0]`.
+    fn mlp_rows(&self, mlp: &Mlp, x: &[f32], total: usize, bufs: &mut RowBuffers) -> Result<()> {
         match (&mlp.gate, mlp.activation) {
             (Some(gate), Activation::SwiGlu) => {
-                let mut both = Linear::products(&[gate, &mlp.up], x, total, &self.device)?;
-                let (Some(up), Some(mut h)) = (both.pop(), both.pop()) else {
+                let both = &mut bufs.gate_up;
+                Linear::products_into(&[gate, &mlp.up], x, total, &self.device, both)?;
+                let [h, up] = both.as_mut_slice() else {
                     return Err(ModelError::Input("gate/up projection missing".into()));
                 };
-                crate::rows::silu_mul(&mut h, &up);
-                Ok(Linear::products(&[&mlp.down], &h, total, &self.device)?.remove(0))
+                crate::rows::silu_mul(h, up);
+                let down = &mut bufs.down;
+                Linear::products_into(&[&mlp.down], h, total, &self.device, down)?;
             }
             _ => {
                 let x = Tensor::from_slice(x, (1, total, x.len() / total.max(1)), &self.device)?;
-                Ok(mlp.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?)
+                bufs.down = vec![mlp.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?];
             }
         }
+        Ok(())
     }
+}
+
+/// Buffers of a pass on plain rows ([`Transformer::blocks_rows`]), reused from layer to layer.
+#[derive(Default)]
+struct RowBuffers {
+    /// The q/k/v projections (one buffer each, or one fused).
+    qkv: Vec<Vec<f32>>,
+    /// Queries and keys head by head, after rotary.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    /// Values taken out of a fused projection.
+    v: Vec<f32>,
+    /// Attention's output before the output projection, and after it.
+    heads: Vec<f32>,
+    out: Vec<Vec<f32>>,
+    gate_up: Vec<Vec<f32>>,
+    down: Vec<Vec<f32>>,
 }
 
 impl Transformer {
