@@ -33,6 +33,7 @@ fn rms_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// RMSNorm of each row of `x` (`[rows, weight.len()]`) into `out`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
+    debug_assert!(x.len() == out.len() && x.len().is_multiple_of(n.max(1)));
     if parallel(x.len()) {
         out.par_chunks_mut(n)
             .zip(x.par_chunks(n))
@@ -49,6 +50,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// the RMSNorm of the new `x`.
 pub fn add_rms_norm(x: &mut [f32], a: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
+    debug_assert!(x.len() == a.len() && x.len() == out.len() && x.len().is_multiple_of(n.max(1)));
     let row = |(x, a, o): (&mut [f32], &[f32], &mut [f32])| {
         for (x, &a) in x.iter_mut().zip(a) {
             *x += a;
@@ -70,6 +72,7 @@ pub fn add_rms_norm(x: &mut [f32], a: &[f32], weight: &[f32], eps: f32, out: &mu
 
 /// `x ← x + a` (the residual add).
 pub fn add(x: &mut [f32], a: &[f32]) {
+    debug_assert_eq!(x.len(), a.len());
     const CHUNK: usize = PAR_MIN / 2;
     if parallel(x.len()) {
         x.par_chunks_mut(CHUNK)
@@ -83,6 +86,7 @@ pub fn add(x: &mut [f32], a: &[f32]) {
 /// SwiGLU's `silu(gate) · up` into `gate`: candle's `silu` (`v / (1 + e^(−v))`) then the
 /// product.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
     const CHUNK: usize = PAR_MIN / 2;
     let f = |g: &mut [f32], u: &[f32]| {
         for (g, &u) in g.iter_mut().zip(u) {

@@ -2094,10 +2094,10 @@ impl Transformer {
                 &mut bufs,
             )?;
             let n = block.mlp_norm.as_ref().unwrap_or(&block.attn_norm);
-            let a = bufs.out.first().map_or(&[][..], |a| a.as_slice());
+            let a = rows_of_width(&bufs.out, total * hidden, "attention output")?;
             crate::rows::add_rms_norm(&mut xs, a, &norm_weight(n)?, n.eps, &mut normed);
             self.mlp_rows(&block.mlp, &normed, total, &mut bufs)?;
-            let m = bufs.down.first().map_or(&[][..], |m| m.as_slice());
+            let m = rows_of_width(&bufs.down, total * hidden, "MLP output")?;
             // The residual add, with the next block's norm.
             match self.blocks.get(layer + 1) {
                 Some(next) => {
@@ -2203,6 +2203,17 @@ impl Transformer {
             }
         }
         Ok(())
+    }
+}
+
+/// The one result in `outs`, checked to hold `len` values (the row kernels would otherwise
+/// stop at the shorter of two buffers).
+fn rows_of_width<'a>(outs: &'a [Vec<f32>], len: usize, what: &str) -> Result<&'a [f32]> {
+    match outs {
+        [one] if one.len() == len => Ok(one),
+        _ => Err(ModelError::Input(format!(
+            "{what}: expected one buffer of {len} values"
+        ))),
     }
 }
 
