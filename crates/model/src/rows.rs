@@ -20,28 +20,55 @@ fn parallel(elements: usize) -> bool {
     elements >= PAR_MIN && rayon::current_num_threads() > 1
 }
 
-/// One row of `candle_nn::ops::rms_norm`: `x / sqrt(mean(x²) + eps) · weight`, the squares
-/// summed in order.
-fn rms_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
-    let m = (sum2 / x.len() as f32 + eps).sqrt();
-    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
-        *o = v / m * w;
+/// Rows normed together: their sums of squares run as independent chains that overlap, where
+/// one row's in-order sum is a chain of dependent additions.
+const GROUP: usize = 8;
+
+/// `candle_nn::ops::rms_norm` of a few rows (`x.len() / weight.len()`, at most [`GROUP`]):
+/// `x / sqrt(mean(x²) + eps) · weight`, each row's squares summed in order from `-0.0` (what
+/// `Iterator::sum` does, so the same bits).
+fn rms_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    let rows = x.len() / n.max(1);
+    let mut sums = [-0.0f32; GROUP];
+    if rows == GROUP {
+        let r: [&[f32]; GROUP] = std::array::from_fn(|i| &x[i * n..(i + 1) * n]);
+        for j in 0..n {
+            for (s, r) in sums.iter_mut().zip(&r) {
+                *s += r[j] * r[j];
+            }
+        }
+    } else {
+        for (s, r) in sums.iter_mut().zip(x.chunks(n)) {
+            *s = r.iter().map(|&v| v * v).sum::<f32>();
+        }
     }
+    for ((o, x), &sum2) in out.chunks_mut(n).zip(x.chunks(n)).zip(&sums) {
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+            *o = v / m * w;
+        }
+    }
+}
+
+/// Groups of rows per task so that a task has at least [`PAR_MIN`]/2 elements.
+fn min_groups(width: usize) -> usize {
+    min_rows(width).div_ceil(GROUP)
 }
 
 /// RMSNorm of each row of `x` (`[rows, weight.len()]`) into `out`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     debug_assert!(x.len() == out.len() && x.len().is_multiple_of(n.max(1)));
+    let g = GROUP * n.max(1);
     if parallel(x.len()) {
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .with_min_len(min_rows(n))
-            .for_each(|(o, x)| rms_row(x, weight, eps, o));
+        out.par_chunks_mut(g)
+            .zip(x.par_chunks(g))
+            .with_min_len(min_groups(n))
+            .for_each(|(o, x)| rms_rows(x, weight, eps, o));
     } else {
-        for (o, x) in out.chunks_mut(n).zip(x.chunks(n)) {
-            rms_row(x, weight, eps, o);
+        for (o, x) in out.chunks_mut(g).zip(x.chunks(g)) {
+            rms_rows(x, weight, eps, o);
         }
     }
 }
@@ -51,21 +78,22 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 pub fn add_rms_norm(x: &mut [f32], a: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     debug_assert!(x.len() == a.len() && x.len() == out.len() && x.len().is_multiple_of(n.max(1)));
-    let row = |(x, a, o): (&mut [f32], &[f32], &mut [f32])| {
+    let g = GROUP * n.max(1);
+    let rows = |(x, a, o): (&mut [f32], &[f32], &mut [f32])| {
         for (x, &a) in x.iter_mut().zip(a) {
             *x += a;
         }
-        rms_row(x, weight, eps, o);
+        rms_rows(x, weight, eps, o);
     };
     if parallel(x.len()) {
-        x.par_chunks_mut(n)
-            .zip(a.par_chunks(n))
-            .zip(out.par_chunks_mut(n))
-            .with_min_len(min_rows(n))
-            .for_each(|((x, a), o)| row((x, a, o)));
+        x.par_chunks_mut(g)
+            .zip(a.par_chunks(g))
+            .zip(out.par_chunks_mut(g))
+            .with_min_len(min_groups(n))
+            .for_each(|((x, a), o)| rows((x, a, o)));
     } else {
-        for ((x, a), o) in x.chunks_mut(n).zip(a.chunks(n)).zip(out.chunks_mut(n)) {
-            row((x, a, o));
+        for ((x, a), o) in x.chunks_mut(g).zip(a.chunks(g)).zip(out.chunks_mut(g)) {
+            rows((x, a, o));
         }
     }
 }
