@@ -371,10 +371,9 @@ impl Linear {
     }
 
     /// [`Linear::forward_group`] on plain rows: `x` is `[tokens, in]` row-major, each result
-    /// `[tokens, out]` row-major with its bias added (the same numbers).
-    /// The results go to `outs` (one buffer per projection, resized): a pass reuses its
-    /// buffers from layer to layer, and camelid's kernels write every element, so they are
-    /// not cleared first.
+    /// `[tokens, out]` row-major with its bias added (the same numbers), in `outs` (one buffer
+    /// per projection, resized): a pass reuses its buffers from layer to layer, and camelid's
+    /// kernels write every element, so they are not cleared first.
     fn products_into(
         linears: &[&Linear],
         x: &[f32],
