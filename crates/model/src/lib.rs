@@ -17,6 +17,7 @@ pub mod model;
 pub mod paged_attention;
 pub mod presets;
 pub mod rope;
+pub mod rows;
 pub mod spec;
 pub mod tokenizer;
 pub mod transformer;

@@ -129,6 +129,24 @@ impl Rope {
         first_pass: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let half = self.dims / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        self.extend_cos_sin(start, len, first_pass, &mut cos, &mut sin);
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    }
+
+    /// [`Rope::cos_sin_at`]'s values appended to `cos` and `sin` (`len · dims/2` each).
+    pub fn extend_cos_sin(
+        &self,
+        start: usize,
+        len: usize,
+        first_pass: usize,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
         let dynamic;
         let inv_freq: &[f32] = match self.spec.scaling {
             RopeScaling::QwenNtk { seq_length } if first_pass > seq_length => {
@@ -159,9 +177,8 @@ impl Rope {
             }
             _ => &self.inv_freq,
         };
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
+        cos.reserve(len * inv_freq.len());
+        sin.reserve(len * inv_freq.len());
         for p in start..start + len {
             for &f in inv_freq {
                 let angle = p as f32 * f;
@@ -169,10 +186,6 @@ impl Rope {
                 sin.push(angle.sin() * self.attention_factor);
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
     }
 
     /// Rotates the first `dims` channels of `x` (`[batch, heads, seq, head_dim]`).

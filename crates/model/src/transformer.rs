@@ -349,6 +349,72 @@ impl Linear {
     /// Several projections of the same input (q/k/v, gate/up). Kernel-backed ones share one
     /// quantized copy of `x` and one parallel region.
     fn forward_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let Some(group) = KernelGroup::of(linears) else {
+            return linears.iter().map(|l| l.forward(x)).collect();
+        };
+        let mut dims = x.dims().to_vec();
+        dims.pop();
+        let tokens = dims.iter().product::<usize>();
+        let outs = with_f32_slice(x, |input| group.products(input, tokens))??;
+        outs.into_iter()
+            .zip(group.rows.iter().zip(linears))
+            .map(|(out, (&r, l))| {
+                let mut d = dims.clone();
+                d.push(r);
+                let y = Tensor::from_vec(out, d, x.device())?;
+                match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            })
+            .collect()
+    }
+
+    /// [`Linear::forward_group`] on plain rows: `x` is `[tokens, in]` row-major, each result
+    /// `[tokens, out]` row-major with its bias added (the same numbers), in `outs` (one buffer
+    /// per projection, resized): a pass reuses its buffers from layer to layer, and camelid's
+    /// kernels write every element, so they are not cleared first.
+    fn products_into(
+        linears: &[&Linear],
+        x: &[f32],
+        tokens: usize,
+        device: &Device,
+        outs: &mut Vec<Vec<f32>>,
+    ) -> candle_core::Result<()> {
+        let Some(group) = KernelGroup::of(linears) else {
+            let inp = x.len() / tokens.max(1);
+            let x = Tensor::from_slice(x, (tokens, inp), device)?;
+            *outs = linears
+                .iter()
+                .map(|l| l.forward(&x)?.flatten_all()?.to_vec1::<f32>())
+                .collect::<candle_core::Result<_>>()?;
+            return Ok(());
+        };
+        group.products_into(x, tokens, outs)?;
+        for (out, l) in outs.iter_mut().zip(linears) {
+            if let Some(b) = &l.bias {
+                let b = b.to_vec1::<f32>()?;
+                for row in out.chunks_mut(b.len()) {
+                    for (y, &b) in row.iter_mut().zip(&b) {
+                        *y += b;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Projections that camelid's kernels run as one group (all of one kind).
+struct KernelGroup<'a> {
+    mats: Option<Vec<&'a camelid_kernels::QMatrix>>,
+    kmats: Option<Vec<&'a camelid_kernels::KMatrix>>,
+    /// Output rows of each.
+    rows: Vec<usize>,
+}
+
+impl<'a> KernelGroup<'a> {
+    fn of(linears: &[&'a Linear]) -> Option<Self> {
         let mats: Option<Vec<&camelid_kernels::QMatrix>> = linears
             .iter()
             .map(|l| match &l.weight {
@@ -366,33 +432,36 @@ impl Linear {
         let rows: Vec<usize> = match (&mats, &kmats) {
             (Some(m), _) => m.iter().map(|m| m.rows).collect(),
             (_, Some(k)) => k.iter().map(|k| k.rows).collect(),
-            _ => return linears.iter().map(|l| l.forward(x)).collect(),
+            _ => return None,
         };
-        let mut dims = x.dims().to_vec();
-        dims.pop();
-        let tokens = dims.iter().product::<usize>();
-        let mut outs: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; tokens * r]).collect();
-        with_f32_slice(x, |input| {
-            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            match (&mats, &kmats) {
-                (Some(m), _) => camelid_kernels::matmul_group_many(m, input, tokens, &mut views),
-                (_, Some(k)) => camelid_kernels::kmatmul_group(k, input, tokens, &mut views),
-                _ => Ok(()),
-            }
-        })?
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        outs.into_iter()
-            .zip(rows.iter().zip(linears))
-            .map(|(out, (&r, l))| {
-                let mut d = dims.clone();
-                d.push(r);
-                let y = Tensor::from_vec(out, d, x.device())?;
-                match &l.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            })
-            .collect()
+        Some(Self { mats, kmats, rows })
+    }
+
+    /// The products of `tokens` rows of `input`, without biases.
+    fn products(&self, input: &[f32], tokens: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        let mut outs = Vec::new();
+        self.products_into(input, tokens, &mut outs)?;
+        Ok(outs)
+    }
+
+    /// [`Self::products`] into `outs`, resized (the kernels write every element).
+    fn products_into(
+        &self,
+        input: &[f32],
+        tokens: usize,
+        outs: &mut Vec<Vec<f32>>,
+    ) -> candle_core::Result<()> {
+        outs.resize_with(self.rows.len(), Vec::new);
+        for (o, r) in outs.iter_mut().zip(&self.rows) {
+            o.resize(tokens * r, 0.0);
+        }
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        match (&self.mats, &self.kmats) {
+            (Some(m), _) => camelid_kernels::matmul_group_many(m, input, tokens, &mut views),
+            (_, Some(k)) => camelid_kernels::kmatmul_group(k, input, tokens, &mut views),
+            _ => Ok(()),
+        }
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -1684,10 +1753,26 @@ impl Transformer {
     /// (`seq_len` of each the end of the previous) may share a pass: a piece sees the keys its
     /// predecessors stored. Every member's result depends only on its own tokens and cache,
     /// never on the other members, since all row-wise work is per row.
+    ///
+    /// Over a paged pool, a model whose blocks [`Self::row_blocks`] accepts (pre-norm RMSNorm
+    /// decoders such as LLaMA, Mistral, Qwen2, SmolLM2) runs its blocks on plain rows with
+    /// parallel row kernels ([`Self::blocks_rows`]); every other model by tensor ops
+    /// ([`Self::blocks_batch`]). Both give the same bits.
     pub fn forward_batch(
         &self,
         seqs: &[BatchSeq],
         cache: &mut dyn BatchKvStore,
+    ) -> Result<Vec<Option<Tensor>>> {
+        self.forward_batch_with(seqs, cache, true)
+    }
+
+    /// [`Self::forward_batch`]; `on_rows: false` keeps the tensor ops where
+    /// [`Self::blocks_rows`] would run (the tests compare the two).
+    fn forward_batch_with(
+        &self,
+        seqs: &[BatchSeq],
+        cache: &mut dyn BatchKvStore,
+        on_rows: bool,
     ) -> Result<Vec<Option<Tensor>>> {
         let head = self.head.as_ref().ok_or_else(|| {
             ModelError::Input(format!(
@@ -1706,7 +1791,7 @@ impl Transformer {
         }
         let vocab = self.spec.vocab_size as u32;
         let mut ids = Vec::new();
-        let mut slices = Vec::with_capacity(seqs.len());
+        let mut members = Vec::with_capacity(seqs.len());
         let mut positions = Vec::new();
         for (i, seq) in seqs.iter().enumerate() {
             let (start, t) = (cache.seq_len(i), seq.ids.len());
@@ -1732,28 +1817,10 @@ impl Transformer {
             {
                 positions.push(pe.narrow(0, start + offset, t)?);
             }
-            let alibi = match &self.alibi_slopes {
-                Some(s) => {
-                    let keys = Tensor::arange(0u32, (start + t) as u32, &self.device)?
-                        .to_dtype(DType::F32)?;
-                    Some(s.unsqueeze(1)?.broadcast_mul(&keys.unsqueeze(0)?)?)
-                }
-                None => None,
-            };
-            slices.push(SeqSlice {
+            members.push(crate::paged_attention::Member {
                 start,
                 offset: ids.len(),
                 len: t,
-                rotary: match &self.rope {
-                    Some(r) => Some(self.in_dtype(r.cos_sin(start, t, &self.device)?)?),
-                    None => None,
-                },
-                causal: self.attention_mask(start, t, None)?,
-                windowed: match self.spec.attention.sliding_window {
-                    Some(w) => self.attention_mask(start, t, Some(w))?,
-                    None => None,
-                },
-                alibi,
             });
             ids.extend_from_slice(seq.ids);
         }
@@ -1772,16 +1839,105 @@ impl Transformer {
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
-        // Attention over the pool in place where it runs row by row (`row_attention`).
+        let x = if on_rows
+            && self.row_blocks()
+            && (0..self.blocks.len()).all(|l| cache.pages(l).is_some())
+        {
+            self.blocks_rows(&x, &members, cache)?
+        } else {
+            self.blocks_batch(x, &members, cache)?
+        };
+        // The head reads only the rows asked for; the final norm and projection are row-wise,
+        // so they run on those rows alone.
+        let mut rows = Vec::new();
+        for (seq, m) in seqs.iter().zip(&members) {
+            match seq.logits {
+                Logits::All => rows.extend((m.offset..m.offset + m.len).map(|r| r as u32)),
+                Logits::Last => rows.push((m.offset + m.len - 1) as u32),
+                Logits::None => {}
+            }
+        }
+        if rows.is_empty() {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
+        let mut x = if rows.len() == total {
+            x
+        } else {
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 1)?
+        };
+        if let Some(n) = &self.final_norm {
+            x = n.forward(&x)?;
+        }
+        if let Some(p) = &self.proj_out {
+            x = p.forward(&x)?;
+        }
+        let logits = head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (seq, m) in seqs.iter().zip(&members) {
+            let n = match seq.logits {
+                Logits::All => m.len,
+                Logits::Last => 1,
+                Logits::None => {
+                    out.push(None);
+                    continue;
+                }
+            };
+            out.push(Some(logits.narrow(0, at, n)?));
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+impl Transformer {
+    /// The blocks of a batched pass by tensor ops: attention over the paged pool in place
+    /// where it runs row by row ([`Self::row_attention`]), otherwise rotary, masks and the
+    /// cache per member.
+    fn blocks_batch(
+        &self,
+        mut x: Tensor,
+        members: &[crate::paged_attention::Member],
+        cache: &mut dyn BatchKvStore,
+    ) -> Result<Tensor> {
         let in_place = self.row_attention();
-        let members: Vec<crate::paged_attention::Member> = slices
-            .iter()
-            .map(|s| crate::paged_attention::Member {
-                start: s.start,
-                offset: s.offset,
-                len: s.len,
-            })
-            .collect();
+        // Every layer attends in place: the per-member masks and biases are never read.
+        let paged = in_place && (0..self.blocks.len()).all(|l| cache.pages(l).is_some());
+        let mut slices = Vec::with_capacity(members.len());
+        for m in members {
+            let (start, t) = (m.start, m.len);
+            let alibi = match &self.alibi_slopes {
+                Some(s) if !paged => {
+                    let keys = Tensor::arange(0u32, (start + t) as u32, &self.device)?
+                        .to_dtype(DType::F32)?;
+                    Some(s.unsqueeze(1)?.broadcast_mul(&keys.unsqueeze(0)?)?)
+                }
+                _ => None,
+            };
+            let (causal, windowed) = if paged {
+                (None, None)
+            } else {
+                (
+                    self.attention_mask(start, t, None)?,
+                    match self.spec.attention.sliding_window {
+                        Some(w) => self.attention_mask(start, t, Some(w))?,
+                        None => None,
+                    },
+                )
+            };
+            slices.push(SeqSlice {
+                start,
+                offset: m.offset,
+                len: t,
+                rotary: match &self.rope {
+                    Some(r) => Some(self.in_dtype(r.cos_sin(start, t, &self.device)?)?),
+                    None => None,
+                },
+                causal,
+                windowed,
+                alibi,
+            });
+        }
         let all_rotary = match &self.rope {
             Some(_) if in_place => {
                 let (cos, sin): (Vec<&Tensor>, Vec<&Tensor>) = slices
@@ -1810,7 +1966,7 @@ impl Transformer {
                             all_rotary.as_ref(),
                             window,
                             slopes.as_deref(),
-                            &members,
+                            members,
                             pages,
                         )?;
                         return self.project_out(&block.attn, &heads_out);
@@ -1848,46 +2004,233 @@ impl Transformer {
                 self.project_out(&block.attn, &Tensor::cat(&outs, 1)?)
             })?;
         }
-        if let Some(n) = &self.final_norm {
-            x = n.forward(&x)?;
-        }
-        if let Some(p) = &self.proj_out {
-            x = p.forward(&x)?;
-        }
-        // The head reads only the rows asked for.
-        let mut rows = Vec::new();
-        for (seq, s) in seqs.iter().zip(&slices) {
-            match seq.logits {
-                Logits::All => rows.extend((s.offset..s.offset + s.len).map(|r| r as u32)),
-                Logits::Last => rows.push((s.offset + s.len - 1) as u32),
-                Logits::None => {}
+        Ok(x)
+    }
+
+    /// Every block is a pre-norm RMSNorm decoder block without extras that attends in place
+    /// ([`Self::row_attention`]): [`Self::blocks_rows`] runs it on plain rows. Read from the
+    /// spec and the loaded blocks (families are data): anything else keeps the tensor ops.
+    fn row_blocks(&self) -> bool {
+        let plain = |l: &Linear| l.compute.is_none() && !l.flat;
+        let rms = |n: &Norm| n.kind == NormKind::RmsNorm && !n.differentiable;
+        self.row_attention()
+            && self.train.dropout.is_none()
+            && self.spec.norm_placement == NormPlacement::Pre
+            && self.spec.residual == Residual::Sequential
+            && self.blocks.iter().all(|b| {
+                let a = &b.attn;
+                let projections = match &a.qkv {
+                    Qkv::Split { q, k, v } => plain(q) && plain(k) && plain(v),
+                    Qkv::Fused(l) => plain(l),
+                };
+                rms(&b.attn_norm)
+                    && b.mlp_norm.as_ref().is_none_or(rms)
+                    && b.cross.is_none()
+                    && a.clip.is_none()
+                    && a.q_norm.is_none()
+                    && a.k_norm.is_none()
+                    && projections
+                    && plain(&a.out)
+                    && b.mlp.gate.as_ref().is_none_or(plain)
+                    && plain(&b.mlp.up)
+                    && plain(&b.mlp.down)
+            })
+    }
+
+    /// The blocks of a batched pass on plain row-major rows (see [`Self::row_blocks`]): the
+    /// residual stream stays one buffer, each norm is fused with the residual add before it,
+    /// rotary is applied as the projections are laid out for attention
+    /// ([`crate::rows`]), and attention reads and writes the paged pool in place. The same
+    /// numbers as [`Self::blocks_batch`], bit for bit.
+    fn blocks_rows(
+        &self,
+        x: &Tensor,
+        members: &[crate::paged_attention::Member],
+        cache: &mut dyn BatchKvStore,
+    ) -> Result<Tensor> {
+        let (total, hidden) = (x.elem_count() / self.spec.hidden, self.spec.hidden);
+        let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        if let Some(r) = &self.rope {
+            for m in members {
+                r.extend_cos_sin(m.start, m.len, m.start + m.len, &mut cos, &mut sin);
             }
         }
-        if rows.is_empty() {
-            return Ok(seqs.iter().map(|_| None).collect());
-        }
-        let x = if rows.len() == total {
-            x
-        } else {
-            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 1)?
+        let rotary = self.rope.as_ref().map(|r| crate::rows::Rotary {
+            cos: &cos,
+            sin: &sin,
+            dims: r.dims(),
+            interleaved: r.interleaved(),
+        });
+        let slopes = match &self.alibi_slopes {
+            Some(s) => Some(s.to_vec1::<f32>()?),
+            None => None,
         };
-        let logits = head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for (seq, s) in seqs.iter().zip(&slices) {
-            let n = match seq.logits {
-                Logits::All => s.len,
-                Logits::Last => 1,
-                Logits::None => {
-                    out.push(None);
-                    continue;
-                }
-            };
-            out.push(Some(logits.narrow(0, at, n)?));
-            at += n;
+        let norm_weight = |n: &Norm| n.weight.to_vec1::<f32>();
+        let mut normed = vec![0f32; total * hidden];
+        let mut bufs = RowBuffers::default();
+        if let Some(first) = self.blocks.first() {
+            let n = &first.attn_norm;
+            crate::rows::rms_norm(&xs, &norm_weight(n)?, n.eps, &mut normed);
         }
-        Ok(out)
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let pages = cache.pages(layer).ok_or_else(|| {
+                ModelError::Input(format!("the KV store lends no pages for layer {layer}"))
+            })?;
+            let window = match self.spec.attention.sliding_window {
+                Some(w) if block.attn.windowed => Some(w),
+                _ => None,
+            };
+            self.attend_rows(
+                &block.attn,
+                &normed,
+                total,
+                rotary,
+                window,
+                slopes.as_deref(),
+                members,
+                pages,
+                &mut bufs,
+            )?;
+            let n = block.mlp_norm.as_ref().unwrap_or(&block.attn_norm);
+            let a = rows_of_width(&bufs.out, total * hidden, "attention output")?;
+            crate::rows::add_rms_norm(&mut xs, a, &norm_weight(n)?, n.eps, &mut normed);
+            self.mlp_rows(&block.mlp, &normed, total, &mut bufs)?;
+            let m = rows_of_width(&bufs.down, total * hidden, "MLP output")?;
+            // The residual add, with the next block's norm.
+            match self.blocks.get(layer + 1) {
+                Some(next) => {
+                    let n = &next.attn_norm;
+                    crate::rows::add_rms_norm(&mut xs, m, &norm_weight(n)?, n.eps, &mut normed);
+                }
+                None => crate::rows::add(&mut xs, m),
+            }
+        }
+        Ok(Tensor::from_vec(xs, (1, total, hidden), &self.device)?)
     }
+
+    /// [`Self::attend_paged`] and the output projection on plain rows: `x` is `[total, in]`;
+    /// leaves `[total, hidden]` in `bufs.out[0]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_rows(
+        &self,
+        attn: &Attention,
+        x: &[f32],
+        total: usize,
+        rotary: Option<crate::rows::Rotary>,
+        window: Option<usize>,
+        alibi: Option<&[f32]>,
+        members: &[crate::paged_attention::Member],
+        pages: crate::paged_attention::KvPages,
+        bufs: &mut RowBuffers,
+    ) -> Result<()> {
+        let (nh, nkv, hd) = (attn.heads, attn.kv_heads, attn.head_dim);
+        // `heads_major` writes every element of q and k.
+        bufs.q.resize(nh * total * hd, 0.0);
+        bufs.k.resize(nkv * total * hd, 0.0);
+        let missing = || ModelError::Input("q/k/v projection missing".into());
+        let v = match &attn.qkv {
+            Qkv::Split {
+                q: ql,
+                k: kl,
+                v: vl,
+            } => {
+                let p = &mut bufs.qkv;
+                Linear::products_into(&[ql, kl, vl], x, total, &self.device, p)?;
+                let [pq, pk, v] = p.as_slice() else {
+                    return Err(missing());
+                };
+                crate::rows::heads_major(pq, nh * hd, 0, nh, hd, rotary, &mut bufs.q);
+                crate::rows::heads_major(pk, nkv * hd, 0, nkv, hd, rotary, &mut bufs.k);
+                v.as_slice()
+            }
+            Qkv::Fused(l) => {
+                Linear::products_into(&[l], x, total, &self.device, &mut bufs.qkv)?;
+                let p = bufs.qkv.first().ok_or_else(missing)?;
+                let width = (nh + 2 * nkv) * hd;
+                crate::rows::heads_major(p, width, 0, nh, hd, rotary, &mut bufs.q);
+                crate::rows::heads_major(p, width, nh * hd, nkv, hd, rotary, &mut bufs.k);
+                bufs.v.clear();
+                bufs.v
+                    .extend(p.chunks(width).flat_map(|row| &row[(nh + nkv) * hd..]));
+                bufs.v.as_slice()
+            }
+        };
+        let geometry = crate::paged_attention::Geometry {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: attn.scale as f32,
+            window,
+            alibi,
+        };
+        bufs.heads.clear();
+        bufs.heads.resize(total * nh * hd, 0.0);
+        crate::paged_attention::attend(
+            &geometry,
+            members,
+            &bufs.q,
+            &bufs.k,
+            v,
+            pages,
+            &mut bufs.heads,
+        )
+        .map_err(ModelError::Input)?;
+        let out = &mut bufs.out;
+        Linear::products_into(&[&attn.out], &bufs.heads, total, &self.device, out)?;
+        Ok(())
+    }
+
+    /// [`Mlp::forward`] on plain rows `[total, hidden]`: SwiGLU's `silu(gate) · up` fused
+    /// ([`crate::rows::silu_mul`]), other activations by candle's ops. Leaves `[total,
+    /// hidden]` in `bufs.down[0]`.
+    fn mlp_rows(&self, mlp: &Mlp, x: &[f32], total: usize, bufs: &mut RowBuffers) -> Result<()> {
+        match (&mlp.gate, mlp.activation) {
+            (Some(gate), Activation::SwiGlu) => {
+                let both = &mut bufs.gate_up;
+                Linear::products_into(&[gate, &mlp.up], x, total, &self.device, both)?;
+                let [h, up] = both.as_mut_slice() else {
+                    return Err(ModelError::Input("gate/up projection missing".into()));
+                };
+                crate::rows::silu_mul(h, up);
+                let down = &mut bufs.down;
+                Linear::products_into(&[&mlp.down], h, total, &self.device, down)?;
+            }
+            _ => {
+                let x = Tensor::from_slice(x, (1, total, x.len() / total.max(1)), &self.device)?;
+                bufs.down = vec![mlp.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The one result in `outs`, checked to hold `len` values (the row kernels would otherwise
+/// stop at the shorter of two buffers).
+fn rows_of_width<'a>(outs: &'a [Vec<f32>], len: usize, what: &str) -> Result<&'a [f32]> {
+    match outs {
+        [one] if one.len() == len => Ok(one),
+        _ => Err(ModelError::Input(format!(
+            "{what}: expected one buffer of {len} values"
+        ))),
+    }
+}
+
+/// Buffers of a pass on plain rows ([`Transformer::blocks_rows`]), reused from layer to layer.
+#[derive(Default)]
+struct RowBuffers {
+    /// The q/k/v projections (one buffer each, or one fused).
+    qkv: Vec<Vec<f32>>,
+    /// Queries and keys head by head, after rotary.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    /// Values taken out of a fused projection.
+    v: Vec<f32>,
+    /// Attention's output before the output projection, and after it.
+    heads: Vec<f32>,
+    out: Vec<Vec<f32>>,
+    gate_up: Vec<Vec<f32>>,
+    down: Vec<Vec<f32>>,
 }
 
 impl Transformer {
@@ -1989,5 +2332,160 @@ impl Transformer {
                 matches!(&l.weight, LinearWeight::Candle(QMatMul::QTensor(q)) if q.device().is_cpu())
             })
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batched pass on plain rows ([`Transformer::blocks_rows`]) against the same pass by
+    //! tensor ops ([`Transformer::blocks_batch`]): logits and the keys and values written to
+    //! the pool, bit for bit.
+    use super::*;
+    use crate::paged_attention::KvPages;
+    use crate::Model;
+
+    /// A paged pool of the shape `[block][kv_head][slot][head_dim]` per layer.
+    struct Pool<'t> {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+        tables: Vec<&'t [u32]>,
+        starts: Vec<usize>,
+        block_size: usize,
+    }
+
+    impl BatchKvStore for Pool<'_> {
+        fn seq_len(&self, seq: usize) -> usize {
+            self.starts[seq]
+        }
+        fn append(
+            &mut self,
+            _seq: usize,
+            _layer: usize,
+            _k: &Tensor,
+            _v: &Tensor,
+        ) -> candle_core::Result<(Tensor, Tensor)> {
+            Err(candle_core::Error::Msg(
+                "the test pool is paged only".into(),
+            ))
+        }
+        fn pages(&mut self, layer: usize) -> Option<KvPages<'_>> {
+            Some(KvPages {
+                keys: self.keys.get_mut(layer)?,
+                values: self.values.get_mut(layer)?,
+                tables: &self.tables,
+                block_size: self.block_size,
+            })
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// Prefill pieces of several lengths (more than 32 rows in all, so candle's norms run
+    /// their parallel path), then decode rows, each pass by both paths over its own pool.
+    fn rows_equal_tensor_ops(model: &Model, name: &str) {
+        let t = &model.transformer;
+        assert!(t.row_blocks(), "{name}: the row path does not apply");
+        let spec = t.spec();
+        let (bs, lens) = (4usize, [5usize, 1, 9, 40]);
+        let seqs: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                (0..n + 8)
+                    .map(|j| ((j * 31 + i * 17 + 5) % spec.vocab_size) as u32)
+                    .collect()
+            })
+            .collect();
+        let blocks_each = (lens.iter().max().copied().unwrap_or(0) + 8).div_ceil(bs);
+        let tables: Vec<Vec<u32>> = (0..lens.len())
+            .map(|i| {
+                (0..blocks_each)
+                    .map(|b| (b * lens.len() + i) as u32)
+                    .collect()
+            })
+            .collect();
+        let layer_len =
+            blocks_each * lens.len() * spec.attention.kv_heads * bs * spec.attention.head_dim;
+        let pool = || Pool {
+            keys: vec![vec![0f32; layer_len]; spec.layers],
+            values: vec![vec![0f32; layer_len]; spec.layers],
+            tables: tables.iter().map(|t| t.as_slice()).collect(),
+            starts: vec![0; lens.len()],
+            block_size: bs,
+        };
+        let (mut by_rows, mut by_ops) = (pool(), pool());
+        for pass in 0..4 {
+            let span = |n: usize| match pass {
+                0 => (0, n),
+                1 => (n, 4),
+                p => (n + 2 + p, 1),
+            };
+            let inputs: Vec<BatchSeq> = seqs
+                .iter()
+                .zip(lens)
+                .map(|(s, n)| {
+                    let (a, len) = span(n);
+                    BatchSeq {
+                        ids: &s[a..a + len],
+                        logits: Logits::All,
+                    }
+                })
+                .collect();
+            for p in [&mut by_rows, &mut by_ops] {
+                p.starts = lens.iter().map(|&n| span(n).0).collect();
+            }
+            let a = t
+                .forward_batch_with(&inputs, &mut by_rows, true)
+                .expect("rows");
+            let b = t
+                .forward_batch_with(&inputs, &mut by_ops, false)
+                .expect("tensor ops");
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                let (a, b) = (a.as_ref().expect("logits"), b.as_ref().expect("logits"));
+                assert!(
+                    bits(a) == bits(b),
+                    "{name}: pass {pass}, sequence {i}: logits differ"
+                );
+            }
+        }
+        assert!(by_rows.keys == by_ops.keys, "{name}: keys differ");
+        assert!(by_rows.values == by_ops.values, "{name}: values differ");
+    }
+
+    /// Tiny random-weight fixtures (dense f32 weights: candle's products): rotary over the two
+    /// halves, a sliding window with grouped heads, q/k/v biases (Qwen2), YaRN's scaled
+    /// rotary, a fused q/k/v projection (Baichuan).
+    #[test]
+    fn row_blocks_match_tensor_ops_on_fixtures() {
+        for case in [
+            "smollm2_shape",
+            "mistral_swa",
+            "qwen2",
+            "llama_rope_yarn",
+            "baichuan7b",
+        ] {
+            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/parity")
+                .join(case);
+            let model = Model::load(&dir, &Device::Cpu).expect("load fixture");
+            rows_equal_tensor_ops(&model, case);
+        }
+    }
+
+    /// The default model (SmolLM2-135M Q4_1 GGUF: camelid's quantized kernels, interleaved
+    /// rotary as GGUF stores it, real activations).
+    #[test]
+    fn row_blocks_match_tensor_ops_on_the_default_model() {
+        let entry = crate::catalog::find(crate::catalog::DEFAULT_MODEL).expect("entry");
+        let path = crate::catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull");
+        let model = Model::load(&path, &Device::Cpu).expect("load SmolLM2");
+        rows_equal_tensor_ops(&model, "SmolLM2 Q4_1");
     }
 }
