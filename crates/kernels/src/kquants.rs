@@ -15,7 +15,7 @@
 //! scale product with the sum) is chosen at run time; the scalar path computes the same integer
 //! sums and is always tested.
 
-use crate::quant::{quantize_into, ActBlock, QK};
+use crate::quant::{ActBlock, QK};
 use crate::{q5, Data, Isa, KernelError, SharedOut, TILE};
 use half::f16;
 use std::cell::RefCell;
@@ -522,7 +522,7 @@ pub fn kmatmul_group(
         }
         if needs(false) {
             buf32.resize(tokens * per_32, ActBlock::default());
-            quantize_into(x, buf32);
+            crate::quantize_rows(x, tokens, buf32, None);
             token_bytes += per_32 * std::mem::size_of::<ActBlock>();
         }
         let (kacts, acts32) = (&kbuf[..], &buf32[..]);

@@ -33,7 +33,8 @@ pub use f16::F16Matrix;
 pub use kquants::{kmatmul_group, KMatrix, KType};
 pub use many::matmul_group_many;
 pub use quant::{
-    dequantize_block, dot_scalar, quantize_into, quantize_weights, ActBlock, QType, QK,
+    dequantize_block, dot_scalar, quantize_into, quantize_weights, quantize_with_sums, ActBlock,
+    QType, QK,
 };
 
 use rayon::prelude::*;
@@ -580,9 +581,11 @@ pub fn matmul_group(
     {
         let (blocks, sums) = &mut buffer;
         blocks.resize(tokens * per_row, ActBlock::default());
-        quantize_into(x, blocks);
         if mats.iter().any(|m| m.packed) {
-            packed::block_sums(blocks, sums);
+            sums.resize(tokens * per_row, 0);
+            quantize_rows(x, tokens, blocks, Some(sums.as_mut_slice()));
+        } else {
+            quantize_rows(x, tokens, blocks, None);
         }
         let acts = Acts {
             blocks,
@@ -608,6 +611,43 @@ pub fn matmul_group(
     }
     ACTS.with(|a| *a.borrow_mut() = buffer);
     Ok(())
+}
+
+/// Activation blocks from which the quantization is shared out over the pool (a 32-token
+/// step's 576-wide input has 576): below, a hand-off costs about what it saves.
+const QUANT_PAR_MIN: usize = 512;
+
+/// Quantizes the `tokens` rows of `x` into `blocks`, and their block sums into `sums` when
+/// given (as long as `blocks`); many rows are shared out over the pool by whole rows, each
+/// block quantized by the same code either way.
+pub(crate) fn quantize_rows(
+    x: &[f32],
+    tokens: usize,
+    blocks: &mut [ActBlock],
+    sums: Option<&mut [i32]>,
+) {
+    let threads = rayon::current_num_threads();
+    if threads == 1 || tokens < 2 || blocks.len() < QUANT_PAR_MIN {
+        match sums {
+            Some(sums) => quantize_with_sums(x, blocks, sums),
+            None => quantize_into(x, blocks),
+        }
+        return;
+    }
+    let (per_row, cols) = (blocks.len() / tokens, x.len() / tokens);
+    let rows = tokens.div_ceil(threads);
+    let (bc, xc) = (rows * per_row, rows * cols);
+    match sums {
+        Some(sums) => blocks
+            .par_chunks_mut(bc)
+            .zip(x.par_chunks(xc))
+            .zip(sums.par_chunks_mut(bc))
+            .for_each(|((b, x), s)| quantize_with_sums(x, b, s)),
+        None => blocks
+            .par_chunks_mut(bc)
+            .zip(x.par_chunks(xc))
+            .for_each(|(b, x)| quantize_into(x, b)),
+    }
 }
 
 /// Runs `f` on a thread of the pool the kernels use, so that the calling thread sleeps for the
@@ -979,6 +1019,38 @@ mod tests {
         copied.matmul(&x, 3, &mut b).unwrap();
         assert_eq!(a, b);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// The input quantized by rows shared out over the pool equals it quantized in one pass,
+    /// with and without block sums, at token counts that split evenly and unevenly.
+    #[test]
+    fn quantized_rows_in_parallel_equal_one_pass() {
+        let cols = 288;
+        for tokens in [1, 7, 64, 65] {
+            let x = pseudo_random(tokens * cols, tokens as u32);
+            let n = tokens * cols / QK;
+            let (mut one, mut one_sums) = (vec![ActBlock::default(); n], vec![0; n]);
+            quantize_with_sums(&x, &mut one, &mut one_sums);
+            let (mut par, mut par_sums, mut bare) = (
+                vec![ActBlock::default(); n],
+                vec![0; n],
+                vec![ActBlock::default(); n],
+            );
+            on_pool(|| {
+                quantize_rows(&x, tokens, &mut par, Some(&mut par_sums));
+                quantize_rows(&x, tokens, &mut bare, None);
+            });
+            assert_eq!(one_sums, par_sums, "{tokens}");
+            for (b, o) in one.iter().enumerate() {
+                for p in [&par[b], &bare[b]] {
+                    assert_eq!(
+                        (o.qs, o.d.to_bits(), o.s.to_bits()),
+                        (p.qs, p.d.to_bits(), p.s.to_bits()),
+                        "{tokens} {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

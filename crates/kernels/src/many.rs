@@ -8,7 +8,7 @@
 //! quantized input as in [`crate::matmul_group`], so the results are bit for bit the same, and
 //! the same whichever other tokens share the call (batching never changes a row's numbers).
 
-use crate::{quantize_into, ActBlock, KernelError, QMatrix, SharedOut, QK, TILE};
+use crate::{ActBlock, KernelError, QMatrix, SharedOut, QK, TILE};
 use std::cell::RefCell;
 
 /// Weight rows a task keeps hot while all token tiles pass over them (16 rows of a 576-wide
@@ -41,7 +41,7 @@ pub fn matmul_group_many(
     let mut buffer = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
     {
         buffer.resize(tokens * per_row, ActBlock::default());
-        quantize_into(x, &mut buffer);
+        crate::quantize_rows(x, tokens, &mut buffer, None);
         let acts = &buffer[..];
         let act = |t: usize| &acts[t * per_row..(t + 1) * per_row];
         let dsts: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();

@@ -240,6 +240,7 @@ pub fn unpack(ty: QType, rows: usize, nb: usize, src: &[u8], dst: &mut [u8]) {
 /// integer sum (`Q4_0`'s, `8 · Σa`, is a 16th of it). Kept scaled so that a kernel subtracts
 /// it with a broadcast straight from memory: a broadcast from a general register would take a
 /// slot of the two pipes that run the multiplies.
+#[cfg(test)]
 pub fn block_sums(acts: &[crate::ActBlock], out: &mut Vec<i32>) {
     out.clear();
     out.extend(

@@ -91,11 +91,21 @@ fn quantize_into_impl(x: &[f32], out: &mut [ActBlock]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_into_avx2(x: &[f32], out: &mut [ActBlock]) {
+    quantize_avx2(x, out, &mut [])
+}
+
+/// [`quantize_into_avx2`] that also writes each block's [`crate::packed::block_sums`] value
+/// (`128·Σq`, from the same integer sum) into `sums`, when `sums` has a place for it. `d` and
+/// `s` are rounded to fp16 by F16C's `vcvtps2ph` (round to nearest even) and back, the same
+/// conversion as [`fp16_round`] without a call and a feature check per value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_avx2(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
     use std::arch::x86_64::*;
     let sign = _mm256_set1_ps(-0.0);
     // `vpackssdw` + `vpacksswb` leave the 4-byte pieces in the order 0 4 1 5 2 6 3 7.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (v, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+    for (b, (v, blk)) in x.chunks_exact(QK).zip(out.iter_mut()).enumerate() {
         let p = v.as_ptr();
         let a = [
             _mm256_loadu_ps(p),
@@ -131,8 +141,17 @@ unsafe fn quantize_into_avx2(x: &[f32], out: &mut [ActBlock]) {
         );
         let bytes = _mm256_permutevar8x32_epi32(packed, order);
         _mm256_storeu_si256(blk.qs.as_mut_ptr() as *mut __m256i, bytes);
-        blk.d = fp16_round(d);
-        blk.s = fp16_round(d * sum as f32);
+        let ds = _mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(
+            d,
+            d * sum as f32,
+            0.0,
+            0.0,
+        )));
+        blk.d = _mm_cvtss_f32(ds);
+        blk.s = _mm_cvtss_f32(_mm_movehdup_ps(ds));
+        if let Some(s) = sums.get_mut(b) {
+            *s = 128 * sum;
+        }
     }
 }
 
@@ -144,6 +163,21 @@ pub fn quantize_into(x: &[f32], out: &mut [ActBlock]) {
         return unsafe { quantize_into_avx2(x, out) };
     }
     quantize_into_impl(x, out)
+}
+
+/// [`quantize_into`] and [`crate::packed::block_sums`] in one pass: `sums` (`out.len()`
+/// values) gets the values `block_sums(out, ..)` gives.
+pub fn quantize_with_sums(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
+    assert_eq!(sums.len(), out.len(), "one sum per block");
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::detect() != crate::Isa::Scalar {
+        // SAFETY: avx2, fma and f16c were detected at run time.
+        return unsafe { quantize_avx2(x, out, sums) };
+    }
+    quantize_into_impl(x, out);
+    for (s, a) in sums.iter_mut().zip(out.iter()) {
+        *s = 128 * a.qs.iter().map(|&q| q as i32).sum::<i32>();
+    }
 }
 
 /// Scalar dot product of one weight row (raw blocks) with one activation row.
@@ -267,8 +301,9 @@ mod tests {
             return;
         }
         let mut x = crate::pseudo_random(QK * 64, 17);
+        // Scales 1e-9 to 1e7: `d` down to fp16 subnormals and zero, and up past fp16's range.
         for (i, v) in x.chunks_exact_mut(QK).enumerate() {
-            let scale = 10f32.powi(i as i32 % 7 - 3);
+            let scale = 10f32.powi(i as i32 % 17 - 9);
             v.iter_mut().for_each(|a| *a *= scale);
         }
         x[..QK].fill(0.0);
@@ -276,18 +311,28 @@ mod tests {
             *a = if j == 0 { 127.0 } else { j as f32 - 15.5 };
         }
         let blocks = x.len() / QK;
-        let (mut plain, mut fast) = (
+        let (mut plain, mut fast, mut fused) = (
+            vec![ActBlock::default(); blocks],
             vec![ActBlock::default(); blocks],
             vec![ActBlock::default(); blocks],
         );
+        let (mut plain_sums, mut fused_sums) = (Vec::new(), vec![0; blocks]);
         quantize_into_impl(&x, &mut plain);
+        crate::packed::block_sums(&plain, &mut plain_sums);
         // SAFETY: a SIMD set (AVX2 and more) was detected.
         unsafe { quantize_into_avx2(&x, &mut fast) };
-        for (b, (p, f)) in plain.iter().zip(&fast).enumerate() {
-            assert_eq!(p.qs, f.qs, "block {b}");
-            assert_eq!(p.d.to_bits(), f.d.to_bits(), "block {b}");
-            assert_eq!(p.s.to_bits(), f.s.to_bits(), "block {b}");
+        quantize_with_sums(&x, &mut fused, &mut fused_sums);
+        assert_eq!(plain_sums, fused_sums);
+        for (b, p) in plain.iter().enumerate() {
+            for f in [&fast[b], &fused[b]] {
+                assert_eq!(p.qs, f.qs, "block {b}");
+                assert_eq!(p.d.to_bits(), f.d.to_bits(), "block {b}");
+                assert_eq!(p.s.to_bits(), f.s.to_bits(), "block {b}");
+            }
         }
+        // The scales did reach fp16's edges: an infinite `d`, a zero `d` from a nonzero block.
+        assert!(plain.iter().any(|p| p.d.is_infinite()));
+        assert!(plain[2..].iter().any(|p| p.d == 0.0));
         assert_eq!(fast[1].qs[1], -14); // -14.5 rounds to the even -14
         assert_eq!(fast[1].qs[2], -14); // -13.5 too
     }
