@@ -1877,7 +1877,7 @@ impl Transformer {
             && self.row_blocks()
             && (0..self.blocks.len()).all(|l| cache.pages(l).is_some())
         {
-            self.blocks_rows(&x, &members, cache)?
+            self.blocks_rows(&x, &members, cache, &mut logits.blocks)?
         } else {
             self.blocks_batch(x, &members, cache)?
         };
@@ -1974,8 +1974,8 @@ impl Transformer {
 }
 
 /// The logits of a batched pass as plain rows ([`Transformer::forward_batch_into`]), kept from
-/// pass to pass so that their buffers are reused: the members' rows end to end, in member
-/// order, [`BatchLogits::vocab`] wide.
+/// pass to pass so that their buffers (and the blocks' working buffers) are reused: the
+/// members' rows end to end, in member order, [`BatchLogits::vocab`] wide.
 #[derive(Debug, Default)]
 pub struct BatchLogits {
     /// One buffer, `[rows, vocab]` (the head's product writes it in place).
@@ -1986,6 +1986,8 @@ pub struct BatchLogits {
     /// The rows the head reads, gathered, then normed.
     picked: Vec<f32>,
     normed: Vec<f32>,
+    /// [`Transformer::blocks_rows`]' working buffers, kept for the next pass too.
+    blocks: RowBuffers,
 }
 
 impl BatchLogits {
@@ -2173,6 +2175,7 @@ impl Transformer {
         x: &Tensor,
         members: &[crate::paged_attention::Member],
         cache: &mut dyn BatchKvStore,
+        bufs: &mut RowBuffers,
     ) -> Result<Tensor> {
         let (total, hidden) = (x.elem_count() / self.spec.hidden, self.spec.hidden);
         let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -2194,7 +2197,6 @@ impl Transformer {
         };
         let norm_weight = |n: &Norm| n.weight.to_vec1::<f32>();
         let mut normed = vec![0f32; total * hidden];
-        let mut bufs = RowBuffers::default();
         if let Some(first) = self.blocks.first() {
             let n = &first.attn_norm;
             crate::rows::rms_norm(&xs, &norm_weight(n)?, n.eps, &mut normed);
@@ -2216,12 +2218,12 @@ impl Transformer {
                 slopes.as_deref(),
                 members,
                 pages,
-                &mut bufs,
+                bufs,
             )?;
             let n = block.mlp_norm.as_ref().unwrap_or(&block.attn_norm);
             let a = rows_of_width(&bufs.out, total * hidden, "attention output")?;
             crate::rows::add_rms_norm(&mut xs, a, &norm_weight(n)?, n.eps, &mut normed);
-            self.mlp_rows(&block.mlp, &normed, total, &mut bufs)?;
+            self.mlp_rows(&block.mlp, &normed, total, bufs)?;
             let m = rows_of_width(&bufs.down, total * hidden, "MLP output")?;
             // The residual add, with the next block's norm.
             match self.blocks.get(layer + 1) {
@@ -2343,7 +2345,7 @@ fn rows_of_width<'a>(outs: &'a [Vec<f32>], len: usize, what: &str) -> Result<&'a
 }
 
 /// Buffers of a pass on plain rows ([`Transformer::blocks_rows`]), reused from layer to layer.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct RowBuffers {
     /// The q/k/v projections (one buffer each, or one fused).
     qkv: Vec<Vec<f32>>,
