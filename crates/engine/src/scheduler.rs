@@ -715,8 +715,8 @@ impl Scheduler {
         };
         // Sampling reads a whole vocabulary per row: the batch's rows share the pool's threads
         // (each sequence its own sampler, so the draws do not depend on the split).
-        let rows_read: usize = work.iter().map(|w| w.2.len()).sum();
-        let choices: Vec<Choice> = if work.len() > 1 && rows_read >= PARALLEL_SAMPLING {
+        let logits_read: usize = work.iter().map(|w| w.2.len()).sum();
+        let choices: Vec<Choice> = if work.len() > 1 && logits_read >= PARALLEL_SAMPLING {
             camelid_kernels::on_pool(|| work.par_iter_mut().map(choose).collect())
         } else {
             work.iter_mut().map(choose).collect()
