@@ -648,21 +648,26 @@ fn sampling_in_parallel_equals_one_at_a_time() {
             })
             .collect()
     };
+    // Steps until done, or fails (a request's 10 tokens take at most 11 steps here).
+    let finish = |s: &mut Scheduler| {
+        s.poll();
+        for _ in 0..100 {
+            if s.is_idle() {
+                return;
+            }
+            s.step();
+        }
+        panic!("the requests did not finish");
+    };
     let n = 5;
     let (h, mut s) = scheduler(&model, config());
     let pending: Vec<Pending> = (0..n).map(|i| submit(&h, request(i))).collect();
-    s.poll();
-    while !s.is_idle() {
-        s.step();
-    }
+    finish(&mut s);
     let together: Vec<_> = pending.iter().map(events).collect();
     for (i, expected) in together.iter().enumerate() {
         let (h, mut s) = scheduler(&model, config());
         let p = submit(&h, request(i));
-        s.poll();
-        while !s.is_idle() {
-            s.step();
-        }
+        finish(&mut s);
         let alone = events(&p);
         assert_eq!(alone.len(), 10, "request {i}");
         assert_eq!(&alone, expected, "request {i}: batched output differs");
