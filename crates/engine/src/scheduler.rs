@@ -19,8 +19,9 @@ use crate::json_constraint::{JsonConstraint, Schema};
 use crate::paged_kv::{BlockId, BlockPool, PagedBatch, PoolShape, PoolStats};
 use crate::sampling::{Sampler, SamplingParams};
 use camelid_model::tokenizer::DecodeStream;
-use camelid_model::transformer::{log_softmax, BatchSeq, Logits};
+use camelid_model::transformer::{log_softmax, BatchLogits, BatchSeq, Logits};
 use camelid_model::Model;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -328,10 +329,16 @@ pub struct Scheduler {
     shutting_down: bool,
     /// Each token's text, for constrained decoding (made on first use).
     token_texts: Option<Arc<Vec<String>>>,
+    /// The forward pass's logits, their buffers reused from step to step.
+    logits: BatchLogits,
 }
 
 /// How many allowed tokens a constrained step samples among (the most likely ones).
 const CONSTRAINED_CANDIDATES: usize = 64;
+
+/// Logits a step reads at least before its sequences sample on the pool's threads (below,
+/// handing the work over costs more than it saves).
+const PARALLEL_SAMPLING: usize = 1 << 16;
 
 /// Starts the scheduler thread for `model`. It runs until [`SchedulerHandle::shutdown`] was
 /// called and every sequence has finished (or every handle is dropped).
@@ -381,6 +388,7 @@ impl Scheduler {
             counters: SchedulerStats::default(),
             shutting_down: false,
             token_texts: None,
+            logits: BatchLogits::default(),
         };
         s.publish();
         (handle, s)
@@ -639,42 +647,85 @@ impl Scheduler {
                 .collect(),
             starts: pieces.iter().map(|&(_, start, ..)| start).collect(),
         };
-        let result =
-            camelid_kernels::on_pool(|| model.transformer.forward_batch(&inputs, &mut batch));
+        let mut logits = std::mem::take(&mut self.logits);
+        let result = camelid_kernels::on_pool(|| {
+            model
+                .transformer
+                .forward_batch_into(&inputs, &mut batch, &mut logits)
+        });
         drop(inputs);
         let members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                // Not expected (inputs were checked on submit): fail the batch, keep serving.
-                let msg = format!("forward pass failed: {e}");
-                for i in members.into_iter().rev() {
-                    let seq = self.running.remove(i);
-                    self.finish(seq, FinishReason::Cancelled, Some(msg.clone()));
-                }
-                return;
+        if let Err(e) = result {
+            self.logits = logits;
+            // Not expected (inputs were checked on submit): fail the batch, keep serving.
+            let msg = format!("forward pass failed: {e}");
+            for i in members.into_iter().rev() {
+                let seq = self.running.remove(i);
+                self.finish(seq, FinishReason::Cancelled, Some(msg.clone()));
             }
-        };
-        let mut rows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); self.running.len()];
-        for (&(i, ..), l) in pieces.iter().zip(logits) {
-            if let Some(l) = l {
-                match l.to_vec2::<f32>() {
-                    Ok(r) => rows[i].extend(r),
-                    Err(e) => {
-                        let msg = format!("reading logits failed: {e}");
-                        for i in members.into_iter().rev() {
-                            let seq = self.running.remove(i);
-                            self.finish(seq, FinishReason::Cancelled, Some(msg.clone()));
-                        }
-                        return;
-                    }
-                }
+            return;
+        }
+        // A sequence's pieces are consecutive members, so its rows are one stretch.
+        let mut spans: Vec<Option<(usize, usize)>> = vec![None; self.running.len()];
+        for (p, &(i, ..)) in pieces.iter().enumerate() {
+            if let Some((first, n)) = logits.span(p) {
+                spans[i] = Some(match spans[i] {
+                    Some((f, m)) => (f, m + n),
+                    None => (first, n),
+                });
             }
         }
-        let mut done = Vec::new();
+        let mut befores = vec![0; self.running.len()];
         for &i in &members {
-            let r = std::mem::take(&mut rows[i]);
-            match self.advance(i, take[i], r) {
+            befores[i] = self.record(i, take[i]);
+        }
+        if self.token_texts.is_none() && self.running.iter().any(|s| s.constraint.is_some()) {
+            self.token_texts = Some(Arc::new(token_texts(&self.model)));
+        }
+        let texts = self.token_texts.clone();
+        let vocab = logits.vocab();
+        // Each member's rows, split off the pass's buffer (they are in running order).
+        let mut rest = logits.all_mut();
+        let mut at = 0;
+        let mut work = Vec::with_capacity(members.len());
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if take[i] == 0 {
+                continue;
+            }
+            let rows: &mut [f32] = match spans[i] {
+                Some((first, n)) => {
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut((first - at) * vocab);
+                    let (mine, tail) = tail.split_at_mut(n * vocab);
+                    rest = tail;
+                    at = first + n;
+                    mine
+                }
+                None => &mut [],
+            };
+            work.push((seq, befores[i], rows));
+        }
+        let choose = |(seq, before, rows): &mut (&mut Seq, usize, &mut [f32])| {
+            choose(
+                seq,
+                *before,
+                rows,
+                vocab,
+                texts.as_deref().map(Vec::as_slice),
+            )
+        };
+        // Sampling reads a whole vocabulary per row: the batch's rows share the pool's threads
+        // (each sequence its own sampler, so the draws do not depend on the split).
+        let logits_read: usize = work.iter().map(|w| w.2.len()).sum();
+        let choices: Vec<Choice> = if work.len() > 1 && logits_read >= PARALLEL_SAMPLING {
+            camelid_kernels::on_pool(|| work.par_iter_mut().map(choose).collect())
+        } else {
+            work.iter_mut().map(choose).collect()
+        };
+        drop(work);
+        self.logits = logits;
+        let mut done = Vec::new();
+        for (&i, choice) in members.iter().zip(choices) {
+            match self.deliver(i, choice) {
                 Ok(Some(reason)) => done.push((i, reason, None)),
                 Ok(None) => {}
                 Err(e) => done.push((i, FinishReason::Cancelled, Some(e.to_string()))),
@@ -686,31 +737,13 @@ impl Scheduler {
         }
     }
 
-    /// Records a computed stretch of `running[i]`; samples when it reached the end.
-    fn advance(
-        &mut self,
-        i: usize,
-        took: usize,
-        rows: Vec<Vec<f32>>,
-    ) -> camelid_model::Result<Option<FinishReason>> {
+    /// Records a computed stretch of `running[i]` and names the blocks it filled, so other
+    /// prompts can share them. Returns how many positions were computed before.
+    fn record(&mut self, i: usize, took: usize) -> usize {
         let bs = self.pool.block_size();
-        if self.running[i].constraint.is_some() && self.token_texts.is_none() {
-            let texts = match self.model.tokenizer.as_ref() {
-                Some(t) => (0..self.model.spec().vocab_size as u32)
-                    .map(|id| t.decode(&[id], false).unwrap_or_default())
-                    .collect(),
-                None => Vec::new(),
-            };
-            self.token_texts = Some(Arc::new(texts));
-        }
-        let texts = self.token_texts.clone();
-        let spec_positions = self.model.spec().batched_positions();
-        let eos = &self.model.eos_ids;
-        let tokenizer = self.model.tokenizer.as_ref();
         let seq = &mut self.running[i];
         let before = seq.computed;
         seq.computed += took;
-        // Name the blocks that are now full, so other prompts can share them.
         while seq.hashes.len() < seq.computed / bs {
             let b = seq.hashes.len();
             let parent = seq.hashes.last().copied().unwrap_or(0);
@@ -719,68 +752,24 @@ impl Scheduler {
                 .register(seq.table[b], parent, &seq.tokens[b * bs..(b + 1) * bs]);
             seq.hashes.push(h);
         }
-        let top_n = seq.req.logprobs.unwrap_or(0);
-        if seq.collecting_prompt_logprobs() {
-            // Row r predicts the token at position before + r + 1.
-            for (r, row) in rows.iter().enumerate() {
-                let next = before + r + 1;
-                if next < seq.prompt_len && next == seq.prompt_logprobs.len() {
-                    let lp = log_softmax(row);
-                    seq.prompt_logprobs
-                        .push(Some(token_logprob(&lp, seq.tokens[next], top_n)));
-                }
-            }
-        }
-        if seq.computed < seq.tokens.len() {
-            return Ok(None);
-        }
-        if seq.generated() >= seq.req.max_tokens {
-            return Ok(Some(FinishReason::Length));
-        }
-        let Some(mut row) = rows.into_iter().next_back() else {
-            return Ok(None);
+        before
+    }
+
+    /// Hands a sampled token to `running[i]`'s sink, with its text and timing.
+    fn deliver(&mut self, i: usize, choice: Choice) -> camelid_model::Result<Option<FinishReason>> {
+        let (next, logprob, json_complete) = match choice {
+            Choice::Wait => return Ok(None),
+            Choice::Finish(reason) => return Ok(Some(reason)),
+            Choice::Token {
+                next,
+                logprob,
+                json_complete,
+            } => (next, logprob, json_complete),
         };
-        let logprob = seq.req.logprobs.map(|n| {
-            let lp = log_softmax(&row);
-            (lp, n)
-        });
-        for &(id, bias) in &seq.req.logit_bias {
-            if let Some(l) = row.get_mut(id as usize) {
-                *l += bias;
-            }
-        }
-        if let (Some(c), Some(texts)) = (&seq.constraint, &texts) {
-            // Keep the most likely tokens that leave the output a viable prefix.
-            let mut order: Vec<u32> = (0..row.len() as u32).collect();
-            order.sort_unstable_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-            let mut allowed = vec![false; row.len()];
-            let mut found = 0;
-            for &id in &order {
-                if found == CONSTRAINED_CANDIDATES || row[id as usize] == f32::NEG_INFINITY {
-                    break;
-                }
-                if texts.get(id as usize).is_some_and(|t| c.allows(t)) {
-                    allowed[id as usize] = true;
-                    found += 1;
-                }
-            }
-            if found == 0 {
-                return Ok(Some(FinishReason::Length));
-            }
-            for (l, ok) in row.iter_mut().zip(&allowed) {
-                if !ok {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let generated = seq.generated();
-        let next = seq.sampler.sample(&mut row, &seq.tokens, generated);
-        let mut json_complete = false;
-        if let (Some(c), Some(texts)) = (&mut seq.constraint, &texts) {
-            c.push(texts.get(next as usize).map_or("", String::as_str));
-            json_complete = c.is_complete();
-        }
-        let logprob = logprob.map(|(lp, n)| token_logprob(&lp, next, n));
+        let spec_positions = self.model.spec().batched_positions();
+        let eos = &self.model.eos_ids;
+        let tokenizer = self.model.tokenizer.as_ref();
+        let seq = &mut self.running[i];
         seq.tokens.push(next);
         let now = Instant::now();
         match seq.last_token {
@@ -866,6 +855,106 @@ impl Scheduler {
         }
         seq.sink.send(SeqEvent::Done(done));
         self.free(seq);
+    }
+}
+
+/// What a sequence does with the rows its stretch computed.
+enum Choice {
+    /// Its prompt is not all read yet.
+    Wait,
+    Finish(FinishReason),
+    Token {
+        next: u32,
+        logprob: Option<TokenLogprob>,
+        json_complete: bool,
+    },
+}
+
+/// Every token's text (constrained decoding matches them against the schema).
+fn token_texts(model: &Model) -> Vec<String> {
+    match model.tokenizer.as_ref() {
+        Some(t) => (0..model.spec().vocab_size as u32)
+            .map(|id| t.decode(&[id], false).unwrap_or_default())
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The part of a step that reads `seq`'s logits `rows` (`[n, vocab]`, edited in place) and
+/// touches only `seq`: prompt log-probs, then, when the stretch that started at `before`
+/// reached the end, the next token (bias, schema mask, sampler). Sequences run it in parallel.
+fn choose(
+    seq: &mut Seq,
+    before: usize,
+    rows: &mut [f32],
+    vocab: usize,
+    texts: Option<&[String]>,
+) -> Choice {
+    let top_n = seq.req.logprobs.unwrap_or(0);
+    if seq.collecting_prompt_logprobs() {
+        // Row r predicts the token at position before + r + 1.
+        for (r, row) in rows.chunks(vocab.max(1)).enumerate() {
+            let next = before + r + 1;
+            if next < seq.prompt_len && next == seq.prompt_logprobs.len() {
+                let lp = log_softmax(row);
+                seq.prompt_logprobs
+                    .push(Some(token_logprob(&lp, seq.tokens[next], top_n)));
+            }
+        }
+    }
+    if seq.computed < seq.tokens.len() {
+        return Choice::Wait;
+    }
+    if seq.generated() >= seq.req.max_tokens {
+        return Choice::Finish(FinishReason::Length);
+    }
+    let Some(row) = rows.chunks_mut(vocab.max(1)).next_back() else {
+        return Choice::Wait;
+    };
+    let logprob = seq.req.logprobs.map(|n| {
+        let lp = log_softmax(row);
+        (lp, n)
+    });
+    for &(id, bias) in &seq.req.logit_bias {
+        if let Some(l) = row.get_mut(id as usize) {
+            *l += bias;
+        }
+    }
+    if let (Some(c), Some(texts)) = (&seq.constraint, texts) {
+        // Keep the most likely tokens that leave the output a viable prefix.
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        let mut allowed = vec![false; row.len()];
+        let mut found = 0;
+        for &id in &order {
+            if found == CONSTRAINED_CANDIDATES || row[id as usize] == f32::NEG_INFINITY {
+                break;
+            }
+            if texts.get(id as usize).is_some_and(|t| c.allows(t)) {
+                allowed[id as usize] = true;
+                found += 1;
+            }
+        }
+        if found == 0 {
+            return Choice::Finish(FinishReason::Length);
+        }
+        for (l, ok) in row.iter_mut().zip(&allowed) {
+            if !ok {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let generated = seq.generated();
+    let next = seq.sampler.sample(row, &seq.tokens, generated);
+    let mut json_complete = false;
+    if let (Some(c), Some(texts)) = (&mut seq.constraint, texts) {
+        c.push(texts.get(next as usize).map_or("", String::as_str));
+        json_complete = c.is_complete();
+    }
+    Choice::Token {
+        next,
+        logprob: logprob.map(|(lp, n)| token_logprob(&lp, next, n)),
+        json_complete,
     }
 }
 

@@ -599,3 +599,77 @@ fn a_sequence_s_numbers_do_not_depend_on_the_batch() {
         );
     }
 }
+
+/// A step's sequences sample on the pool's threads when their rows are many (here 4 × 49,152
+/// logits): each keeps its own seeded sampler, so seeded draws, log-probs and biased logits
+/// are those of the same requests run one at a time. On the default model (the fixtures'
+/// vocabularies are too small to take the parallel path).
+#[test]
+fn sampling_in_parallel_equals_one_at_a_time() {
+    let entry = camelid_model::catalog::find(camelid_model::catalog::DEFAULT_MODEL).expect("entry");
+    let path = camelid_model::catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull");
+    let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"));
+    let vocab = model.spec().vocab_size;
+    let config = || SchedulerConfig {
+        block_size: 16,
+        kv_memory: 64 << 20,
+        ..small_config()
+    };
+    let request = |i: usize| {
+        let mut r = greedy(ids(9 + 5 * i, 70 + i, vocab), 10);
+        match i % 3 {
+            0 => {
+                r.sampling = SamplingParams {
+                    temperature: 0.9,
+                    seed: 11 + i as u64,
+                    ..SamplingParams::default()
+                };
+            }
+            1 => r.logprobs = Some(3),
+            _ => {
+                r.sampling = SamplingParams {
+                    temperature: 1.2,
+                    top_k: 0,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                    seed: 5,
+                    ..SamplingParams::default()
+                };
+                r.logit_bias = vec![(13, 4.0), (198, -100.0)];
+            }
+        }
+        r
+    };
+    let events = |p: &Pending| -> Vec<(u32, Option<f32>)> {
+        p.rx.try_iter()
+            .filter_map(|e| match e {
+                SeqEvent::Token { id, logprob, .. } => Some((id, logprob.map(|l| l.logprob))),
+                SeqEvent::Done(_) => None,
+            })
+            .collect()
+    };
+    // Steps until done, or fails (a request's 10 tokens take at most 11 steps here).
+    let finish = |s: &mut Scheduler| {
+        s.poll();
+        for _ in 0..100 {
+            if s.is_idle() {
+                return;
+            }
+            s.step();
+        }
+        panic!("the requests did not finish");
+    };
+    let n = 5;
+    let (h, mut s) = scheduler(&model, config());
+    let pending: Vec<Pending> = (0..n).map(|i| submit(&h, request(i))).collect();
+    finish(&mut s);
+    let together: Vec<_> = pending.iter().map(events).collect();
+    for (i, expected) in together.iter().enumerate() {
+        let (h, mut s) = scheduler(&model, config());
+        let p = submit(&h, request(i));
+        finish(&mut s);
+        let alone = events(&p);
+        assert_eq!(alone.len(), 10, "request {i}");
+        assert_eq!(&alone, expected, "request {i}: batched output differs");
+    }
+}

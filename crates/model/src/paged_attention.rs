@@ -507,10 +507,22 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
     let kvh = h0 / (nh / nkv);
     // Per head: scores (room for a whole group of 16 past the last key), output row.
     let stride = m.start + m.len + LANES;
-    let mut scores = vec![0f32; n * stride];
-    let mut out = vec![0f32; n * hd];
-    let mut inv = vec![0f32; n];
-    let mut list = Vec::new();
+    // The thread's buffers from its previous task, zeroed to the sizes this one needs.
+    let mut scratch = SCRATCH.with(|s| s.take());
+    let Scratch {
+        scores,
+        out,
+        inv,
+        list,
+    } = &mut scratch;
+    for (v, len) in [
+        (&mut *scores, n * stride),
+        (&mut *out, n * hd),
+        (&mut *inv, n),
+    ] {
+        v.clear();
+        v.resize(len, 0.0);
+    }
     for i in 0..m.len {
         let pos = m.start + i;
         let lo = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -523,7 +535,7 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
         });
         list.clear();
         list.extend(spans);
-        for &(at, from, to) in &list {
+        for &(at, from, to) in list.iter() {
             // In bounds: the table's blocks up to `start + len` were checked above.
             let span = &keys[at..at + (to - from) * hd];
             let mut j = from;
@@ -548,7 +560,7 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
                 j += cnt;
             }
         }
-        for (scores, inv) in scores.chunks_exact_mut(stride).zip(&mut inv) {
+        for (scores, inv) in scores.chunks_exact_mut(stride).zip(inv.iter_mut()) {
             // SAFETY: the caller checked the CPU.
             *inv = 1.0 / unsafe { kernel.exp_sum(&mut scores[lo..=pos]) };
         }
@@ -557,10 +569,10 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
             let e = &scores[h * stride..];
             let o = &mut out[h * hd..];
             h += match n - h {
-                4.. => weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
-                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
-                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
-                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, &list, hd, o),
+                4.. => weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
+                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
+                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
+                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
             };
         }
         for (hh, out) in out.chunks_exact(hd).enumerate() {
@@ -572,6 +584,21 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
             }
         }
     }
+    SCRATCH.with(|s| s.replace(scratch));
+}
+
+/// A task's working rows in [`group_rows`], kept per thread so that the step's thousands of
+/// tasks (members × KV heads × layers) do not each allocate and free them.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    out: Vec<f32>,
+    inv: Vec<f32>,
+    list: Vec<(usize, usize, usize)>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// The output rows of `H` heads (scores `stride` apart in `e`, rows `hd` apart in `out`), all

@@ -1766,14 +1766,47 @@ impl Transformer {
         self.forward_batch_with(seqs, cache, true)
     }
 
+    /// [`Self::forward_batch`] with the logits as plain rows in `logits`, whose buffers the
+    /// next pass reuses (a serving step reads 32 rows of a 49,152-token vocabulary: 6 MB it
+    /// need not allocate, clear and copy out of a tensor each step). The same numbers.
+    pub fn forward_batch_into(
+        &self,
+        seqs: &[BatchSeq],
+        cache: &mut dyn BatchKvStore,
+        logits: &mut BatchLogits,
+    ) -> Result<()> {
+        self.forward_batch_into_with(seqs, cache, true, logits)
+    }
+
     /// [`Self::forward_batch`]; `on_rows: false` keeps the tensor ops where
-    /// [`Self::blocks_rows`] would run (the tests compare the two).
+    /// [`Self::blocks_rows`] and the head on plain rows would run (the tests compare the two).
     fn forward_batch_with(
         &self,
         seqs: &[BatchSeq],
         cache: &mut dyn BatchKvStore,
         on_rows: bool,
     ) -> Result<Vec<Option<Tensor>>> {
+        let mut logits = BatchLogits::default();
+        self.forward_batch_into_with(seqs, cache, on_rows, &mut logits)?;
+        let vocab = logits.vocab();
+        (0..seqs.len())
+            .map(|i| {
+                logits
+                    .rows(i)
+                    .map(|r| Tensor::from_slice(r, (r.len() / vocab.max(1), vocab), &self.device))
+                    .transpose()
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
+
+    fn forward_batch_into_with(
+        &self,
+        seqs: &[BatchSeq],
+        cache: &mut dyn BatchKvStore,
+        on_rows: bool,
+        logits: &mut BatchLogits,
+    ) -> Result<()> {
         let head = self.head.as_ref().ok_or_else(|| {
             ModelError::Input(format!(
                 "{} is an encoder without a language-model head: use it for embeddings",
@@ -1786,8 +1819,9 @@ impl Transformer {
                 self.spec.family
             )));
         }
+        logits.spans.clear();
         if seqs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let vocab = self.spec.vocab_size as u32;
         let mut ids = Vec::new();
@@ -1843,7 +1877,7 @@ impl Transformer {
             && self.row_blocks()
             && (0..self.blocks.len()).all(|l| cache.pages(l).is_some())
         {
-            self.blocks_rows(&x, &members, cache)?
+            self.blocks_rows(&x, &members, cache, &mut logits.blocks)?
         } else {
             self.blocks_batch(x, &members, cache)?
         };
@@ -1851,18 +1885,26 @@ impl Transformer {
         // so they run on those rows alone.
         let mut rows = Vec::new();
         for (seq, m) in seqs.iter().zip(&members) {
+            let first = rows.len();
             match seq.logits {
-                Logits::All => rows.extend((m.offset..m.offset + m.len).map(|r| r as u32)),
-                Logits::Last => rows.push((m.offset + m.len - 1) as u32),
+                Logits::All => rows.extend(m.offset..m.offset + m.len),
+                Logits::Last => rows.push(m.offset + m.len - 1),
                 Logits::None => {}
             }
+            logits
+                .spans
+                .push((rows.len() > first).then(|| (first, rows.len() - first)));
         }
         if rows.is_empty() {
-            return Ok(seqs.iter().map(|_| None).collect());
+            return Ok(());
+        }
+        if on_rows && self.row_head(head, &x) {
+            return self.head_rows(head, &x, &rows, logits);
         }
         let mut x = if rows.len() == total {
             x
         } else {
+            let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
             x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 1)?
         };
         if let Some(n) = &self.final_norm {
@@ -1871,22 +1913,108 @@ impl Transformer {
         if let Some(p) = &self.proj_out {
             x = p.forward(&x)?;
         }
-        let logits = head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for (seq, m) in seqs.iter().zip(&members) {
-            let n = match seq.logits {
-                Logits::All => m.len,
-                Logits::Last => 1,
-                Logits::None => {
-                    out.push(None);
-                    continue;
-                }
-            };
-            out.push(Some(logits.narrow(0, at, n)?));
-            at += n;
+        let l = head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
+        logits.vocab = l.dim(1)?;
+        logits.data.resize_with(1, Vec::new);
+        let data = &mut logits.data[0];
+        data.clear();
+        with_f32_slice(&l, |s| data.extend_from_slice(s))?;
+        Ok(())
+    }
+
+    /// The head's end runs on plain rows ([`Self::head_rows`]): f32 activations, an RMSNorm
+    /// (or none) before a head that camelid's kernels run, no projection between.
+    fn row_head(&self, head: &Linear, x: &Tensor) -> bool {
+        x.dtype() == DType::F32
+            && self.proj_out.is_none()
+            && head.compute.is_none()
+            && !head.flat
+            && KernelGroup::of(&[head]).is_some()
+            && self.final_norm.as_ref().is_none_or(|n| {
+                n.kind == NormKind::RmsNorm && !n.differentiable && n.weight.dtype() == DType::F32
+            })
+    }
+
+    /// The final norm and the head of `rows` of `x` (`[1, total, hidden]`) on plain rows, into
+    /// `logits`' reused buffers: the numbers of the tensor ops (the row norm is candle's
+    /// RMSNorm to the bit; the head is the same kernel product).
+    fn head_rows(
+        &self,
+        head: &Linear,
+        x: &Tensor,
+        rows: &[usize],
+        logits: &mut BatchLogits,
+    ) -> Result<()> {
+        let hidden = x.dim(D::Minus1)?;
+        let BatchLogits {
+            data,
+            vocab,
+            picked,
+            normed,
+            ..
+        } = logits;
+        picked.clear();
+        with_f32_slice(x, |xs| {
+            for &r in rows {
+                picked.extend_from_slice(&xs[r * hidden..(r + 1) * hidden]);
+            }
+        })?;
+        let input = match &self.final_norm {
+            Some(n) => {
+                normed.resize(picked.len(), 0.0);
+                crate::rows::rms_norm(picked, &n.weight.to_vec1::<f32>()?, n.eps, normed);
+                normed.as_slice()
+            }
+            None => picked.as_slice(),
+        };
+        Linear::products_into(&[head], input, rows.len(), &self.device, data)?;
+        *vocab = data.first().map_or(0, |d| d.len() / rows.len());
+        Ok(())
+    }
+}
+
+/// The logits of a batched pass as plain rows ([`Transformer::forward_batch_into`]), kept from
+/// pass to pass so that their buffers (and the blocks' working buffers) are reused: the
+/// members' rows end to end, in member order, [`BatchLogits::vocab`] wide.
+#[derive(Debug, Default)]
+pub struct BatchLogits {
+    /// One buffer, `[rows, vocab]` (the head's product writes it in place).
+    data: Vec<Vec<f32>>,
+    vocab: usize,
+    /// Per member of the last pass: its first row and how many (`None`: it asked for none).
+    spans: Vec<Option<(usize, usize)>>,
+    /// The rows the head reads, gathered, then normed.
+    picked: Vec<f32>,
+    normed: Vec<f32>,
+    /// [`Transformer::blocks_rows`]' working buffers, kept for the next pass too.
+    blocks: RowBuffers,
+}
+
+impl BatchLogits {
+    /// Width of a row.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Member `i`'s first row and row count, if it asked for logits.
+    pub fn span(&self, i: usize) -> Option<(usize, usize)> {
+        self.spans.get(i).copied().flatten()
+    }
+
+    /// Member `i`'s rows `[n, vocab]`, if it asked for logits.
+    pub fn rows(&self, i: usize) -> Option<&[f32]> {
+        let (first, n) = self.span(i)?;
+        let v = self.vocab;
+        self.data.first()?.get(first * v..(first + n) * v)
+    }
+
+    /// Every row of the pass, to be split by [`BatchLogits::span`] (sampling edits rows in
+    /// place).
+    pub fn all_mut(&mut self) -> &mut [f32] {
+        match self.data.first_mut() {
+            Some(d) => d.as_mut_slice(),
+            None => &mut [],
         }
-        Ok(out)
     }
 }
 
@@ -2047,6 +2175,7 @@ impl Transformer {
         x: &Tensor,
         members: &[crate::paged_attention::Member],
         cache: &mut dyn BatchKvStore,
+        bufs: &mut RowBuffers,
     ) -> Result<Tensor> {
         let (total, hidden) = (x.elem_count() / self.spec.hidden, self.spec.hidden);
         let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -2068,7 +2197,6 @@ impl Transformer {
         };
         let norm_weight = |n: &Norm| n.weight.to_vec1::<f32>();
         let mut normed = vec![0f32; total * hidden];
-        let mut bufs = RowBuffers::default();
         if let Some(first) = self.blocks.first() {
             let n = &first.attn_norm;
             crate::rows::rms_norm(&xs, &norm_weight(n)?, n.eps, &mut normed);
@@ -2090,12 +2218,12 @@ impl Transformer {
                 slopes.as_deref(),
                 members,
                 pages,
-                &mut bufs,
+                bufs,
             )?;
             let n = block.mlp_norm.as_ref().unwrap_or(&block.attn_norm);
             let a = rows_of_width(&bufs.out, total * hidden, "attention output")?;
             crate::rows::add_rms_norm(&mut xs, a, &norm_weight(n)?, n.eps, &mut normed);
-            self.mlp_rows(&block.mlp, &normed, total, &mut bufs)?;
+            self.mlp_rows(&block.mlp, &normed, total, bufs)?;
             let m = rows_of_width(&bufs.down, total * hidden, "MLP output")?;
             // The residual add, with the next block's norm.
             match self.blocks.get(layer + 1) {
@@ -2217,7 +2345,7 @@ fn rows_of_width<'a>(outs: &'a [Vec<f32>], len: usize, what: &str) -> Result<&'a
 }
 
 /// Buffers of a pass on plain rows ([`Transformer::blocks_rows`]), reused from layer to layer.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct RowBuffers {
     /// The q/k/v projections (one buffer each, or one fused).
     qkv: Vec<Vec<f32>>,
