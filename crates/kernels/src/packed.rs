@@ -540,6 +540,36 @@ pub mod x86 {
             _mm512_set1_epi32(std::ptr::read_unaligned((p as *const i32).add(i)))
         }
 
+        /// Block `k`'s integer sums of 4-bit quants (group `g`'s 4 vectors of nibbles at `p`,
+        /// group `g + 1`'s at `p + gb`) with each token's quants: every token's `vpdpbusd` for
+        /// one vector, then the next vector (exact in any order).
+        #[inline(always)]
+        unsafe fn nibble_sums<const NT: usize>(
+            p: *const u8,
+            gb: usize,
+            a: &[Act; NT],
+            k: usize,
+        ) -> [__m512i; NT] {
+            let mask = _mm512_set1_epi8(0x0F);
+            let mut s = [_mm512_setzero_si512(); NT];
+            for i in 0..4 {
+                let v = pair(p.add(32 * i), gb);
+                let lo = _mm512_and_si512(v, mask);
+                // A 32-bit shift (AVX-512F) is as good as a 16-bit one: the mask drops the bits
+                // that cross into a neighbouring byte.
+                let hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), mask);
+                for (s, a) in s.iter_mut().zip(a) {
+                    let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                    *s = _mm512_dpbusd_epi32(*s, lo, bcast16(q, i));
+                }
+                for (s, a) in s.iter_mut().zip(a) {
+                    let q = a.blocks.get_unchecked(k).qs.as_ptr();
+                    *s = _mm512_dpbusd_epi32(*s, hi, bcast16(q, 4 + i));
+                }
+            }
+            s
+        }
+
         /// [`vnni::q4_0`] for groups `g` and `g + 1`, the integer sums taken as in
         /// [`vnni_tiles`] (exact in any order).
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
@@ -548,23 +578,9 @@ pub mod x86 {
             let gb = nb * 144;
             debug_assert_eq!(w.len(), 2 * gb);
             let mut acc = [_mm512_setzero_ps(); NT];
-            let mask = _mm512_set1_epi8(0x0F);
             let mut p = w.as_ptr();
             for k in 0..nb {
-                let mut s = [_mm512_setzero_si512(); NT];
-                for i in 0..4 {
-                    let v = pair(p.add(SCALES + 32 * i), gb);
-                    let lo = _mm512_and_si512(v, mask);
-                    let hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), mask);
-                    for (s, a) in s.iter_mut().zip(&a) {
-                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
-                        *s = _mm512_dpbusd_epi32(*s, lo, bcast16(q, i));
-                    }
-                    for (s, a) in s.iter_mut().zip(&a) {
-                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
-                        *s = _mm512_dpbusd_epi32(*s, hi, bcast16(q, 4 + i));
-                    }
-                }
+                let s = nibble_sums(p.add(SCALES), gb, &a, k);
                 let d = pair_f16(p, gb);
                 for t in 0..NT {
                     let ab = a[t].blocks.get_unchecked(k);
@@ -588,25 +604,9 @@ pub mod x86 {
             debug_assert_eq!(w.len(), 2 * gb);
             let mut acc = [_mm512_setzero_ps(); NT];
             let mut mins = [_mm512_setzero_ps(); NT];
-            let mask = _mm512_set1_epi8(0x0F);
             let mut p = w.as_ptr();
             for k in 0..nb {
-                let mut s = [_mm512_setzero_si512(); NT];
-                for i in 0..4 {
-                    let v = pair(p.add(SCALES_MINS + 32 * i), gb);
-                    let lo = _mm512_and_si512(v, mask);
-                    // A 32-bit shift (AVX-512F) is as good as a 16-bit one: the mask drops
-                    // the bits that cross into a neighbouring byte.
-                    let hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), mask);
-                    for (s, a) in s.iter_mut().zip(&a) {
-                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
-                        *s = _mm512_dpbusd_epi32(*s, lo, bcast16(q, i));
-                    }
-                    for (s, a) in s.iter_mut().zip(&a) {
-                        let q = a.blocks.get_unchecked(k).qs.as_ptr();
-                        *s = _mm512_dpbusd_epi32(*s, hi, bcast16(q, 4 + i));
-                    }
-                }
+                let s = nibble_sums(p.add(SCALES_MINS), gb, &a, k);
                 let d = pair_f16(p, gb);
                 let m = pair_f16(p.add(SCALES), gb);
                 for t in 0..NT {
