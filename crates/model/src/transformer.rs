@@ -476,6 +476,25 @@ struct Attention {
     k_norm: Option<Norm>,
 }
 
+impl Attention {
+    /// This layer's shape for [`crate::paged_attention`], with the sliding window and the
+    /// ALiBi slopes that apply to it.
+    fn geometry<'a>(
+        &self,
+        window: Option<usize>,
+        alibi: Option<&'a [f32]>,
+    ) -> crate::paged_attention::Geometry<'a> {
+        crate::paged_attention::Geometry {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+            window,
+            alibi,
+        }
+    }
+}
+
 struct Mlp {
     gate: Option<Linear>,
     up: Linear,
@@ -1473,14 +1492,7 @@ impl Transformer {
                 Some(s) => Some(s.to_vec1::<f32>()?),
                 None => None,
             };
-            let geometry = crate::paged_attention::Geometry {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                scale: attn.scale as f32,
-                window,
-                alibi: slopes.as_deref(),
-            };
+            let geometry = attn.geometry(window, slopes.as_deref());
             let mut out = vec![0f32; t * nh * hd];
             with_f32_slice(&q, |qs| {
                 with_f32_slice(&k, |ks| {

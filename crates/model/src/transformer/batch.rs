@@ -614,14 +614,7 @@ impl Transformer {
                 bufs.v.as_slice()
             }
         };
-        let geometry = crate::paged_attention::Geometry {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            scale: attn.scale as f32,
-            window,
-            alibi,
-        };
+        let geometry = attn.geometry(window, alibi);
         bufs.heads.clear();
         bufs.heads.resize(total * nh * hd, 0.0);
         crate::paged_attention::attend(
@@ -722,14 +715,7 @@ impl Transformer {
             }
             _ => (q, k),
         };
-        let geometry = crate::paged_attention::Geometry {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            scale: attn.scale as f32,
-            window,
-            alibi,
-        };
+        let geometry = attn.geometry(window, alibi);
         let mut out = vec![0f32; total * nh * hd];
         with_f32_slice(&q, |qs| {
             with_f32_slice(&k, |ks| {
