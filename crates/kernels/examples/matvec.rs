@@ -3,7 +3,10 @@
 //! (ROWS 16384 makes the Q4 matrices larger than a 32 MiB L3, so decode reads DRAM).
 //! Prints weight bytes read per second (decode, 1 token) or tokens·rows per second.
 
+mod common;
+
 use camelid_kernels::{quantize_weights, Isa, QMatrix, QType};
+use common::Lcg;
 use std::time::Instant;
 
 fn main() {
@@ -14,13 +17,9 @@ fn main() {
     let tokens = args.first().copied().unwrap_or(1);
     let reps = args.get(1).copied().unwrap_or(50);
     let (rows, cols) = (args.get(2).copied().unwrap_or(4096), 4096);
-    let mut s = 1u32;
-    let mut rnd = || {
-        s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-        (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-    };
-    let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
-    let x: Vec<f32> = (0..tokens * cols).map(|_| rnd()).collect();
+    let mut lcg = Lcg::new(1);
+    let w = lcg.values(rows * cols);
+    let x = lcg.values(tokens * cols);
     let mut out = vec![0f32; tokens * rows];
     for ty in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
         let bytes = quantize_weights(ty, &w);

@@ -5,19 +5,10 @@
 //! `cargo run --release -p camelid-kernels --example step_products [TOKENS] [LAYERS] [REPS]`
 //! (run it with `RAYON_NUM_THREADS=1` to time one core).
 
-use camelid_kernels::{matmul_group, quantize_weights, QMatrix, QType};
+mod common;
 
-fn cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-            Some(ticks / 100.0)
-        })
-        .unwrap_or(f64::NAN)
-}
+use camelid_kernels::{matmul_group, quantize_weights, QMatrix, QType};
+use common::{cpu_seconds, Lcg};
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -27,15 +18,8 @@ fn main() {
     let tokens = args.first().copied().unwrap_or(32);
     let layers = args.get(1).copied().unwrap_or(30);
     let reps = args.get(2).copied().unwrap_or(20);
-    let mut s = 1u32;
-    let mut rnd = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    };
+    let mut lcg = Lcg::new(1);
+    let mut rnd = |n: usize| lcg.values(n);
     let mut matrix = |rows: usize, cols: usize| {
         let w = quantize_weights(QType::Q4_1, &rnd(rows * cols));
         QMatrix::from_bytes(QType::Q4_1, rows, cols, &w).expect("valid shapes")

@@ -6,7 +6,10 @@
 //! Times are the thread's CPU time; cycles come from a chain of dependent integer additions
 //! (one per cycle) timed the same way, so MAC/cycle holds on a shared machine.
 
+mod common;
+
 use camelid_kernels::{matmul_group, quantize_weights, QMatrix, QType};
+use common::Lcg;
 
 fn thread_seconds() -> f64 {
     #[cfg(target_os = "linux")]
@@ -72,15 +75,8 @@ fn main() {
         .num_threads(1)
         .build()
         .expect("a thread pool");
-    let mut s = 1u32;
-    let mut rnd = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    };
+    let mut lcg = Lcg::new(1);
+    let mut rnd = |n: usize| lcg.values(n);
     let hz = pool.install(cycles_per_second);
     println!("core clock {:.2} GHz", hz * 1e-9);
     for (ty, rows, cols) in [
