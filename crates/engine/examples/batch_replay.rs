@@ -8,7 +8,6 @@
 //! ```
 
 use camelid_engine::scheduler::{ChannelSink, Scheduler, SchedulerConfig, SeqEvent, SeqRequest};
-use camelid_engine::SamplingParams;
 use camelid_model::Model;
 use candle_core::Device;
 use std::sync::{mpsc, Arc};
@@ -75,17 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (tx, rx) = mpsc::channel();
             rxs.push(rx);
             batch.push((
-                SeqRequest {
-                    prompt: ids,
-                    max_tokens,
-                    sampling: SamplingParams::greedy(),
-                    logit_bias: Vec::new(),
-                    stop: Vec::new(),
-                    stop_at_eos: false,
-                    logprobs: None,
-                    prompt_logprobs: false,
-                    json: None,
-                },
+                SeqRequest::greedy(ids, max_tokens),
                 Box::new(ChannelSink(tx)) as Box<dyn camelid_engine::scheduler::SeqSink>,
             ));
         }

@@ -79,6 +79,24 @@ pub struct SeqRequest {
     pub json: Option<Arc<Schema>>,
 }
 
+impl SeqRequest {
+    /// `max_tokens` greedy tokens after `prompt`, past EOS, with no stop strings, bias,
+    /// log-probs or schema: the plain request of benchmarks and tests, to adjust field by field.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        SeqRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            logit_bias: Vec::new(),
+            stop: Vec::new(),
+            stop_at_eos: false,
+            logprobs: None,
+            prompt_logprobs: false,
+            json: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum SeqEvent {
     /// One sampled token and the text it completes (possibly empty: text is held back while

@@ -168,20 +168,6 @@ impl Pending {
     }
 }
 
-fn greedy(prompt: Vec<u32>, max_tokens: usize) -> SeqRequest {
-    SeqRequest {
-        prompt,
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        logit_bias: Vec::new(),
-        stop: Vec::new(),
-        stop_at_eos: false,
-        logprobs: None,
-        prompt_logprobs: false,
-        json: None,
-    }
-}
-
 fn submit(handle: &SchedulerHandle, req: SeqRequest) -> Pending {
     let (tx, rx) = mpsc::channel();
     let closed = Arc::new(AtomicBool::new(false));
@@ -253,14 +239,14 @@ fn batched_greedy_equals_one_at_a_time() {
         .collect();
     for (p, expected) in prompts(vocab).into_iter().zip(&alone) {
         let (h, mut s) = scheduler(&model, small_config());
-        let got = run_all(&mut s, &[submit(&h, greedy(p, max_tokens))]);
+        let got = run_all(&mut s, &[submit(&h, SeqRequest::greedy(p, max_tokens))]);
         assert_eq!(&got[0].0, expected);
     }
     // All together.
     let (h, mut s) = scheduler(&model, small_config());
     let pending: Vec<Pending> = prompts(vocab)
         .into_iter()
-        .map(|p| submit(&h, greedy(p, max_tokens)))
+        .map(|p| submit(&h, SeqRequest::greedy(p, max_tokens)))
         .collect();
     let got = run_all(&mut s, &pending);
     for ((tokens, done), expected) in got.iter().zip(&alone) {
@@ -281,7 +267,7 @@ fn admission_respects_the_running_limit_and_the_queue() {
     };
     let (h, mut s) = scheduler(&model, config);
     let pending: Vec<Pending> = (0..4)
-        .map(|i| submit(&h, greedy(ids(6, i, 100), 4)))
+        .map(|i| submit(&h, SeqRequest::greedy(ids(6, i, 100), 4)))
         .collect();
     let (tx, _rx) = mpsc::channel();
     let extra = TestSink {
@@ -290,7 +276,7 @@ fn admission_respects_the_running_limit_and_the_queue() {
     };
     assert_eq!(
         h.submit(vec![(
-            greedy(vec![1, 2], 2),
+            SeqRequest::greedy(vec![1, 2], 2),
             Box::new(extra) as Box<dyn SeqSink>
         )]),
         Err(SubmitError::QueueFull)
@@ -314,7 +300,7 @@ fn admission_respects_the_running_limit_and_the_queue() {
     };
     assert!(matches!(
         h.submit(vec![(
-            greedy(ids(10, 0, 100), 10),
+            SeqRequest::greedy(ids(10, 0, 100), 10),
             Box::new(sink) as Box<dyn SeqSink>
         )]),
         Err(SubmitError::TooLarge(_))
@@ -330,11 +316,11 @@ fn long_prompts_are_chunked_while_others_decode() {
         ..small_config()
     };
     let (h, mut s) = scheduler(&model, config);
-    let short = submit(&h, greedy(ids(2, 1, vocab), 20));
+    let short = submit(&h, SeqRequest::greedy(ids(2, 1, vocab), 20));
     s.poll();
     s.step(); // the short prompt is read and its first token sampled
     let long_prompt = ids(40, 2, vocab);
-    let long = submit(&h, greedy(long_prompt.clone(), 4));
+    let long = submit(&h, SeqRequest::greedy(long_prompt.clone(), 4));
     s.poll();
     let mut short_tokens = short.drain().0;
     // 40 prompt tokens at ≤ 5 per step (one row goes to the decode): the short sequence
@@ -372,7 +358,7 @@ fn preemption_recomputes_without_changing_outputs() {
     let ps: Vec<Vec<u32>> = (0..4).map(|i| ids(10, i, vocab)).collect();
     let pending: Vec<Pending> = ps
         .iter()
-        .map(|p| submit(&h, greedy(p.clone(), 20)))
+        .map(|p| submit(&h, SeqRequest::greedy(p.clone(), 20)))
         .collect();
     let got = run_all(&mut s, &pending);
     for ((tokens, _), p) in got.iter().zip(&ps) {
@@ -398,10 +384,10 @@ fn prefix_cache_shares_blocks_and_evicts_the_least_recent() {
         p.extend([tail, tail + 1, tail + 2]);
         p
     };
-    let first = run_all(&mut s, &[submit(&h, greedy(with_tail(3), 6))]);
+    let first = run_all(&mut s, &[submit(&h, SeqRequest::greedy(with_tail(3), 6))]);
     assert_eq!(first[0].1.cached_tokens, 0);
     // The 16-token prefix is 4 full blocks: all reused.
-    let second = run_all(&mut s, &[submit(&h, greedy(with_tail(40), 6))]);
+    let second = run_all(&mut s, &[submit(&h, SeqRequest::greedy(with_tail(40), 6))]);
     assert_eq!(second[0].1.cached_tokens, 16);
     assert_eq!(
         second[0].0,
@@ -412,13 +398,13 @@ fn prefix_cache_shares_blocks_and_evicts_the_least_recent() {
     assert!(stats.pool.cached_free > 0);
     // Other prompts fill the pool: the cached prefix is evicted, least recent first.
     let others: Vec<Pending> = (0..3)
-        .map(|i| submit(&h, greedy(ids(30, 20 + i, vocab), 8)))
+        .map(|i| submit(&h, SeqRequest::greedy(ids(30, 20 + i, vocab), 8)))
         .collect();
     run_all(&mut s, &others);
     let stats = h.stats();
     assert!(stats.pool.evictions > 0);
     assert_eq!(stats.pool.used, 0, "blocks leaked");
-    let third = run_all(&mut s, &[submit(&h, greedy(with_tail(3), 6))]);
+    let third = run_all(&mut s, &[submit(&h, SeqRequest::greedy(with_tail(3), 6))]);
     assert_eq!(third[0].0, first[0].0);
 }
 
@@ -426,8 +412,8 @@ fn prefix_cache_shares_blocks_and_evicts_the_least_recent() {
 fn cancellation_frees_blocks_at_once() {
     let model = Arc::new(load("smollm2_shape"));
     let (h, mut s) = scheduler(&model, small_config());
-    let p = submit(&h, greedy(ids(20, 1, 100), 30));
-    let q = submit(&h, greedy(ids(5, 2, 100), 30));
+    let p = submit(&h, SeqRequest::greedy(ids(20, 1, 100), 30));
+    let q = submit(&h, SeqRequest::greedy(ids(5, 2, 100), 30));
     s.poll();
     s.step();
     s.step();
@@ -451,7 +437,7 @@ fn prompt_logprobs_match_the_full_forward() {
         ..small_config()
     };
     let (h, mut s) = scheduler(&model, config);
-    let mut req = greedy(prompt.clone(), 0);
+    let mut req = SeqRequest::greedy(prompt.clone(), 0);
     req.prompt_logprobs = true;
     req.logprobs = Some(2);
     let got = run_all(&mut s, &[submit(&h, req)]);
@@ -482,7 +468,7 @@ fn sampled_output_repeats_with_the_same_seed_across_prefix_hits() {
     };
     let (h, mut s) = scheduler(&model, config);
     let sampled = |seed| {
-        let mut r = greedy(ids(25, 3, vocab), 30);
+        let mut r = SeqRequest::greedy(ids(25, 3, vocab), 30);
         r.sampling = SamplingParams {
             temperature: 1.0,
             top_k: 0,
@@ -540,7 +526,7 @@ fn a_sequence_s_numbers_do_not_depend_on_the_batch() {
     };
     let prompt = ids(45, 5, vocab);
     let with_logprobs = || {
-        let mut r = greedy(prompt.clone(), 12);
+        let mut r = SeqRequest::greedy(prompt.clone(), 12);
         r.logprobs = Some(0);
         r
     };
@@ -554,11 +540,14 @@ fn a_sequence_s_numbers_do_not_depend_on_the_batch() {
         if warm {
             let mut p = prompt[..32].to_vec();
             p.push(1);
-            run_all(&mut s, &[submit(&h, greedy(p, 2))]);
+            run_all(&mut s, &[submit(&h, SeqRequest::greedy(p, 2))]);
         }
         let mut pending = vec![submit(&h, with_logprobs())];
         for k in 0..extra {
-            pending.push(submit(&h, greedy(ids(3 + 19 * k, 40 + k, vocab), 15)));
+            pending.push(submit(
+                &h,
+                SeqRequest::greedy(ids(3 + 19 * k, 40 + k, vocab), 15),
+            ));
         }
         let mut lps = Vec::new();
         s.poll();
@@ -616,7 +605,7 @@ fn sampling_in_parallel_equals_one_at_a_time() {
         ..small_config()
     };
     let request = |i: usize| {
-        let mut r = greedy(ids(9 + 5 * i, 70 + i, vocab), 10);
+        let mut r = SeqRequest::greedy(ids(9 + 5 * i, 70 + i, vocab), 10);
         match i % 3 {
             0 => {
                 r.sampling = SamplingParams {
