@@ -19,6 +19,7 @@
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
 mod attention;
+pub mod expf;
 mod f16;
 pub mod kquants;
 mod many;

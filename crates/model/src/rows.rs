@@ -112,16 +112,11 @@ pub fn add(x: &mut [f32], a: &[f32]) {
 }
 
 /// SwiGLU's `silu(gate) · up` into `gate`: candle's `silu` (`v / (1 + e^(−v))`) then the
-/// product.
+/// product, its `e^x` vectorized with `f32::exp`'s exact bits ([`camelid_kernels::expf`]).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     debug_assert_eq!(gate.len(), up.len());
     const CHUNK: usize = PAR_MIN / 2;
-    let f = |g: &mut [f32], u: &[f32]| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            let v = *g;
-            *g = v / (1.0 + (-v).exp()) * u;
-        }
-    };
+    let f = camelid_kernels::expf::silu_mul;
     if parallel(gate.len()) {
         gate.par_chunks_mut(CHUNK)
             .zip(up.par_chunks(CHUNK))
@@ -275,6 +270,45 @@ mod tests {
             silu_mul(&mut out, &u);
             assert_eq!(bits(&out), bits(&tensor_vec(&expect)), "{rows} rows");
         }
+    }
+
+    /// Gates beyond the vector exponential's range (|v| ≥ 88, infinities, NaN) among
+    /// ordinary ones, on every path the CPU has, against candle.
+    #[test]
+    fn silu_mul_matches_candle_on_extreme_gates() {
+        use camelid_kernels::expf::{silu_mul_on, ExpPath};
+        let dev = Device::Cpu;
+        let n = 1000;
+        let mut g = values(n, 7);
+        let extreme = [
+            88.0,
+            -88.0,
+            88.8,
+            -104.0,
+            -103.5,
+            1e4,
+            -1e4,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            -0.0,
+        ];
+        for (i, &e) in extreme.iter().enumerate() {
+            g[i * 37 + 5] = e;
+        }
+        let u = values(n, 8);
+        let gt = Tensor::from_vec(g.clone(), n, &dev).expect("g");
+        let ut = Tensor::from_vec(u.clone(), n, &dev).expect("u");
+        let expect = (candle_nn::ops::silu(&gt).expect("silu") * ut).expect("mul");
+        for path in ExpPath::available() {
+            let mut out = g.clone();
+            silu_mul_on(path, &mut out, &u);
+            assert_eq!(bits(&out), bits(&tensor_vec(&expect)), "{path:?}");
+        }
+        let mut out = g.clone();
+        silu_mul(&mut out, &u);
+        assert_eq!(bits(&out), bits(&tensor_vec(&expect)), "chosen path");
     }
 
     /// Rotary on the heads of a row-major projection against `Rope::apply` on the same heads
