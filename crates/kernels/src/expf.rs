@@ -96,6 +96,11 @@ pub fn self_check(path: ExpPath) -> bool {
         88.5,
         -100.0,
         f32::NAN,
+        // The only two f32 arguments whose result depends on `r` being one fused operation,
+        // as in glibc's FMA build (its SSE2 build, chosen on CPUs without FMA or when glibc's
+        // tunables mask it, rounds the product first).
+        f32::from_bits(0xc27c_65d9),
+        f32::from_bits(0x4202_422f),
     ]);
     let mut got = xs.clone();
     exp_in_place_on(path, &mut got);
@@ -565,6 +570,10 @@ mod tests {
                 xs.push(f32::from_bits(edge.wrapping_add_signed(d)));
             }
         }
+        // The two arguments (of all 2^32) whose result changes when `r` is computed as a
+        // rounded product then a subtraction instead of one fused operation (found by
+        // `examples/exp_exhaustive.rs` on such a variant).
+        xs.extend([f32::from_bits(0xc27c_65d9), f32::from_bits(0x4202_422f)]);
         // Subnormal results inside the fast range: x in (-88, -87.33).
         xs.extend((0..2000).map(|i| -87.33 - i as f32 * 0.000_34));
         // Tiny arguments, where e^x rounds to 1 or just below/above it.
@@ -626,6 +635,55 @@ mod tests {
             assert!(self_check(path), "{path:?}");
         }
         assert_eq!(ExpPath::chosen(), *ExpPath::available().last().unwrap());
+    }
+
+    /// With glibc's tunables masking AVX2 and FMA, the process's `expf` is glibc's SSE2
+    /// build, which differs from the FMA build on two arguments: the self-check must then
+    /// turn the vector paths down. The test runs itself again in a child process with those
+    /// tunables (they are read at start-up).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn the_self_check_turns_down_a_different_expf() {
+        const CHILD: &str = "CAMELID_EXPF_TEST_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let y = std::hint::black_box(f32::from_bits(0xc27c_65d9)).exp();
+            if y.to_bits() != 0x11fa_2992 {
+                println!("expf-child: the FMA build is still in use");
+                return;
+            }
+            for path in vector_paths() {
+                assert!(!self_check(path), "{path:?} passed against the SSE2 build");
+            }
+            assert_eq!(ExpPath::chosen(), ExpPath::Scalar);
+            let (mut g, u) = (vec![f32::from_bits(0x427c_65d9); 20], vec![1.0f32; 20]);
+            silu_mul(&mut g, &u);
+            let want = std::hint::black_box(f32::from_bits(0x427c_65d9));
+            assert_eq!(g[19].to_bits(), (want / (1.0 + (-want).exp())).to_bits());
+            println!("expf-child: vector paths turned down");
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "expf::tests::the_self_check_turns_down_a_different_expf",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .env("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2,-FMA")
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed:\n{stdout}");
+        if vector_paths().is_empty() || stdout.contains("still in use") {
+            // Nothing to turn down, or a glibc without these tunables.
+            return;
+        }
+        assert!(
+            stdout.contains("vector paths turned down"),
+            "child said:\n{stdout}"
+        );
     }
 
     #[test]
