@@ -15,7 +15,9 @@
 //! weights, and [`attention`] runs one sequence's attention a query row at a time on the cache
 //! in place. Packed and F16 matrices live in 2 MiB pages (`packed::Buffer`). [`KMatrix`] runs
 //! GGUF `Q4_K`, `Q5_K`, `Q6_K`, `Q5_0` and `Q5_1` weights in place, as ggml computes them
-//! (`kquants.rs`, `q5.rs`).
+//! (`kquants.rs`, `q5.rs`). [`expf`] computes `e^x` over slices with exactly the bits of the
+//! platform's `expf` (glibc's algorithm in AVX2 or AVX-512), for SwiGLU's `silu` in the
+//! model's row kernels, which must equal candle's.
 //! This crate knows nothing about tensors or models: it takes slices and returns slices.
 
 mod attention;
