@@ -35,17 +35,28 @@ pub enum ExpPath {
 impl ExpPath {
     /// Every path this CPU and platform can run, scalar first.
     pub fn available() -> Vec<ExpPath> {
-        let mut v = vec![ExpPath::Scalar];
+        [ExpPath::Scalar, ExpPath::Avx2, ExpPath::Avx512]
+            .into_iter()
+            .filter(|p| p.supported())
+            .collect()
+    }
+
+    /// Whether this CPU and platform can run the path (no allocation: the feature checks
+    /// are cached by the standard library).
+    pub fn supported(self) -> bool {
         #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(ExpPath::Avx2);
-                if is_x86_feature_detected!("avx512f") {
-                    v.push(ExpPath::Avx512);
-                }
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match self {
+                ExpPath::Scalar => true,
+                ExpPath::Avx2 => avx2,
+                ExpPath::Avx512 => avx2 && is_x86_feature_detected!("avx512f"),
             }
         }
-        v
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+        {
+            self == ExpPath::Scalar
+        }
     }
 
     /// The path [`exp_in_place`] and [`silu_mul`] use: the best available one that agrees
@@ -64,7 +75,7 @@ impl ExpPath {
 
     /// `self`, or scalar where this CPU cannot run it.
     fn runnable(self) -> ExpPath {
-        if Self::available().contains(&self) {
+        if self.supported() {
             self
         } else {
             ExpPath::Scalar
