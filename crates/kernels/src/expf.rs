@@ -252,6 +252,29 @@ mod x86 {
     use super::silu_mul_one;
     use std::arch::x86_64::*;
 
+    /// `p[j] ← e^xs[j]` for the lanes `j` set in `s` (rare: `|x| ≥ 88` or NaN), out of line
+    /// so that the vector loops keep their constants in registers across it.
+    #[cold]
+    #[inline(never)]
+    unsafe fn fix_exp(mut s: u32, xs: &[f32], p: *mut f32) {
+        while s != 0 {
+            let j = s.trailing_zeros() as usize;
+            *p.add(j) = xs[j].exp();
+            s &= s - 1;
+        }
+    }
+
+    /// `g[j] ← silu(gs[j]) · u[j]` for the lanes `j` set in `s`, as [`fix_exp`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn fix_silu(mut s: u32, gs: &[f32], u: *const f32, g: *mut f32) {
+        while s != 0 {
+            let j = s.trailing_zeros() as usize;
+            *g.add(j) = silu_mul_one(gs[j], *u.add(j));
+            s &= s - 1;
+        }
+    }
+
     pub mod avx512 {
         use super::*;
 
@@ -329,18 +352,12 @@ mod x86 {
                 let m = lanes(i, n);
                 let v = _mm512_maskz_loadu_ps(m, p.add(i));
                 let (e, special) = exp16(v);
-                let mut s = special & m;
+                _mm512_mask_storeu_ps(p.add(i), m, e);
+                let s = special & m;
                 if s != 0 {
                     let mut vs = [0f32; 16];
                     _mm512_storeu_ps(vs.as_mut_ptr(), v);
-                    _mm512_mask_storeu_ps(p.add(i), m, e);
-                    while s != 0 {
-                        let j = s.trailing_zeros() as usize;
-                        *p.add(i + j) = vs[j].exp();
-                        s &= s - 1;
-                    }
-                } else {
-                    _mm512_mask_storeu_ps(p.add(i), m, e);
+                    fix_exp(s as u32, &vs, p.add(i));
                 }
                 i += 16;
             }
@@ -360,18 +377,12 @@ mod x86 {
                 let neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
                 let (e, special) = exp16(neg);
                 let out = _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(one, e)), w);
-                let mut s = special & m;
+                _mm512_mask_storeu_ps(g.add(i), m, out);
+                let s = special & m;
                 if s != 0 {
                     let mut gs = [0f32; 16];
                     _mm512_storeu_ps(gs.as_mut_ptr(), v);
-                    _mm512_mask_storeu_ps(g.add(i), m, out);
-                    while s != 0 {
-                        let j = s.trailing_zeros() as usize;
-                        *g.add(i + j) = silu_mul_one(gs[j], *u.add(i + j));
-                        s &= s - 1;
-                    }
-                } else {
-                    _mm512_mask_storeu_ps(g.add(i), m, out);
+                    fix_silu(s as u32, &gs, u.add(i), g.add(i));
                 }
                 i += 16;
             }
@@ -431,12 +442,7 @@ mod x86 {
             if special != 0 {
                 let mut vs = [0f32; 8];
                 _mm256_storeu_ps(vs.as_mut_ptr(), v);
-                let mut s = special;
-                while s != 0 {
-                    let j = s.trailing_zeros() as usize;
-                    *p.add(j) = vs[j].exp();
-                    s &= s - 1;
-                }
+                fix_exp(special, &vs, p);
             }
         }
 
@@ -452,12 +458,7 @@ mod x86 {
             if special != 0 {
                 let mut vs = [0f32; 8];
                 _mm256_storeu_ps(vs.as_mut_ptr(), v);
-                let mut s = special;
-                while s != 0 {
-                    let j = s.trailing_zeros() as usize;
-                    *g.add(j) = silu_mul_one(vs[j], *u.add(j));
-                    s &= s - 1;
-                }
+                fix_silu(special, &vs, u, g);
             }
         }
 
