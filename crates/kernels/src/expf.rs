@@ -107,9 +107,9 @@ pub fn self_check(path: ExpPath) -> bool {
         88.5,
         -100.0,
         f32::NAN,
-        // The only two f32 arguments whose result depends on `r` being one fused operation,
-        // as in glibc's FMA build (its SSE2 build, chosen on CPUs without FMA or when glibc's
-        // tunables mask it, rounds the product first).
+        // The two f32 arguments (of all 2^32) whose result changes when `r` is computed from
+        // the rounded product instead of one fused operation; glibc's SSE2 build (chosen on
+        // CPUs without FMA, or when glibc's tunables mask it) differs from its FMA build here.
         f32::from_bits(0xc27c_65d9),
         f32::from_bits(0x4202_422f),
     ]);
@@ -195,7 +195,7 @@ mod consts {
     /// `|x| ≥ 88`, take the special branches.
     pub const TOP_MAX: u32 = 0x42a;
 
-    /// `2^(i/32)` rounded to the nearest double, i = 0..32.
+    /// `2^(i/32)` rounded to the nearest double, i = 0..32 (checked in 300-bit arithmetic).
     const POW2: [u64; 32] = [
         0x3ff0000000000000,
         0x3ff059b0d3158574,
