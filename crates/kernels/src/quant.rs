@@ -174,9 +174,47 @@ unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
     let n = (x.len() / QK).min(out.len());
     let (xp, op, sp) = (x.as_ptr(), out.as_mut_ptr(), sums.as_mut_ptr());
     let (c127, zero) = (_mm512_set1_ps(127.0), _mm512_setzero_ps());
-    let mut amax = [0f32; G];
     let mut id = [0f32; G];
-    let mut sum = [0i32; G];
+    // `across!(v, op, ..)`: lane `k` of the result is `op` over the 16 lanes of `v[k]`, as a
+    // tree of 15 lane-wise operations on shuffled halves (max and wrapping add give the same
+    // result in any order: the maxima are of non-NaN values).
+    macro_rules! across {
+        ($v:expr, $op:ident, $to:expr, $from:expr) => {{
+            let op = |a: __m512i, b: __m512i| -> __m512i {
+                match stringify!($op) {
+                    "max" => _mm512_castps_si512(_mm512_max_ps(
+                        _mm512_castsi512_ps(a),
+                        _mm512_castsi512_ps(b),
+                    )),
+                    _ => _mm512_add_epi32(a, b),
+                }
+            };
+            let v: [__m512i; G] = std::array::from_fn(|k| $to($v[k]));
+            // Pairs of vectors: 32-bit halves of each 64 bits, then 64-bit halves of each 128
+            // bits, leave vector j's four 128-bit partials in lane j % 4 of each 128 bits ...
+            let t: [__m512i; 8] = std::array::from_fn(|j| {
+                let (a, b) = (v[2 * j], v[2 * j + 1]);
+                op(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+            });
+            let u: [__m512i; 4] = std::array::from_fn(|j| {
+                let (a, b) = (t[2 * j], t[2 * j + 1]);
+                op(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+            });
+            // ... then the four 128-bit partials of vectors 4j..4j + 4 are added across.
+            let w: [__m512i; 2] = std::array::from_fn(|j| {
+                let (a, b) = (u[2 * j], u[2 * j + 1]);
+                op(
+                    _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
+                    _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
+                )
+            });
+            let r = op(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(w[0], w[1]),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(w[0], w[1]),
+            );
+            $from(r)
+        }};
+    }
     let mut g0 = 0;
     while g0 < n {
         let nb = G.min(n - g0);
@@ -187,25 +225,21 @@ unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
         }
         prefetch_write(sp.wrapping_add(g0 + G) as *const i8);
         prefetch_write(sp.wrapping_add(g0 + 2 * G - 1) as *const i8);
-        for (k, m) in amax.iter_mut().enumerate().take(nb) {
+        // Each block's |x| maxima in 16 lanes (zero past the last block).
+        let mut m = [zero; G];
+        for (k, m) in m.iter_mut().enumerate().take(nb) {
             let p = xp.add((g0 + k) * QK);
             let (a0, a1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
             // max(new, m): a NaN `new` keeps `m` (never NaN itself).
             let v = _mm512_max_ps(_mm512_abs_ps(a0), zero);
-            let v = _mm512_max_ps(_mm512_abs_ps(a1), v);
-            let v8 = _mm256_max_ps(
-                _mm512_castps512_ps256(v),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
-            );
-            let v4 = _mm_max_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps::<1>(v8));
-            let v2 = _mm_max_ps(v4, _mm_movehl_ps(v4, v4));
-            *m = _mm_cvtss_f32(_mm_max_ss(v2, _mm_movehdup_ps(v2)));
+            *m = _mm512_max_ps(_mm512_abs_ps(a1), v);
         }
-        let am = _mm512_loadu_ps(amax.as_ptr());
+        let am = across!(m, max, _mm512_castps_si512, _mm512_castsi512_ps);
         let d = _mm512_div_ps(am, c127);
         let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(am, zero);
         _mm512_storeu_ps(id.as_mut_ptr(), _mm512_maskz_div_ps(nonzero, c127, am));
-        for k in 0..nb {
+        let mut q = [_mm512_setzero_si512(); G];
+        for (k, q) in q.iter_mut().enumerate().take(nb) {
             let p = xp.add((g0 + k) * QK);
             let i = _mm512_set1_ps(id[k]);
             let q0 = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
@@ -216,9 +250,9 @@ unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
             );
             let bytes = _mm256_set_m128i(_mm512_cvtsepi32_epi8(q1), _mm512_cvtsepi32_epi8(q0));
             _mm256_storeu_si256((*op.add(g0 + k)).qs.as_mut_ptr() as *mut __m256i, bytes);
-            sum[k] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            *q = _mm512_add_epi32(q0, q1);
         }
-        let s = _mm512_loadu_si512(sum.as_ptr() as *const _);
+        let s = across!(q, add, |v| v, |v| v);
         let ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s));
         const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
         let d = _mm512_cvtph_ps(_mm512_cvtps_ph::<RN>(d));
