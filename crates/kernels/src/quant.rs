@@ -156,16 +156,16 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
 }
 
 /// [`quantize_avx2`] on AVX-512, 16 blocks at a time, with the same results: each block's
-/// maximum is found in two 512-bit registers (NaN skipped the same way), then the 16 blocks'
-/// `d = amax / 127`, `1/d = 127 / amax`, `d·Σq` and their fp16 roundings are each one vector
-/// operation (the same IEEE operations lane by lane as the scalar ones), the products are
-/// rounded half to even by the conversion itself and saturated to bytes by `vpmovsdb` (the
-/// same saturation as `vpackssdw` + `vpacksswb`), and the 16 sums are stored at once.
+/// |x| maxima and integer sums stay 16-lane vectors (NaN skipped the same way), reduced for the
+/// 16 blocks at once by one transposed tree, then the 16 blocks' `d = amax / 127`,
+/// `1/d = 127 / amax`, `d·Σq` and their fp16 roundings are each one vector operation (the same
+/// IEEE operations lane by lane as the scalar ones); the products are rounded half to even by
+/// the conversion itself and saturated to bytes by `vpmovsdb` (the same saturation as
+/// `vpackssdw` + `vpacksswb`), and the 16 sums are one masked store.
 ///
-/// Its cost in the model is the stores, not the arithmetic: the other core read the previous
-/// product's blocks from these same lines, so each line written has to be taken back from it.
-/// `prefetchw` asks for the next 16 blocks' lines while this 16 are computed, so the stores
-/// do not wait for them.
+/// In the model much of its time is memory: the other core read the previous product's blocks
+/// from these same lines, so each line written has to be taken back from it. `prefetchw` asks
+/// for the next 16 blocks' lines while these 16 are computed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock], sums: &mut [i32]) {
