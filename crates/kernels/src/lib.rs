@@ -428,23 +428,53 @@ impl QMatrix {
         // token (decode) keeps the one-group kernels, which measured faster there.
         let pairs = self.isa == Isa::Avx512Vnni && tokens > 1;
         let (first, end) = (rows.start / packed::GROUP, rows.end / packed::GROUP);
+        // The pair tiles of a chunk (first token, tokens, their activations), built once per
+        // chunk rather than once per pair of groups.
+        let mut tiles: Vec<(usize, usize, [packed::x86::Act; PACKED_TILE_AVX512])> = Vec::new();
         let mut c = 0;
         while c < tokens {
             let c_end = (c + chunk).min(tokens);
+            tiles.clear();
+            if pairs {
+                let mut t = c;
+                while t < c_end {
+                    let left = c_end - t;
+                    let nt = left.div_ceil(left.div_ceil(PACKED_TILE_AVX512));
+                    tiles.push((
+                        t,
+                        nt,
+                        std::array::from_fn(|k| acts.packed((t + k).min(t + nt - 1))),
+                    ));
+                    t += nt;
+                }
+            }
             let mut g = first;
             while g < end {
                 let n = if pairs && g + 1 < end { 2 } else { 1 };
                 let w = &bytes[g * gb..(g + n) * gb];
                 // SAFETY: rows `8g..8g + 8n` belong to this task alone; token `t < tokens`.
                 let out = |t: usize| unsafe { dst.0.add(t * self.rows + g * packed::GROUP) };
+                if n == 2 {
+                    // The next pair's output lines, when this task writes them: the other core
+                    // read these lines last (the previous product's or layer's input), and a
+                    // store that waits for a line to come back stalls the stores behind it.
+                    let ahead = g + 4 <= end;
+                    for &(t, nt, ref a) in &tiles {
+                        if ahead {
+                            for k in t..t + nt {
+                                let next = out(k).wrapping_add(2 * packed::GROUP);
+                                quant::prefetch_write(next as *const i8);
+                                quant::prefetch_write(next.wrapping_add(15) as *const i8);
+                            }
+                        }
+                        self.packed_pair(w, nt, |k| a[k], |k| out(t + k));
+                    }
+                    g += n;
+                    continue;
+                }
                 let mut t = c;
                 while t < c_end {
-                    if n == 2 {
-                        let left = c_end - t;
-                        let nt = left.div_ceil(left.div_ceil(PACKED_TILE_AVX512));
-                        self.packed_pair(w, nt, |k| acts.packed(t + k), |k| out(t + k));
-                        t += nt;
-                    } else if c_end - t >= PACKED_TILE {
+                    if c_end - t >= PACKED_TILE {
                         let a = std::array::from_fn(|k| acts.packed(t + k));
                         self.packed_tile::<PACKED_TILE>(w, a, std::array::from_fn(|k| out(t + k)));
                         t += PACKED_TILE;
