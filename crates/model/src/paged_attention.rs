@@ -180,7 +180,6 @@ fn attend_stored(
     // member's heads one by one (more tasks to share out). How the work is cut does not
     // change any row's result.
     let rep = nh / g.kv_heads;
-    let task = |(mi, h0, n): (usize, usize, usize)| head_group(&rows, mi, h0, n);
     let work: usize = members
         .iter()
         .map(|m| m.len * (m.start + m.len))
@@ -193,14 +192,17 @@ fn attend_stored(
         let n = if group && m.len == 1 { rep } else { 1 };
         (0..nh).step_by(n).map(move |h| (mi, h, n))
     });
-    // Each task asks for the next one's keys and values before it starts on its own, so they
-    // come from memory while it computes.
+    // While a task computes it asks, a few lines at a time, for the values it will weigh and
+    // the next task's keys (see `Ahead`).
     let run = |tasks: &[(usize, usize, usize)]| {
-        for (i, &t) in tasks.iter().enumerate() {
-            if let Some(&(mi, h0, _)) = tasks.get(i + 1) {
-                prefetch_task(&rows, mi, h0);
+        let mut ahead = Ahead::default();
+        for (i, &(mi, h0, n)) in tasks.iter().enumerate() {
+            ahead.clear();
+            ahead.plan(&rows, rows.values, mi, h0);
+            if let Some(&(next, nh0, _)) = tasks.get(i + 1) {
+                ahead.plan(&rows, rows.keys, next, nh0);
             }
-            task(t);
+            head_group_ahead(&rows, mi, h0, n, &mut ahead);
         }
     };
     let tasks: Vec<_> = pairs.collect();
@@ -215,13 +217,36 @@ fn attend_stored(
     }
 }
 
-/// Asks the memory system for the keys and values that task `(mi, h0, ·)`'s first row reads
-/// (a block's run of positions is a few KiB, contiguous, the blocks anywhere in the pool, which
-/// the hardware prefetcher would only pick up after a few misses each). Changes no number.
-fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+/// The cache lines a task asks for while it computes: its own values (while it scores the
+/// keys), then the next task's keys (while it weighs the values), the first row's in both
+/// cases. A block's run of positions is a few KiB, contiguous, the blocks anywhere in the
+/// pool, which the hardware prefetcher would only pick up after a few misses each. The lines
+/// go out a few per group of keys and per value row, at about the rate the task consumes its
+/// own, rather than all at once before a task starts: a burst of hundreds of prefetches fills
+/// the core's miss buffers and stalls it until they return, so memory and arithmetic took
+/// turns. Changes no number.
+#[derive(Default)]
+struct Ahead {
+    /// Addresses of the lines still to ask for, the next first.
+    lines: Vec<usize>,
+    at: usize,
+}
+
+/// Lines a task asks for per group of 16 keys and head, and per value row weighed. A decode
+/// row at position ~100 with 3 heads per KV head and head size 64 scores ~7 groups for each
+/// of its 3 heads, asking for ~500 lines: its ~400 lines of values and the first of the next
+/// task's keys; then 4 lines per value row (one row's worth) keep pace with the rest.
+const AHEAD_PER_GROUP: usize = 24;
+const AHEAD_PER_ROW: usize = 4;
+
+impl Ahead {
+    fn clear(&mut self) {
+        self.lines.clear();
+        self.at = 0;
+    }
+
+    /// Plans the lines of `data` (keys or values) that task `(mi, h0, ·)`'s first row reads.
+    fn plan(&mut self, r: &Rows, data: &[f32], mi: usize, h0: usize) {
         let (g, bs, hd) = (r.g, r.bs, r.g.head_dim);
         let (m, table) = (r.members[mi], r.tables[mi]);
         if m.len == 0 {
@@ -234,17 +259,67 @@ fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
         for (b, &block) in table.iter().enumerate().take(pos / bs + 1).skip(lo / bs) {
             let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
             let at = block as usize * bst + kvh * hs + (from - b * bs) * hd;
-            for data in [r.keys, r.values] {
-                // In bounds: the table's blocks up to `start + len` (≥ `pos + 1`) were checked.
-                for line in data[at..at + (to - from) * hd].chunks(16) {
-                    // SAFETY: a prefetch reads nothing; the address is inside `data`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
-                }
+            // In bounds: the table's blocks up to `start + len` (≥ `pos + 1`) were checked.
+            let span = data[at..at + (to - from) * hd].as_ptr_range();
+            let first = span.start as usize & !63;
+            self.lines.extend((first..span.end as usize).step_by(64));
+        }
+    }
+
+    /// The lines left, for a task's loops to ask for (a copy kept in registers there).
+    fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            lines: &self.lines,
+            at: self.at,
+        }
+    }
+
+    /// Asks for every line left.
+    fn finish(&mut self) {
+        self.cursor().rest();
+        self.clear();
+    }
+}
+
+/// [`Ahead`]'s lines as a task's loops walk them.
+#[derive(Clone, Copy)]
+struct Cursor<'a> {
+    lines: &'a [usize],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// Asks for the next `N` lines (unrolled: no loop for the task's loops to keep their
+    /// registers across).
+    #[inline(always)]
+    fn issue<const N: usize>(&mut self) {
+        for _ in 0..N {
+            if let Some(&line) = self.lines.get(self.at) {
+                prefetch(line);
+                self.at += 1;
             }
         }
     }
+
+    /// Asks for every line left.
+    fn rest(&mut self) {
+        for &line in &self.lines[self.at..] {
+            prefetch(line);
+        }
+        self.at = self.lines.len();
+    }
+}
+
+/// Asks for the cache line at `line`, into the core's second-level cache.
+#[inline(always)]
+fn prefetch(line: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and faults on no address; these lie inside the pool.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line as *const i8)
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (r, mi, h0);
+    let _ = line;
 }
 
 /// What every (member, head) task of a pass reads.
@@ -260,26 +335,34 @@ struct Rows<'a> {
     dst: OutPtr,
 }
 
+/// [`head_group_ahead`] asking for no lines.
+#[cfg(test)]
+fn head_group(r: &Rows, mi: usize, h0: usize, n: usize) {
+    head_group_ahead(r, mi, h0, n, &mut Ahead::default())
+}
+
 /// A task's heads `h0 .. h0 + n` (sharing one KV head) for one member's rows. Head sizes that
-/// are a multiple of 16 take [`group_rows`] (AVX-512 where the CPU has it, else the same
+/// are a multiple of 16 take [`group_rows_ahead`] (AVX-512 where the CPU has it, else the same
 /// arithmetic in plain Rust, tested bit for bit), others [`head_rows_sequential`] one head at a
 /// time. Which one runs depends only on the head size, so every path that must agree (a
-/// sequence alone, served among others) takes the same one.
-fn head_group(r: &Rows, mi: usize, h0: usize, n: usize) {
+/// sequence alone, served among others) takes the same one. It asks for `ahead`'s lines as
+/// it goes.
+fn head_group_ahead(r: &Rows, mi: usize, h0: usize, n: usize, ahead: &mut Ahead) {
     if r.g.head_dim.is_multiple_of(LANES) {
         #[cfg(target_arch = "x86_64")]
         {
             if avx512() {
                 // SAFETY: AVX-512F and FMA were detected on this CPU.
-                return unsafe { group_rows_avx512(r, mi, h0, n) };
+                return unsafe { group_rows_avx512_ahead(r, mi, h0, n, ahead) };
             }
             if std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: FMA was detected on this CPU.
-                return unsafe { group_rows_fma(r, mi, h0, n) };
+                return unsafe { group_rows_fma_ahead(r, mi, h0, n, ahead) };
             }
         }
-        return group_rows(r, mi, h0, n, Plain);
+        return group_rows_ahead(r, mi, h0, n, Plain, ahead);
     }
+    ahead.finish();
     for h in h0..h0 + n {
         head_rows_sequential(r, mi, h);
     }
@@ -300,7 +383,7 @@ type Lanes = [f32; LANES];
 
 /// The sum of 16 lanes as a halving tree: the upper half added onto the lower, four times
 /// (`a[m] + a[m + 8]`, then `+ [m + 4]`, `+ [m + 2]`, `+ [m + 1]`). Every sum of 16 partial sums
-/// in [`group_rows`] is this one.
+/// in [`group_rows_ahead`] is this one.
 #[inline(always)]
 fn reduce16(a: &Lanes) -> f32 {
     let mut s = *a;
@@ -348,7 +431,7 @@ const EXP_TAYLOR: [f64; 11] = [
     1.0,
 ];
 
-/// The three inner kernels of [`group_rows`]: one implementation in plain Rust ([`Plain`], the
+/// The three inner kernels of [`group_rows_ahead`]: one implementation in plain Rust ([`Plain`], the
 /// definition) and one in AVX-512 intrinsics with the same operations in the same order.
 trait Kernel: Copy {
     /// `out[j] = q · k_j` for 16 keys: per lane `l`, `q[l]·k[l]` then `fma(q[16c + l],
@@ -381,6 +464,7 @@ trait Kernel: Copy {
         c: usize,
         hd: usize,
         out: [&mut [f32]; H],
+        ahead: &mut Cursor,
     ) -> usize;
 }
 
@@ -440,6 +524,7 @@ impl Kernel for Plain {
         c: usize,
         hd: usize,
         out: [&mut [f32]; H],
+        ahead: &mut Cursor,
     ) -> usize {
         let w = LANES * C;
         for (h, out) in out.into_iter().enumerate() {
@@ -448,6 +533,7 @@ impl Kernel for Plain {
             for &(at, from, to) in spans {
                 let span = &values[at..at + (to - from) * hd];
                 for (&e, value) in e[h][from..to].iter().zip(span.chunks_exact(hd)) {
+                    ahead.issue::<AHEAD_PER_ROW>();
                     for (a, v) in acc.iter_mut().zip(value[c..c + w].chunks_exact(LANES)) {
                         for l in 0..LANES {
                             a[l] = e.mul_add(v[l], a[l]);
@@ -467,14 +553,30 @@ impl Kernel for Plain {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_rows_fma(r: &Rows, mi: usize, h0: usize, n: usize) {
-    group_rows(r, mi, h0, n, Plain)
+unsafe fn group_rows_fma_ahead(r: &Rows, mi: usize, h0: usize, n: usize, ahead: &mut Ahead) {
+    group_rows_ahead(r, mi, h0, n, Plain, ahead)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
+unsafe fn group_rows_avx512_ahead(r: &Rows, mi: usize, h0: usize, n: usize, ahead: &mut Ahead) {
+    group_rows_ahead(r, mi, h0, n, avx512::Avx512, ahead)
+}
+
+/// The kernels as the tests call them: asking for no lines.
+#[cfg(all(test, target_arch = "x86_64"))]
+unsafe fn group_rows_fma(r: &Rows, mi: usize, h0: usize, n: usize) {
+    group_rows_fma_ahead(r, mi, h0, n, &mut Ahead::default())
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
 unsafe fn group_rows_avx512(r: &Rows, mi: usize, h0: usize, n: usize) {
-    group_rows(r, mi, h0, n, avx512::Avx512)
+    group_rows_avx512_ahead(r, mi, h0, n, &mut Ahead::default())
+}
+
+#[cfg(test)]
+fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
+    group_rows_ahead(r, mi, h0, n, kernel, &mut Ahead::default())
 }
 
 /// Attention of one member's rows for heads `h0 .. h0 + n` (one KV head's), the head size a
@@ -488,7 +590,14 @@ unsafe fn group_rows_avx512(r: &Rows, mi: usize, h0: usize, n: usize) {
 /// The order of every sum is fixed by the row alone, so neither the other members, nor how the
 /// heads are grouped, nor where the blocks are changes a number.
 #[inline(always)]
-fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
+fn group_rows_ahead<K: Kernel>(
+    r: &Rows,
+    mi: usize,
+    h0: usize,
+    n: usize,
+    kernel: K,
+    ahead: &mut Ahead,
+) {
     let Rows {
         g,
         members,
@@ -515,6 +624,8 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
         inv,
         list,
     } = &mut scratch;
+    let mut ahead_at = ahead.cursor();
+    let ahead = &mut ahead_at;
     for (v, len) in [
         (&mut *scores, n * stride),
         (&mut *out, n * hd),
@@ -553,6 +664,7 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
                     // SAFETY: every key row holds `hd` values, a multiple of 16; the caller
                     // checked the CPU.
                     let d = unsafe { kernel.dots(qrow, &key) };
+                    ahead.issue::<AHEAD_PER_GROUP>();
                     for (k, (&d, s)) in d.iter().zip(&mut scores[j..j + cnt]).enumerate() {
                         *s = d * g.scale + slope * (j + k) as f32;
                     }
@@ -569,10 +681,12 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
             let e = &scores[h * stride..];
             let o = &mut out[h * hd..];
             h += match n - h {
-                4.. => weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
-                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
-                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
-                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
+                4.. => {
+                    weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead)
+                }
+                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead),
+                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead),
+                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead),
             };
         }
         for (hh, out) in out.chunks_exact(hd).enumerate() {
@@ -584,10 +698,11 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
             }
         }
     }
+    ahead.rest();
     SCRATCH.with(|s| s.replace(scratch));
 }
 
-/// A task's working rows in [`group_rows`], kept per thread so that the step's thousands of
+/// A task's working rows in [`group_rows_ahead`], kept per thread so that the step's thousands of
 /// tasks (members × KV heads × layers) do not each allocate and free them.
 #[derive(Default)]
 struct Scratch {
@@ -614,6 +729,7 @@ fn weigh_heads<const H: usize, K: Kernel>(
     spans: &[(usize, usize, usize)],
     hd: usize,
     out: &mut [f32],
+    ahead: &mut Cursor,
 ) -> usize {
     let e: [&[f32]; H] = std::array::from_fn(|h| &e[h * stride..(h + 1) * stride]);
     let inv: [f32; H] = std::array::from_fn(|h| inv[h]);
@@ -624,9 +740,9 @@ fn weigh_heads<const H: usize, K: Kernel>(
         // SAFETY: `c + width ≤ hd` (hd a multiple of 16); the caller checked the CPU.
         c += unsafe {
             match (hd - c) / LANES {
-                4.. => kernel.weigh::<H, 4>(e, inv, values, spans, c, hd, o),
-                2 | 3 => kernel.weigh::<H, 2>(e, inv, values, spans, c, hd, o),
-                _ => kernel.weigh::<H, 1>(e, inv, values, spans, c, hd, o),
+                4.. => kernel.weigh::<H, 4>(e, inv, values, spans, c, hd, o, ahead),
+                2 | 3 => kernel.weigh::<H, 2>(e, inv, values, spans, c, hd, o, ahead),
+                _ => kernel.weigh::<H, 1>(e, inv, values, spans, c, hd, o, ahead),
             }
         };
     }
@@ -772,11 +888,13 @@ mod avx512 {
             c: usize,
             hd: usize,
             out: [&mut [f32]; H],
+            ahead: &mut super::Cursor,
         ) -> usize {
             let mut acc = [[_mm512_setzero_ps(); C]; H];
             for &(at, from, to) in spans {
                 let span = values[at..at + (to - from) * hd].as_ptr().add(c);
                 for k in from..to {
+                    ahead.issue::<{ super::AHEAD_PER_ROW }>();
                     let v: [__m512; C] = std::array::from_fn(|cc| {
                         _mm512_loadu_ps(span.add((k - from) * hd + cc * LANES))
                     });
