@@ -194,13 +194,20 @@ fn attend_stored(
     });
     // While a task computes it asks, a few lines at a time, for the values it will weigh and
     // the next task's keys (see `Ahead`).
+    // Tasks of one member's KV head in a row (a longer member's heads one by one) read the
+    // same keys and values, in cache after the first: only the first asks for its values,
+    // only the last for the next task's keys.
+    let kv = |&(mi, h0, _): &(usize, usize, usize)| (mi, h0 / rep);
     let run = |tasks: &[(usize, usize, usize)]| {
         let mut ahead = Ahead::default();
-        for (i, &(mi, h0, n)) in tasks.iter().enumerate() {
+        for (i, t) in tasks.iter().enumerate() {
+            let (mi, h0, n) = *t;
             ahead.clear();
-            ahead.plan(&rows, rows.values, mi, h0);
-            if let Some(&(next, nh0, _)) = tasks.get(i + 1) {
-                ahead.plan(&rows, rows.keys, next, nh0);
+            if i == 0 || kv(&tasks[i - 1]) != kv(t) {
+                ahead.plan(&rows, rows.values, mi, h0);
+            }
+            if let Some(next) = tasks.get(i + 1).filter(|next| kv(next) != kv(t)) {
+                ahead.plan(&rows, rows.keys, next.0, next.1);
             }
             head_group_ahead(&rows, mi, h0, n, &mut ahead);
         }
