@@ -193,10 +193,9 @@ fn attend_stored(
         (0..nh).step_by(n).map(move |h| (mi, h, n))
     });
     // While a task computes it asks, a few lines at a time, for the values it will weigh and
-    // the next task's keys (see `Ahead`).
-    // Tasks of one member's KV head in a row (a longer member's heads one by one) read the
-    // same keys and values, in cache after the first: only the first asks for its values,
-    // only the last for the next task's keys.
+    // the next task's keys (see `Ahead`). Tasks of one member's KV head in a row (a longer
+    // member's heads one by one) read the same keys and values, in cache after the first: only
+    // the first asks for its values, only the last for the next task's keys.
     let kv = |&(mi, h0, _): &(usize, usize, usize)| (mi, h0 / rep);
     let run = |tasks: &[(usize, usize, usize)]| {
         let mut ahead = Ahead::default();
@@ -439,8 +438,9 @@ const EXP_TAYLOR: [f64; 11] = [
     1.0,
 ];
 
-/// The three inner kernels of [`group_rows_ahead`]: one implementation in plain Rust ([`Plain`], the
-/// definition) and one in AVX-512 intrinsics with the same operations in the same order.
+/// The three inner kernels of [`group_rows_ahead`]: one implementation in plain Rust
+/// ([`Plain`], the definition) and one in AVX-512 intrinsics with the same operations in the
+/// same order.
 trait Kernel: Copy {
     /// `out[j] = q · k_j` for 16 keys: per lane `l`, `q[l]·k[l]` then `fma(q[16c + l],
     /// k[16c + l], ·)` over the column blocks `c` in order; then [`reduce16`].
@@ -458,7 +458,8 @@ trait Kernel: Copy {
     unsafe fn exp_sum(self, s: &mut [f32]) -> f32;
 
     /// For `H` heads: `out[h][d] = (Σ_k fma(e_h[k], v_k[d], ·)) · inv[h]` over the spans'
-    /// keys in order, columns `c .. c + 16·C`; returns `16·C`.
+    /// keys in order, columns `c .. c + 16·C`; returns `16·C`. Asks for [`AHEAD_PER_ROW`] of
+    /// `ahead`'s lines per value row.
     ///
     /// # Safety
     /// As [`Kernel::dots`]; `c + 16·C ≤ hd`.
@@ -541,7 +542,9 @@ impl Kernel for Plain {
             for &(at, from, to) in spans {
                 let span = &values[at..at + (to - from) * hd];
                 for (&e, value) in e[h][from..to].iter().zip(span.chunks_exact(hd)) {
-                    ahead.issue::<AHEAD_PER_ROW>();
+                    if h == 0 {
+                        ahead.issue::<AHEAD_PER_ROW>();
+                    }
                     for (a, v) in acc.iter_mut().zip(value[c..c + w].chunks_exact(LANES)) {
                         for l in 0..LANES {
                             a[l] = e.mul_add(v[l], a[l]);
