@@ -180,7 +180,6 @@ fn attend_stored(
     // member's heads one by one (more tasks to share out). How the work is cut does not
     // change any row's result.
     let rep = nh / g.kv_heads;
-    let task = |(mi, h0, n): (usize, usize, usize)| head_group(&rows, mi, h0, n);
     let work: usize = members
         .iter()
         .map(|m| m.len * (m.start + m.len))
@@ -193,14 +192,23 @@ fn attend_stored(
         let n = if group && m.len == 1 { rep } else { 1 };
         (0..nh).step_by(n).map(move |h| (mi, h, n))
     });
-    // Each task asks for the next one's keys and values before it starts on its own, so they
-    // come from memory while it computes.
+    // While a task computes it asks, a few lines at a time, for the values it will weigh and
+    // the next task's keys (see `Ahead`). Tasks of one member's KV head in a row (a longer
+    // member's heads one by one) read the same keys and values, in cache after the first: only
+    // the first asks for its values, only the last for the next task's keys.
+    let kv = |&(mi, h0, _): &(usize, usize, usize)| (mi, h0 / rep);
     let run = |tasks: &[(usize, usize, usize)]| {
-        for (i, &t) in tasks.iter().enumerate() {
-            if let Some(&(mi, h0, _)) = tasks.get(i + 1) {
-                prefetch_task(&rows, mi, h0);
+        let mut ahead = Ahead::default();
+        for (i, t) in tasks.iter().enumerate() {
+            let (mi, h0, n) = *t;
+            ahead.clear();
+            if i == 0 || kv(&tasks[i - 1]) != kv(t) {
+                ahead.plan(&rows, rows.values, mi, h0);
             }
-            task(t);
+            if let Some(next) = tasks.get(i + 1).filter(|next| kv(next) != kv(t)) {
+                ahead.plan(&rows, rows.keys, next.0, next.1);
+            }
+            head_group_ahead(&rows, mi, h0, n, &mut ahead);
         }
     };
     let tasks: Vec<_> = pairs.collect();
@@ -215,13 +223,37 @@ fn attend_stored(
     }
 }
 
-/// Asks the memory system for the keys and values that task `(mi, h0, ·)`'s first row reads
-/// (a block's run of positions is a few KiB, contiguous, the blocks anywhere in the pool, which
-/// the hardware prefetcher would only pick up after a few misses each). Changes no number.
-fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+/// The cache lines a task asks for while it computes: its own values (while it scores the
+/// keys), then the next task's keys (while it weighs the values), the first row's in both
+/// cases. A block's run of positions is a few KiB, contiguous, the blocks anywhere in the
+/// pool, which the hardware prefetcher would only pick up after a few misses each. The lines
+/// go out a few per group of keys and per value row, at about the rate the task consumes its
+/// own, rather than all at once before a task starts: a burst of hundreds of prefetches fills
+/// the core's miss buffers and stalls it until they return, so memory and arithmetic took
+/// turns. Changes no number.
+#[derive(Default)]
+struct Ahead {
+    /// Addresses of the lines still to ask for, the next first.
+    lines: Vec<usize>,
+    at: usize,
+}
+
+/// Lines a task asks for per group of 16 keys and head, and per value row weighed. A decode
+/// row at position ~100 with 3 heads per KV head and head size 64 scores ~7 groups for each
+/// of its 3 heads, asking for ~670 lines: its ~400 lines of values and the first two thirds
+/// of the next task's keys; then 4 lines per value row (one row's worth) ask for the rest.
+/// (24 or 48 per group, 3 or 6 per row measured within a few percent; 16 and 64 slower.)
+const AHEAD_PER_GROUP: usize = 32;
+const AHEAD_PER_ROW: usize = 4;
+
+impl Ahead {
+    fn clear(&mut self) {
+        self.lines.clear();
+        self.at = 0;
+    }
+
+    /// Plans the lines of `data` (keys or values) that task `(mi, h0, ·)`'s first row reads.
+    fn plan(&mut self, r: &Rows, data: &[f32], mi: usize, h0: usize) {
         let (g, bs, hd) = (r.g, r.bs, r.g.head_dim);
         let (m, table) = (r.members[mi], r.tables[mi]);
         if m.len == 0 {
@@ -234,17 +266,67 @@ fn prefetch_task(r: &Rows, mi: usize, h0: usize) {
         for (b, &block) in table.iter().enumerate().take(pos / bs + 1).skip(lo / bs) {
             let (from, to) = ((b * bs).max(lo), ((b + 1) * bs).min(pos + 1));
             let at = block as usize * bst + kvh * hs + (from - b * bs) * hd;
-            for data in [r.keys, r.values] {
-                // In bounds: the table's blocks up to `start + len` (≥ `pos + 1`) were checked.
-                for line in data[at..at + (to - from) * hd].chunks(16) {
-                    // SAFETY: a prefetch reads nothing; the address is inside `data`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
-                }
+            // In bounds: the table's blocks up to `start + len` (≥ `pos + 1`) were checked.
+            let span = data[at..at + (to - from) * hd].as_ptr_range();
+            let first = span.start as usize & !63;
+            self.lines.extend((first..span.end as usize).step_by(64));
+        }
+    }
+
+    /// The lines left, for a task's loops to ask for (a copy kept in registers there).
+    fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            lines: &self.lines,
+            at: self.at,
+        }
+    }
+
+    /// Asks for every line left.
+    fn finish(&mut self) {
+        self.cursor().rest();
+        self.clear();
+    }
+}
+
+/// [`Ahead`]'s lines as a task's loops walk them.
+#[derive(Clone, Copy)]
+struct Cursor<'a> {
+    lines: &'a [usize],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// Asks for the next `N` lines (unrolled: no loop for the task's loops to keep their
+    /// registers across).
+    #[inline(always)]
+    fn issue<const N: usize>(&mut self) {
+        for _ in 0..N {
+            if let Some(&line) = self.lines.get(self.at) {
+                prefetch(line);
+                self.at += 1;
             }
         }
     }
+
+    /// Asks for every line left.
+    fn rest(&mut self) {
+        for &line in &self.lines[self.at..] {
+            prefetch(line);
+        }
+        self.at = self.lines.len();
+    }
+}
+
+/// Asks for the cache line at `line`, into the core's second-level cache.
+#[inline(always)]
+fn prefetch(line: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and faults on no address; these lie inside the pool.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line as *const i8)
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (r, mi, h0);
+    let _ = line;
 }
 
 /// What every (member, head) task of a pass reads.
@@ -260,26 +342,34 @@ struct Rows<'a> {
     dst: OutPtr,
 }
 
+/// [`head_group_ahead`] asking for no lines.
+#[cfg(test)]
+fn head_group(r: &Rows, mi: usize, h0: usize, n: usize) {
+    head_group_ahead(r, mi, h0, n, &mut Ahead::default())
+}
+
 /// A task's heads `h0 .. h0 + n` (sharing one KV head) for one member's rows. Head sizes that
-/// are a multiple of 16 take [`group_rows`] (AVX-512 where the CPU has it, else the same
+/// are a multiple of 16 take [`group_rows_ahead`] (AVX-512 where the CPU has it, else the same
 /// arithmetic in plain Rust, tested bit for bit), others [`head_rows_sequential`] one head at a
 /// time. Which one runs depends only on the head size, so every path that must agree (a
-/// sequence alone, served among others) takes the same one.
-fn head_group(r: &Rows, mi: usize, h0: usize, n: usize) {
+/// sequence alone, served among others) takes the same one. It asks for `ahead`'s lines as
+/// it goes.
+fn head_group_ahead(r: &Rows, mi: usize, h0: usize, n: usize, ahead: &mut Ahead) {
     if r.g.head_dim.is_multiple_of(LANES) {
         #[cfg(target_arch = "x86_64")]
         {
             if avx512() {
                 // SAFETY: AVX-512F and FMA were detected on this CPU.
-                return unsafe { group_rows_avx512(r, mi, h0, n) };
+                return unsafe { group_rows_avx512_ahead(r, mi, h0, n, ahead) };
             }
             if std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: FMA was detected on this CPU.
-                return unsafe { group_rows_fma(r, mi, h0, n) };
+                return unsafe { group_rows_fma_ahead(r, mi, h0, n, ahead) };
             }
         }
-        return group_rows(r, mi, h0, n, Plain);
+        return group_rows_ahead(r, mi, h0, n, Plain, ahead);
     }
+    ahead.finish();
     for h in h0..h0 + n {
         head_rows_sequential(r, mi, h);
     }
@@ -300,7 +390,7 @@ type Lanes = [f32; LANES];
 
 /// The sum of 16 lanes as a halving tree: the upper half added onto the lower, four times
 /// (`a[m] + a[m + 8]`, then `+ [m + 4]`, `+ [m + 2]`, `+ [m + 1]`). Every sum of 16 partial sums
-/// in [`group_rows`] is this one.
+/// in [`group_rows_ahead`] is this one.
 #[inline(always)]
 fn reduce16(a: &Lanes) -> f32 {
     let mut s = *a;
@@ -348,8 +438,9 @@ const EXP_TAYLOR: [f64; 11] = [
     1.0,
 ];
 
-/// The three inner kernels of [`group_rows`]: one implementation in plain Rust ([`Plain`], the
-/// definition) and one in AVX-512 intrinsics with the same operations in the same order.
+/// The three inner kernels of [`group_rows_ahead`]: one implementation in plain Rust
+/// ([`Plain`], the definition) and one in AVX-512 intrinsics with the same operations in the
+/// same order.
 trait Kernel: Copy {
     /// `out[j] = q · k_j` for 16 keys: per lane `l`, `q[l]·k[l]` then `fma(q[16c + l],
     /// k[16c + l], ·)` over the column blocks `c` in order; then [`reduce16`].
@@ -367,7 +458,8 @@ trait Kernel: Copy {
     unsafe fn exp_sum(self, s: &mut [f32]) -> f32;
 
     /// For `H` heads: `out[h][d] = (Σ_k fma(e_h[k], v_k[d], ·)) · inv[h]` over the spans'
-    /// keys in order, columns `c .. c + 16·C`; returns `16·C`.
+    /// keys in order, columns `c .. c + 16·C`; returns `16·C`. Asks for [`AHEAD_PER_ROW`] of
+    /// `ahead`'s lines per value row.
     ///
     /// # Safety
     /// As [`Kernel::dots`]; `c + 16·C ≤ hd`.
@@ -381,6 +473,7 @@ trait Kernel: Copy {
         c: usize,
         hd: usize,
         out: [&mut [f32]; H],
+        ahead: &mut Cursor,
     ) -> usize;
 }
 
@@ -440,6 +533,7 @@ impl Kernel for Plain {
         c: usize,
         hd: usize,
         out: [&mut [f32]; H],
+        ahead: &mut Cursor,
     ) -> usize {
         let w = LANES * C;
         for (h, out) in out.into_iter().enumerate() {
@@ -448,6 +542,9 @@ impl Kernel for Plain {
             for &(at, from, to) in spans {
                 let span = &values[at..at + (to - from) * hd];
                 for (&e, value) in e[h][from..to].iter().zip(span.chunks_exact(hd)) {
+                    if h == 0 {
+                        ahead.issue::<AHEAD_PER_ROW>();
+                    }
                     for (a, v) in acc.iter_mut().zip(value[c..c + w].chunks_exact(LANES)) {
                         for l in 0..LANES {
                             a[l] = e.mul_add(v[l], a[l]);
@@ -467,14 +564,30 @@ impl Kernel for Plain {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_rows_fma(r: &Rows, mi: usize, h0: usize, n: usize) {
-    group_rows(r, mi, h0, n, Plain)
+unsafe fn group_rows_fma_ahead(r: &Rows, mi: usize, h0: usize, n: usize, ahead: &mut Ahead) {
+    group_rows_ahead(r, mi, h0, n, Plain, ahead)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
+unsafe fn group_rows_avx512_ahead(r: &Rows, mi: usize, h0: usize, n: usize, ahead: &mut Ahead) {
+    group_rows_ahead(r, mi, h0, n, avx512::Avx512, ahead)
+}
+
+/// The kernels as the tests call them: asking for no lines.
+#[cfg(all(test, target_arch = "x86_64"))]
+unsafe fn group_rows_fma(r: &Rows, mi: usize, h0: usize, n: usize) {
+    group_rows_fma_ahead(r, mi, h0, n, &mut Ahead::default())
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
 unsafe fn group_rows_avx512(r: &Rows, mi: usize, h0: usize, n: usize) {
-    group_rows(r, mi, h0, n, avx512::Avx512)
+    group_rows_avx512_ahead(r, mi, h0, n, &mut Ahead::default())
+}
+
+#[cfg(test)]
+fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
+    group_rows_ahead(r, mi, h0, n, kernel, &mut Ahead::default())
 }
 
 /// Attention of one member's rows for heads `h0 .. h0 + n` (one KV head's), the head size a
@@ -488,7 +601,14 @@ unsafe fn group_rows_avx512(r: &Rows, mi: usize, h0: usize, n: usize) {
 /// The order of every sum is fixed by the row alone, so neither the other members, nor how the
 /// heads are grouped, nor where the blocks are changes a number.
 #[inline(always)]
-fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
+fn group_rows_ahead<K: Kernel>(
+    r: &Rows,
+    mi: usize,
+    h0: usize,
+    n: usize,
+    kernel: K,
+    ahead: &mut Ahead,
+) {
     let Rows {
         g,
         members,
@@ -515,6 +635,8 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
         inv,
         list,
     } = &mut scratch;
+    let mut ahead_at = ahead.cursor();
+    let ahead = &mut ahead_at;
     for (v, len) in [
         (&mut *scores, n * stride),
         (&mut *out, n * hd),
@@ -553,6 +675,7 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
                     // SAFETY: every key row holds `hd` values, a multiple of 16; the caller
                     // checked the CPU.
                     let d = unsafe { kernel.dots(qrow, &key) };
+                    ahead.issue::<AHEAD_PER_GROUP>();
                     for (k, (&d, s)) in d.iter().zip(&mut scores[j..j + cnt]).enumerate() {
                         *s = d * g.scale + slope * (j + k) as f32;
                     }
@@ -569,10 +692,12 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
             let e = &scores[h * stride..];
             let o = &mut out[h * hd..];
             h += match n - h {
-                4.. => weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
-                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
-                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
-                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, list, hd, o),
+                4.. => {
+                    weigh_heads::<4, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead)
+                }
+                3 => weigh_heads::<3, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead),
+                2 => weigh_heads::<2, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead),
+                _ => weigh_heads::<1, K>(kernel, e, stride, &inv[h..], values, list, hd, o, ahead),
             };
         }
         for (hh, out) in out.chunks_exact(hd).enumerate() {
@@ -584,10 +709,11 @@ fn group_rows<K: Kernel>(r: &Rows, mi: usize, h0: usize, n: usize, kernel: K) {
             }
         }
     }
+    ahead.rest();
     SCRATCH.with(|s| s.replace(scratch));
 }
 
-/// A task's working rows in [`group_rows`], kept per thread so that the step's thousands of
+/// A task's working rows in [`group_rows_ahead`], kept per thread so that the step's thousands of
 /// tasks (members × KV heads × layers) do not each allocate and free them.
 #[derive(Default)]
 struct Scratch {
@@ -614,6 +740,7 @@ fn weigh_heads<const H: usize, K: Kernel>(
     spans: &[(usize, usize, usize)],
     hd: usize,
     out: &mut [f32],
+    ahead: &mut Cursor,
 ) -> usize {
     let e: [&[f32]; H] = std::array::from_fn(|h| &e[h * stride..(h + 1) * stride]);
     let inv: [f32; H] = std::array::from_fn(|h| inv[h]);
@@ -624,9 +751,9 @@ fn weigh_heads<const H: usize, K: Kernel>(
         // SAFETY: `c + width ≤ hd` (hd a multiple of 16); the caller checked the CPU.
         c += unsafe {
             match (hd - c) / LANES {
-                4.. => kernel.weigh::<H, 4>(e, inv, values, spans, c, hd, o),
-                2 | 3 => kernel.weigh::<H, 2>(e, inv, values, spans, c, hd, o),
-                _ => kernel.weigh::<H, 1>(e, inv, values, spans, c, hd, o),
+                4.. => kernel.weigh::<H, 4>(e, inv, values, spans, c, hd, o, ahead),
+                2 | 3 => kernel.weigh::<H, 2>(e, inv, values, spans, c, hd, o, ahead),
+                _ => kernel.weigh::<H, 1>(e, inv, values, spans, c, hd, o, ahead),
             }
         };
     }
@@ -772,11 +899,13 @@ mod avx512 {
             c: usize,
             hd: usize,
             out: [&mut [f32]; H],
+            ahead: &mut super::Cursor,
         ) -> usize {
             let mut acc = [[_mm512_setzero_ps(); C]; H];
             for &(at, from, to) in spans {
                 let span = values[at..at + (to - from) * hd].as_ptr().add(c);
                 for k in from..to {
+                    ahead.issue::<{ super::AHEAD_PER_ROW }>();
                     let v: [__m512; C] = std::array::from_fn(|cc| {
                         _mm512_loadu_ps(span.add((k - from) * hd + cc * LANES))
                     });
@@ -1103,6 +1232,138 @@ mod tests {
                 assert_eq!(grouped, plain, "head size {hd}");
             }
         }
+    }
+
+    /// The step's path (`attend`: tasks shared out over threads, each asking for its values
+    /// and the next task's keys as it goes) gives exactly what the plain-Rust kernel gives
+    /// head by head with no prefetching, bit for bit: head sizes 16, 32, 64, 128 and 24 (the
+    /// one-key-at-a-time path), 1, 3 and 4 heads per KV head, windows, ALiBi, block sizes 16
+    /// and 7, contexts 1 to 300 (decode rows at and either side of block boundaries, prefill
+    /// pieces), one member alone and many.
+    #[test]
+    fn attend_equals_plain_kernel_over_shapes() {
+        let slopes: Vec<f32> = (0..16).map(|h| 0.5f32.powi(h + 1)).collect();
+        // (cached positions, new positions) per member.
+        let many: Vec<(usize, usize)> = vec![
+            (0, 1),
+            (1, 1),
+            (15, 1),
+            (16, 1),
+            (17, 1),
+            (31, 1),
+            (47, 1),
+            (100, 1),
+            (255, 1),
+            (299, 1),
+            (30, 5),
+            (0, 13),
+        ];
+        let alone = vec![(140usize, 1usize)];
+        let mut cases = 0;
+        for (hd, nh, nkv) in [(64, 9, 3), (16, 4, 4), (32, 8, 2), (128, 6, 2), (24, 6, 2)] {
+            for (window, alibi, bs) in [
+                (None, false, 16),
+                (Some(50), false, 16),
+                (None, true, 7),
+                (Some(17), true, 7),
+            ] {
+                for shape in [&many, &alone] {
+                    let g = Geometry {
+                        heads: nh,
+                        kv_heads: nkv,
+                        head_dim: hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        window,
+                        alibi: alibi.then_some(&slopes[..nh]),
+                    };
+                    let got = attend_case(&g, shape, bs, cases as u32);
+                    assert_eq!(
+                        got.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        got.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "head size {hd}, {nh}/{nkv} heads, window {window:?}, ALiBi {alibi}, \
+                         block size {bs}, {} members",
+                        shape.len()
+                    );
+                    assert!(got.0.iter().all(|x| x.is_finite()));
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 40);
+    }
+
+    /// `attend` over members of `shape` ((cached, new) positions) in a shuffled pool, and the
+    /// same rows from the plain kernel (or the one-key-at-a-time path) head by head.
+    fn attend_case(
+        g: &Geometry,
+        shape: &[(usize, usize)],
+        bs: usize,
+        seed: u32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
+        let need: Vec<usize> = shape.iter().map(|&(s, l)| (s + l).div_ceil(bs)).collect();
+        let pool_blocks: usize = need.iter().sum::<usize>() + 3;
+        // Blocks dealt out in a scrambled order.
+        let mut order: Vec<u32> = (0..pool_blocks as u32).collect();
+        let mut x = seed.wrapping_add(99);
+        for i in (1..order.len()).rev() {
+            x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+            order.swap(i, (x >> 8) as usize % (i + 1));
+        }
+        let mut tables: Vec<Vec<u32>> = Vec::new();
+        let mut at = 0;
+        for &n in &need {
+            tables.push(order[at..at + n].to_vec());
+            at += n;
+        }
+        let size = pool_blocks * nkv * bs * hd;
+        let mut keys: Vec<f32> = pseudo_random(size, seed * 7 + 1)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect();
+        let mut values = pseudo_random(size, seed * 7 + 2);
+        let total: usize = shape.iter().map(|s| s.1).sum();
+        let mut members = Vec::new();
+        let mut offset = 0;
+        for &(start, len) in shape {
+            members.push(Member { start, offset, len });
+            offset += len;
+        }
+        let q = pseudo_random(nh * total * hd, seed * 7 + 3);
+        let k_new = pseudo_random(nkv * total * hd, seed * 7 + 4);
+        let v_new = pseudo_random(nkv * total * hd, seed * 7 + 5);
+        let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+        let mut out = vec![0f32; nh * total * hd];
+        let pages = KvPages {
+            keys: &mut keys,
+            values: &mut values,
+            tables: &table_refs,
+            block_size: bs,
+        };
+        attend(g, &members, &q, &k_new, &v_new, pages, &mut out).unwrap();
+        // The pool now holds the new rows too; the plain kernel reads it in place.
+        let mut plain = vec![f32::NAN; out.len()];
+        let r = Rows {
+            g,
+            members: &members,
+            q: &q,
+            keys: &keys,
+            values: &values,
+            tables: &table_refs,
+            bs,
+            total,
+            dst: OutPtr(plain.as_mut_ptr()),
+        };
+        for mi in 0..members.len() {
+            for h in 0..nh {
+                if hd % LANES == 0 {
+                    group_rows(&r, mi, h, 1, Plain);
+                } else {
+                    head_rows_sequential(&r, mi, h);
+                }
+            }
+        }
+        (out, plain)
     }
 
     /// Members of a pass over shuffled blocks get exactly what each gets alone over its keys
