@@ -1023,6 +1023,25 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// The geometry of `heads` query heads over `kv_heads` of size `head_dim`, scaled by
+    /// 1/√head_dim as the model scales them.
+    fn geometry<'a>(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+        alibi: Option<&'a [f32]>,
+    ) -> Geometry<'a> {
+        Geometry {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+            alibi,
+        }
+    }
+
     fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
@@ -1177,14 +1196,7 @@ mod tests {
             (128, 6, None, None, 4),
         ] {
             let (nkv, bs) = (2, 16);
-            let g = Geometry {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-                window,
-                alibi,
-            };
+            let g = geometry(nh, nkv, hd, window, alibi);
             let member = Member {
                 start: 37,
                 offset: 0,
@@ -1268,14 +1280,7 @@ mod tests {
                 (Some(17), true, 7),
             ] {
                 for shape in [&many, &alone] {
-                    let g = Geometry {
-                        heads: nh,
-                        kv_heads: nkv,
-                        head_dim: hd,
-                        scale: 1.0 / (hd as f32).sqrt(),
-                        window,
-                        alibi: alibi.then_some(&slopes[..nh]),
-                    };
+                    let g = geometry(nh, nkv, hd, window, alibi.then_some(&slopes[..nh]));
                     let got = attend_case(&g, shape, bs, cases as u32);
                     assert_eq!(
                         got.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
