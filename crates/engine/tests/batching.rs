@@ -509,15 +509,20 @@ fn sampled_output_repeats_with_the_same_seed_across_prefix_hits() {
     }
 }
 
+/// The default model (SmolLM2-135M-Instruct Q4_1), pulled into the cache on first use.
+fn default_model() -> Arc<Model> {
+    let entry = camelid_model::catalog::find(camelid_model::catalog::DEFAULT_MODEL).expect("entry");
+    let path = camelid_model::catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull");
+    Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"))
+}
+
 /// Bit-for-bit: a sequence's log-probs do not depend on what shares its steps, on how its
 /// prompt was chunked, or on whether its first blocks came from the prefix cache. On the real
 /// quantized model (SmolLM2 Q4_1), whose matmuls work row by row: a dense f32 GEMM may round a
 /// row differently with the row count, so the tiny f32 fixtures cannot show this.
 #[test]
 fn a_sequence_s_numbers_do_not_depend_on_the_batch() {
-    let entry = camelid_model::catalog::find(camelid_model::catalog::DEFAULT_MODEL).expect("entry");
-    let path = camelid_model::catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull");
-    let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"));
+    let model = default_model();
     let vocab = model.spec().vocab_size;
     let small_config = || SchedulerConfig {
         block_size: 16,
@@ -595,9 +600,7 @@ fn a_sequence_s_numbers_do_not_depend_on_the_batch() {
 /// vocabularies are too small to take the parallel path).
 #[test]
 fn sampling_in_parallel_equals_one_at_a_time() {
-    let entry = camelid_model::catalog::find(camelid_model::catalog::DEFAULT_MODEL).expect("entry");
-    let path = camelid_model::catalog::pull(entry, &mut |l| eprintln!("{l}")).expect("pull");
-    let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load SmolLM2"));
+    let model = default_model();
     let vocab = model.spec().vocab_size;
     let config = || SchedulerConfig {
         block_size: 16,

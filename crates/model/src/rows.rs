@@ -256,19 +256,24 @@ mod tests {
         }
     }
 
+    /// The bits of candle's `silu(gate) · up`.
+    fn candle_silu_mul(gate: &[f32], up: &[f32]) -> Vec<u32> {
+        let dev = Device::Cpu;
+        let gt = Tensor::from_slice(gate, gate.len(), &dev).expect("gate");
+        let ut = Tensor::from_slice(up, up.len(), &dev).expect("up");
+        let expect = (candle_nn::ops::silu(&gt).expect("silu") * ut).expect("mul");
+        bits(&tensor_vec(&expect))
+    }
+
     #[test]
     fn silu_mul_matches_candle_bit_for_bit() {
-        let dev = Device::Cpu;
         for &rows in &ROWS {
             let n = 1536;
             let g = values(rows * n, 4);
             let u = values(rows * n, 5);
-            let gt = Tensor::from_vec(g.clone(), (1, rows, n), &dev).expect("g");
-            let ut = Tensor::from_vec(u.clone(), (1, rows, n), &dev).expect("u");
-            let expect = (candle_nn::ops::silu(&gt).expect("silu") * ut).expect("mul");
             let mut out = g.clone();
             silu_mul(&mut out, &u);
-            assert_eq!(bits(&out), bits(&tensor_vec(&expect)), "{rows} rows");
+            assert_eq!(bits(&out), candle_silu_mul(&g, &u), "{rows} rows");
         }
     }
 
@@ -277,7 +282,6 @@ mod tests {
     #[test]
     fn silu_mul_matches_candle_on_extreme_gates() {
         use camelid_kernels::expf::{silu_mul_on, ExpPath};
-        let dev = Device::Cpu;
         let n = 1000;
         let mut g = values(n, 7);
         let extreme = [
@@ -298,17 +302,15 @@ mod tests {
             g[i * 37 + 5] = e;
         }
         let u = values(n, 8);
-        let gt = Tensor::from_vec(g.clone(), n, &dev).expect("g");
-        let ut = Tensor::from_vec(u.clone(), n, &dev).expect("u");
-        let expect = (candle_nn::ops::silu(&gt).expect("silu") * ut).expect("mul");
+        let expect = candle_silu_mul(&g, &u);
         for path in ExpPath::available() {
             let mut out = g.clone();
             silu_mul_on(path, &mut out, &u);
-            assert_eq!(bits(&out), bits(&tensor_vec(&expect)), "{path:?}");
+            assert_eq!(bits(&out), expect, "{path:?}");
         }
         let mut out = g.clone();
         silu_mul(&mut out, &u);
-        assert_eq!(bits(&out), bits(&tensor_vec(&expect)), "chosen path");
+        assert_eq!(bits(&out), expect, "chosen path");
     }
 
     /// Rotary on the heads of a row-major projection against `Rope::apply` on the same heads
