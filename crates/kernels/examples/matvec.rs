@@ -10,10 +10,7 @@ use common::Lcg;
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numeric_args();
     let tokens = args.first().copied().unwrap_or(1);
     let reps = args.get(1).copied().unwrap_or(50);
     let (rows, cols) = (args.get(2).copied().unwrap_or(4096), 4096);

@@ -20,10 +20,7 @@ use common::{cpu_seconds, Lcg};
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numeric_args();
     let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
     let (tokens, prefill, prompt, output, reps) = (
         arg(0, 32),

@@ -11,10 +11,7 @@ use camelid_kernels::{matmul_group, quantize_weights, QMatrix, QType};
 use common::{cpu_seconds, Lcg};
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numeric_args();
     let tokens = args.first().copied().unwrap_or(32);
     let layers = args.get(1).copied().unwrap_or(30);
     let reps = args.get(2).copied().unwrap_or(20);

@@ -61,10 +61,7 @@ fn cycles_per_second() -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numeric_args();
     let reps = args.first().copied().unwrap_or(200);
     let counts = if args.len() > 1 {
         args[1..].to_vec()

@@ -33,3 +33,11 @@ pub fn cpu_seconds() -> f64 {
         })
         .unwrap_or(f64::NAN)
 }
+
+/// The command line's numeric arguments, in order (others are skipped).
+pub fn numeric_args() -> Vec<usize> {
+    std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect()
+}
