@@ -83,15 +83,28 @@ try {
   // Record every text the reply shows while it streams.
   await page.evaluate(() => {
     window.__seen = [];
-    new MutationObserver(() => {
-      const all = document.querySelectorAll("#log .msg.assistant .content");
-      const t = all.length ? all[all.length - 1].textContent : "";
-      if (t && window.__seen[window.__seen.length - 1] !== t) window.__seen.push(t);
+    // Every text the page set, from the mutation records: the page replaces the reply's text
+    // node on each streamed piece, and several pieces may arrive between two callbacks.
+    new MutationObserver((records) => {
+      for (const r of records) {
+        if (r.type !== "childList" || !r.target.matches?.("#log .msg.assistant .content")) continue;
+        for (const n of r.addedNodes) {
+          const t = n.textContent;
+          if (t && window.__seen[window.__seen.length - 1] !== t) window.__seen.push(t);
+        }
+      }
     }).observe(document.getElementById("log"), { childList: true, subtree: true, characterData: true });
+    // A short reply can start and end between two polls, so the stop button's enabling is
+    // recorded as it happens rather than polled for.
+    window.__stopEnabled = false;
+    const stop = document.getElementById("stop");
+    new MutationObserver(() => {
+      if (!stop.disabled) window.__stopEnabled = true;
+    }).observe(stop, { attributes: true, attributeFilter: ["disabled"] });
   });
   await page.fill("#input", question);
   await page.press("#input", "Enter");
-  await until("the stop button to be enabled", async () => !(await page.isDisabled("#stop")), 30_000);
+  await until("the stop button to be enabled", () => page.evaluate(() => window.__stopEnabled), 30_000);
   await until("the reply to finish", idle);
   const reply = await lastReply();
   const seen = await page.evaluate(() => window.__seen);
