@@ -7,12 +7,11 @@ use camelid_engine::bench;
 use camelid_engine::generate::{all_logits, generate, GenerateOptions, Generation};
 use camelid_engine::SamplingParams;
 use camelid_model::catalog;
-use camelid_model::chat_template::Message;
 use camelid_model::Model;
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 
-fn options(s: &SamplingArgs) -> GenerateOptions {
+pub(crate) fn options(s: &SamplingArgs) -> GenerateOptions {
     GenerateOptions {
         max_tokens: s.max_tokens,
         sampling: SamplingParams {
@@ -31,7 +30,7 @@ fn options(s: &SamplingArgs) -> GenerateOptions {
     }
 }
 
-fn read_text(source: &str, bytes: Vec<u8>) -> Result<String> {
+pub(crate) fn read_text(source: &str, bytes: Vec<u8>) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
             "{source}: not valid UTF-8 text (invalid byte at offset {})",
@@ -68,7 +67,7 @@ fn emit(line: &str) -> Result<()> {
     }
 }
 
-fn print_stats(g: &Generation) {
+pub(crate) fn print_stats(g: &Generation) {
     let pp = g.prompt_tokens as f64 / g.prefill_time.as_secs_f64().max(1e-9);
     let tg = g.tokens.len() as f64 / g.decode_time.as_secs_f64().max(1e-9);
     eprintln!(
@@ -117,57 +116,6 @@ pub fn run(
     println!();
     if sargs.stats {
         print_stats(&g);
-    }
-    Ok(())
-}
-
-pub fn chat(margs: &ModelArgs, sargs: &SamplingArgs, system: Option<String>) -> Result<()> {
-    let model = resolve::load(margs)?;
-    let tok = model.tokenizer()?;
-    let interactive = std::io::stdin().is_terminal();
-    let mut messages: Vec<Message> = Vec::new();
-    if let Some(s) = system {
-        messages.push(Message::new("system", &s));
-    }
-    if interactive {
-        eprintln!(
-            "camelid chat with {} — type a message, Enter to send, Ctrl-D to quit.",
-            model.name
-        );
-    }
-    let opts = options(sargs);
-    let bos_text = tok.bos_id.and_then(|b| tok.id_to_token(b));
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock();
-    loop {
-        if interactive {
-            eprint!("> ");
-            std::io::stderr().flush().ok();
-        }
-        let mut buf = Vec::new();
-        if lines.read_until(b'\n', &mut buf).context("reading stdin")? == 0 {
-            break;
-        }
-        let line = read_text("stdin", buf)?;
-        let line = line.trim_end_matches(['\n', '\r']);
-        if line.trim().is_empty() {
-            continue;
-        }
-        messages.push(Message::new("user", line));
-        let text = model.chat_template.render(&messages, true)?;
-        let mut ids = tok.encode(&text, false)?;
-        // Templates usually write the BOS text themselves; add the id only when they do not.
-        if tok.add_bos && !bos_text.as_deref().is_some_and(|b| text.starts_with(b)) {
-            if let Some(b) = tok.bos_id {
-                ids.insert(0, b);
-            }
-        }
-        let g = stream_to_stdout(&model, &ids, &opts)?;
-        println!();
-        if sargs.stats {
-            print_stats(&g);
-        }
-        messages.push(Message::new("assistant", g.text.trim()));
     }
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! catalog models on first use) and hands off to the engine; it holds no model logic itself.
 
 mod beams;
+mod chat;
 mod commands;
 mod device;
+mod interrupt;
 mod quant;
 mod resolve;
 mod serve;
@@ -110,6 +112,10 @@ enum Command {
         /// System prompt
         #[arg(long, value_name = "TEXT")]
         system: Option<String>,
+        /// Tokens of conversation kept (default: the model's context window); the oldest turns
+        /// are dropped to leave room for each reply
+        #[arg(short, long, value_name = "N")]
+        context: Option<usize>,
     },
     /// Print logits for token ids as JSON: {"ids":[...],"logits":[[...],...]}
     Logits {
@@ -234,7 +240,8 @@ fn main() {
             model,
             sampling,
             system,
-        } => commands::chat(&model, &sampling, system),
+            context,
+        } => chat::chat(&model, &sampling, system, context),
         Command::Logits {
             model,
             ids,

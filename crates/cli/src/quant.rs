@@ -1,5 +1,6 @@
 //! `camelid quantize` and `camelid perplexity`.
 
+use crate::interrupt::{self, INTERRUPTED};
 use crate::resolve;
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
@@ -7,26 +8,6 @@ use camelid_engine::perplexity::{perplexity as run_perplexity, Method};
 use camelid_quant::{quantize as run_quantize, types, Event, QuantizeError, QuantizeOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-#[cfg(unix)]
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C asks the quantizer to stop at the next tensor; it then removes its partial file.
-fn catch_interrupt() {
-    #[cfg(unix)]
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-    }
-}
 
 fn bar(len: u64, template: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
@@ -52,7 +33,8 @@ pub fn quantize(
         keep_embeddings,
         mix,
     };
-    catch_interrupt();
+    // Ctrl-C stops the quantizer at the next tensor; it then removes its partial file.
+    interrupt::catch();
     let pb = bar(0, "{bar:30} {pos}/{len} tensors  {msg}");
     let result = run_quantize(&input, output, &opts, &INTERRUPTED, &mut |e| match e {
         Event::Start { tensors } => pb.set_length(tensors as u64),
