@@ -716,6 +716,7 @@ fn a_full_queue_answers_429_with_retry_after() {
         ..SchedulerConfig::default()
     });
     let addr = server.addr;
+    // Long enough replies that all four requests arrive while the first still runs.
     let threads: Vec<_> = (0..4)
         .map(|_| {
             std::thread::spawn(move || {
@@ -723,7 +724,7 @@ fn a_full_queue_answers_429_with_retry_after() {
                     addr,
                     "POST",
                     "/v1/completions",
-                    &json!({"model": MODEL_ID, "prompt": "Hello", "max_tokens": 24,
+                    &json!({"model": MODEL_ID, "prompt": "Hello", "max_tokens": 128,
                             "temperature": 0, "ignore_eos": true})
                     .to_string(),
                 )
