@@ -153,9 +153,24 @@ impl WeightStore {
         // Every tensor must lie inside the file: catch truncation before any work starts.
         let len = mmap.len() as u64;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            // Checked: a damaged dimension must not wrap around to a size that fits.
+            let Some(elems) = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            else {
+                return Err(ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    message: format!(
+                        "shape {:?} has more elements than can exist",
+                        info.shape.dims()
+                    ),
+                });
+            };
+            let block = info.ggml_dtype.block_size() as u64;
+            let bytes = (elems / block).saturating_mul(info.ggml_dtype.type_size() as u64);
             let start = content.tensor_data_offset.saturating_add(info.offset);
             if elems % block != 0 || start.saturating_add(bytes) > len {
                 return Err(ModelError::Tensor {

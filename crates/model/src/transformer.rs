@@ -783,7 +783,9 @@ impl Transformer {
             None
         };
 
-        let mut blocks = Vec::with_capacity(spec.layers);
+        // Grown one loaded block at a time: a damaged layer count then ends at the first missing
+        // tensor instead of reserving room for billions of blocks.
+        let mut blocks = Vec::new();
         for i in 0..spec.layers {
             let p = format!("{prefix}blk.{i}");
             let qkv = match a.qkv_layout {

@@ -1,0 +1,217 @@
+//! Damaged checkpoints: each byte of a GGUF or safetensors header changed, GGUF files cut at
+//! many lengths, and each field of a `config.json` given a wrong value. Every case must load as
+//! a clear error or as a model that runs three tokens; none may panic or abort the process (an
+//! abort, e.g. an allocation of terabytes, ends this test binary: that is a failure too).
+
+use camelid_engine::generate::all_logits;
+use camelid_model::Model;
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+use serde_json::{json, Value};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+fn fixtures(dir: &str) -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(dir);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("fixture folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir()
+        .join(format!("camelid-corrupt-{}", std::process::id()))
+        .join(name);
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    dir
+}
+
+/// Loads the model at `path` and, when that works, runs three tokens through it: what
+/// happened, or the panic's message.
+fn outcome(path: &Path) -> Result<String, String> {
+    catch_unwind(AssertUnwindSafe(|| match Model::load(path, &Device::Cpu) {
+        Err(e) => format!("error: {e}"),
+        Ok(model) => match all_logits(&model, &[1, 2, 3]) {
+            Ok(_) => "runs".to_string(),
+            Err(e) => format!("loads, then error: {e}"),
+        },
+    }))
+    .map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    })
+}
+
+/// Runs every case; fails listing the ones that panicked. Also checks the sweep did reach
+/// both kinds of outcome, so that it cannot pass by loading nothing.
+fn sweep(what: &str, cases: impl Iterator<Item = (String, PathBuf)>) {
+    let (mut errors, mut runs, mut panics) = (0, 0, Vec::new());
+    for (case, path) in cases {
+        match outcome(&path) {
+            Ok(o) if o == "runs" => runs += 1,
+            Ok(o) => {
+                assert!(o.len() > 10, "{case}: an error without a message: {o}");
+                errors += 1
+            }
+            Err(msg) => panics.push(format!("{case}: {msg}")),
+        }
+    }
+    assert!(
+        panics.is_empty(),
+        "{what}: {} cases panicked:\n{}",
+        panics.len(),
+        panics.join("\n")
+    );
+    assert!(errors > 0, "{what}: no case was refused");
+    eprintln!("{what}: {errors} refused with an error, {runs} loaded and ran");
+}
+
+fn gguf_fixtures() -> Vec<(String, Vec<u8>, usize)> {
+    fixtures("llamacpp_families")
+        .into_iter()
+        .map(|dir| {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(dir.join("model.gguf")).expect("fixture GGUF");
+            let header = gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
+                .expect("the fixture parses")
+                .tensor_data_offset as usize;
+            (name, bytes, header)
+        })
+        .collect()
+}
+
+/// Every position of the first KiB (counts, keys, types, the first values), then every 7th:
+/// past it lie mostly the vocabulary's strings, where one position stands for its neighbours.
+fn positions(header: usize) -> impl Iterator<Item = usize> {
+    (0..header.min(1024)).chain((1024..header).step_by(7))
+}
+
+#[test]
+fn each_gguf_header_byte_changed() {
+    let path = scratch("header").join("model.gguf");
+    for (name, good, header) in gguf_fixtures() {
+        let cases = positions(header).flat_map(|at| [0xff, good[at] ^ 0x01].map(|v| (at, v)));
+        let path = &path;
+        let good = &good;
+        sweep(
+            &format!("{name}: header bytes changed"),
+            cases.map(|(at, value)| {
+                let mut bytes = good.clone();
+                bytes[at] = value;
+                std::fs::write(path, &bytes).expect("write");
+                (format!("{name} byte {at} = {value:#x}"), path.clone())
+            }),
+        );
+    }
+}
+
+#[test]
+fn each_gguf_file_cut_short() {
+    let path = scratch("cut").join("model.gguf");
+    for (name, good, header) in gguf_fixtures() {
+        // Lengths within the header, then 64 through the tensor data.
+        let data = good.len() - header;
+        let lengths = positions(header).chain((0..64).map(|i| header + i * data / 64));
+        let path = &path;
+        let good = &good;
+        sweep(
+            &format!("{name}: cut short"),
+            lengths.map(|len| {
+                std::fs::write(path, &good[..len]).expect("write");
+                (format!("{name} cut at {len}"), path.clone())
+            }),
+        );
+    }
+}
+
+#[test]
+fn each_safetensors_header_byte_changed() {
+    for family in ["gpt2", "llama_mha_f32"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/parity")
+            .join(family);
+        let work = scratch(&format!("st-{family}"));
+        std::fs::copy(dir.join("config.json"), work.join("config.json")).expect("copy");
+        let good = std::fs::read(dir.join("model.safetensors")).expect("fixture");
+        let header = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let cases = (0..header).flat_map(|at| [0xff, good[at] ^ 0x01].map(|v| (at, v)));
+        let work = &work;
+        let good = &good;
+        sweep(
+            &format!("{family}: safetensors header bytes changed"),
+            cases.map(|(at, value)| {
+                let mut bytes = good.clone();
+                bytes[at] = value;
+                std::fs::write(work.join("model.safetensors"), &bytes).expect("write");
+                (format!("{family} byte {at} = {value:#x}"), work.clone())
+            }),
+        );
+    }
+}
+
+#[test]
+fn each_config_field_given_a_wrong_value() {
+    let wrong = [
+        json!(0),
+        json!(-1),
+        json!(1u64 << 40),
+        json!(u64::MAX),
+        json!(1e30),
+        json!(0.5),
+        json!("x"),
+        json!(null),
+        json!(true),
+        json!([]),
+        json!({}),
+    ];
+    for dir in fixtures("parity") {
+        let family = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let work = scratch(&format!("config-{family}"));
+        for entry in std::fs::read_dir(&dir).expect("fixture") {
+            let from = entry.expect("entry").path();
+            let name = from.file_name().unwrap();
+            if name != "config.json" && name != "reference.json" {
+                std::fs::copy(&from, work.join(name)).expect("copy");
+            }
+        }
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config.json"))
+                .expect("the fixture's config parses");
+        let fields: Vec<String> = config
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
+        let config = &config;
+        let work = &work;
+        let cases = fields.iter().flat_map(|field| {
+            wrong
+                .iter()
+                .map(move |v| (field.clone(), Some(v.clone())))
+                .chain([(field.clone(), None)])
+        });
+        sweep(
+            &format!("{family}: config fields"),
+            cases.map(|(field, value)| {
+                let mut c = config.clone();
+                let o = c.as_object_mut().unwrap();
+                match &value {
+                    Some(v) => o.insert(field.clone(), v.clone()),
+                    None => o.remove(&field),
+                };
+                std::fs::write(work.join("config.json"), c.to_string()).expect("write");
+                let shown = value.map_or("removed".into(), |v| v.to_string());
+                (format!("{family} {field} = {shown}"), work.clone())
+            }),
+        );
+    }
+}
