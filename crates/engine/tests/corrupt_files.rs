@@ -3,7 +3,9 @@
 //! a clear error or as a model that runs three tokens; none may panic or abort the process (an
 //! abort, e.g. an allocation of terabytes, ends this test binary: that is a failure too).
 
+use camelid_engine::embed::embed_ids;
 use camelid_engine::generate::all_logits;
+use camelid_engine::seq2seq::decoder_logits;
 use camelid_model::Model;
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
@@ -32,15 +34,27 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Loads the model at `path` and, when that works, runs three tokens through it: what
-/// happened, or the panic's message.
+/// Loads the model at `path` and, when that works, runs three tokens through it (logits from
+/// the decoder, and the pooled embedding where there is no decoder of its own): what happened,
+/// or the panic's message.
 fn outcome(path: &Path) -> Result<String, String> {
     catch_unwind(AssertUnwindSafe(|| match Model::load(path, &Device::Cpu) {
         Err(e) => format!("error: {e}"),
-        Ok(model) => match all_logits(&model, &[1, 2, 3]) {
-            Ok(_) => "runs".to_string(),
-            Err(e) => format!("loads, then error: {e}"),
-        },
+        Ok(model) => {
+            let ids = [1, 2, 3];
+            let ran = if model.is_encoder_decoder() {
+                decoder_logits(&model, &ids, &[0, 1]).map(drop)
+            } else if model.spec().lm_head {
+                embed_ids(&model, &ids).and_then(|_| all_logits(&model, &ids).map(drop))
+            } else {
+                // An encoder (BERT) has no head: it gives embeddings only.
+                embed_ids(&model, &ids).map(drop)
+            };
+            match ran {
+                Ok(()) => "runs".to_string(),
+                Err(e) => format!("loads, then error: {e}"),
+            }
+        }
     }))
     .map_err(|p| {
         p.downcast_ref::<String>()
@@ -172,7 +186,8 @@ fn each_config_field_given_a_wrong_value() {
         json!([]),
         json!({}),
     ];
-    for dir in fixtures("parity") {
+    let dirs = [fixtures("parity"), fixtures("t5"), fixtures("bert")].concat();
+    for dir in dirs {
         let family = dir.file_name().unwrap().to_string_lossy().into_owned();
         let work = scratch(&format!("config-{family}"));
         for entry in std::fs::read_dir(&dir).expect("fixture") {
@@ -212,6 +227,34 @@ fn each_config_field_given_a_wrong_value() {
                 let shown = value.map_or("removed".into(), |v| v.to_string());
                 (format!("{family} {field} = {shown}"), work.clone())
             }),
+        );
+    }
+}
+
+/// A field the family reads, given the wrong type, is an error naming it: never a silent
+/// default.
+#[test]
+fn a_field_of_the_wrong_type_is_named() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
+    for (family, field, value) in [
+        ("llama_mha_f32", "hidden_act", json!(0)),
+        ("llama_mha_f32", "rope_scaling", json!("x")),
+        ("llama_mha_f32", "num_hidden_layers", json!(0.5)),
+        ("llama_mha_f32", "tie_word_embeddings", json!("yes")),
+        ("gpt2", "activation_function", json!(["gelu"])),
+    ] {
+        let work = scratch(&format!("typed-{family}-{field}"));
+        for name in ["model.safetensors", "config.json"] {
+            std::fs::copy(dir.join(family).join(name), work.join(name)).expect("copy");
+        }
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(work.join("config.json")).unwrap()).unwrap();
+        config[field] = value.clone();
+        std::fs::write(work.join("config.json"), config.to_string()).unwrap();
+        let got = outcome(&work).expect("no panic");
+        assert!(
+            got.starts_with("error: ") && got.contains(field),
+            "{family} {field} = {value}: {got}"
         );
     }
 }

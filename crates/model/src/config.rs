@@ -89,7 +89,13 @@ impl HfConfig {
         }
     }
 
-    pub fn opt_str(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(Value::as_str)
+    pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("\"{key}\" must be a string, got {v}"))),
+        }
     }
 }

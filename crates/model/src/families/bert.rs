@@ -17,7 +17,7 @@ pub static BERT: Family = Family {
         s.hidden = cfg.usize("hidden_size")?;
         s.layers = cfg.usize("num_hidden_layers")?;
         s.max_positions = cfg.usize("max_position_embeddings")?;
-        if let Some(kind) = cfg.opt_str("position_embedding_type") {
+        if let Some(kind) = cfg.opt_str("position_embedding_type")? {
             if kind != "absolute" {
                 return Err(cfg.err(format!(
                     "position_embedding_type \"{kind}\" is not supported (absolute is)"

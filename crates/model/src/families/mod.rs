@@ -113,7 +113,7 @@ pub const LLAMA_TENSOR_NAMES: &[(&str, &str)] = &[
 
 /// Reads an activation name as transformers spells it.
 pub fn activation(cfg: &HfConfig, key: &str, default: &str) -> Result<Activation> {
-    let name = cfg.opt_str(key).unwrap_or(default);
+    let name = cfg.opt_str(key)?.unwrap_or(default);
     Ok(match name {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "bloom_gelu" => Activation::GeluTanh,
         "gelu" | "gelu_exact" => Activation::Gelu,
@@ -150,7 +150,7 @@ pub fn llama_style_config(cfg: &HfConfig, family: &str) -> Result<ArchSpec> {
     a.out_bias = a.qkv_bias;
     s.mlp.bias = cfg.bool_or("mlp_bias", false)?;
     s.tied_head = cfg.bool_or("tie_word_embeddings", false)?;
-    let act = cfg.opt_str("hidden_act").unwrap_or("silu");
+    let act = cfg.opt_str("hidden_act")?.unwrap_or("silu");
     if act != "silu" && act != "swish" {
         return Err(cfg.err(format!(
             "hidden_act \"{act}\" is not supported for a gated LLaMA-style MLP (expected silu)"
@@ -183,6 +183,9 @@ pub fn rope_scaling(cfg: &HfConfig, max_positions: usize) -> Result<RopeScaling>
     else {
         return Ok(RopeScaling::None);
     };
+    if !rs.is_object() {
+        return Err(cfg.err(format!("\"rope_scaling\" must be an object, got {rs}")));
+    }
     let kind = rs
         .get("rope_type")
         .or_else(|| rs.get("type"))
