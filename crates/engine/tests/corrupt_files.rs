@@ -35,8 +35,8 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Loads the model at `path` and, when that works, runs three tokens through it (logits from
-/// the decoder, and the pooled embedding where there is no decoder of its own): what happened,
-/// or the panic's message.
+/// the decoder, and the pooled embedding where there is no decoder of its own) and a text
+/// through its tokenizer: what happened, or the panic's message.
 fn outcome(path: &Path) -> Result<String, String> {
     catch_unwind(AssertUnwindSafe(|| match Model::load(path, &Device::Cpu) {
         Err(e) => format!("error: {e}"),
@@ -50,6 +50,14 @@ fn outcome(path: &Path) -> Result<String, String> {
                 // An encoder (BERT) has no head: it gives embeddings only.
                 embed_ids(&model, &ids).map(drop)
             };
+            // A damaged vocabulary shows when text goes through it.
+            let ran = ran.and_then(|()| match &model.tokenizer {
+                Some(tok) => {
+                    let ids = tok.encode("Hello world, 123 çé 😀 <s>\n\t", true)?;
+                    tok.decode(&ids, false).map(drop)
+                }
+                None => Ok(()),
+            });
             match ran {
                 Ok(()) => "runs".to_string(),
                 Err(e) => format!("loads, then error: {e}"),
