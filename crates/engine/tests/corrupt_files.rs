@@ -116,20 +116,31 @@ fn positions(header: usize) -> impl Iterator<Item = usize> {
     (0..header.min(1024)).chain((1024..header).step_by(7))
 }
 
+/// Copies of `good` with the byte at each position changed: to 0xff (the high byte of a count
+/// or a size becomes huge) and to itself with the low bit flipped (off by one).
+fn byte_changes<'a>(
+    good: &'a [u8],
+    positions: impl Iterator<Item = usize> + 'a,
+) -> impl Iterator<Item = (String, Vec<u8>)> + 'a {
+    positions.flat_map(move |at| {
+        [0xff, good[at] ^ 0x01].map(|value| {
+            let mut bytes = good.to_vec();
+            bytes[at] = value;
+            (format!("byte {at} = {value:#x}"), bytes)
+        })
+    })
+}
+
 #[test]
 fn each_gguf_header_byte_changed() {
     let path = scratch("header").join("model.gguf");
     for (name, good, header) in gguf_fixtures() {
-        let cases = positions(header).flat_map(|at| [0xff, good[at] ^ 0x01].map(|v| (at, v)));
         let path = &path;
-        let good = &good;
         sweep(
             &format!("{name}: header bytes changed"),
-            cases.map(|(at, value)| {
-                let mut bytes = good.clone();
-                bytes[at] = value;
-                std::fs::write(path, &bytes).expect("write");
-                (format!("{name} byte {at} = {value:#x}"), path.clone())
+            byte_changes(&good, positions(header)).map(|(case, bytes)| {
+                std::fs::write(path, bytes).expect("write");
+                (format!("{name} {case}"), path.clone())
             }),
         );
     }
@@ -164,16 +175,12 @@ fn each_safetensors_header_byte_changed() {
         std::fs::copy(dir.join("config.json"), work.join("config.json")).expect("copy");
         let good = std::fs::read(dir.join("model.safetensors")).expect("fixture");
         let header = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-        let cases = (0..header).flat_map(|at| [0xff, good[at] ^ 0x01].map(|v| (at, v)));
         let work = &work;
-        let good = &good;
         sweep(
             &format!("{family}: safetensors header bytes changed"),
-            cases.map(|(at, value)| {
-                let mut bytes = good.clone();
-                bytes[at] = value;
-                std::fs::write(work.join("model.safetensors"), &bytes).expect("write");
-                (format!("{family} byte {at} = {value:#x}"), work.clone())
+            byte_changes(&good, 0..header).map(|(case, bytes)| {
+                std::fs::write(work.join("model.safetensors"), bytes).expect("write");
+                (format!("{family} {case}"), work.clone())
             }),
         );
     }

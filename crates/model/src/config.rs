@@ -42,13 +42,26 @@ impl HfConfig {
         self.get("model_type").and_then(Value::as_str)
     }
 
-    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+    /// The value at `key` converted by `conv`; absent or null is `None`, and any other value
+    /// `conv` refuses is an error that names the key and says what it must be.
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        must_be: &str,
+        conv: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                self.err(format!("\"{key}\" must be a non-negative integer, got {v}"))
-            }),
+            Some(v) => conv(v)
+                .map(Some)
+                .ok_or_else(|| self.err(format!("\"{key}\" must be {must_be}, got {v}"))),
         }
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.typed(key, "a non-negative integer", |v| {
+            v.as_u64().map(|x| x as usize)
+        })
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
@@ -67,13 +80,7 @@ impl HfConfig {
     }
 
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("\"{key}\" must be a number, got {v}"))),
-        }
+        self.typed(key, "a number", Value::as_f64)
     }
 
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -81,21 +88,12 @@ impl HfConfig {
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(format!("\"{key}\" must be true or false, got {v}"))),
-        }
+        Ok(self
+            .typed(key, "true or false", Value::as_bool)?
+            .unwrap_or(default))
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("\"{key}\" must be a string, got {v}"))),
-        }
+        self.typed(key, "a string", Value::as_str)
     }
 }
