@@ -1,23 +1,24 @@
-//! Ctrl-C as a request to stop: long work (quantizing, a chat reply) checks the flag at its next
-//! step and ends cleanly instead of dying halfway through a file or a line.
+//! Ctrl-C as a request to stop: long work (quantizing, training, a chat reply) checks the flag at
+//! its next step and ends cleanly instead of dying halfway through a file or a line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by Ctrl-C while the handler is armed.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-/// While false, Ctrl-C ends the process as it would without a handler (exit status 130).
+/// While false, Ctrl-C ends the process as it would without a handler (exit status 130), as
+/// does a second Ctrl-C while the first is still unanswered.
 static ARMED: AtomicBool = AtomicBool::new(false);
 
 #[cfg(unix)]
 extern "C" fn on_sigint(_: libc::c_int) {
-    if ARMED.load(Ordering::SeqCst) {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-    } else {
-        // SAFETY: write(2) and _exit(2) are async-signal-safe.
-        unsafe {
-            libc::write(2, b"\n".as_ptr().cast(), 1);
-            libc::_exit(130);
-        }
+    // A second Ctrl-C before the work has stopped ends the process at once.
+    if ARMED.load(Ordering::SeqCst) && !INTERRUPTED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(2, b"\n".as_ptr().cast(), 1);
+        libc::_exit(130);
     }
 }
 

@@ -505,6 +505,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let start_tokens = trainer.state.tokens_seen;
     let mut last_val = None;
     let stop = a.stop_at.unwrap_or(a.steps).min(a.steps);
+    // Ctrl-C ends the run after the current update, with a checkpoint to resume from.
+    crate::interrupt::catch();
     while trainer.state.step < stop {
         let t0 = Instant::now();
         let r = match trainer.step(&data) {
@@ -572,6 +574,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
         if a.save_every > 0 && r.step % a.save_every == 0 && r.step < stop {
             save(&trainer)?;
+        }
+        if crate::interrupt::take() && trainer.state.step < stop {
+            bar.abandon();
+            save(&trainer)?;
+            eprintln!(
+                "camelid: interrupted after step {}; checkpoint saved in {} (continue with --resume)",
+                trainer.state.step,
+                ckpt_dir.display()
+            );
+            std::process::exit(130);
         }
     }
     bar.finish();

@@ -422,50 +422,55 @@ fn bad_training_input_is_a_clear_error() {
     assert!(e.contains("no complete checkpoint"), "{e}");
 }
 
+/// A one-layer LLaMA trained on the GPT-2 fixture's tokens with dropout (so the random state
+/// must survive a resume too), on one thread, into `out`.
+fn tiny_run_args(out: &Path, steps: u64, save_every: u64) -> Vec<String> {
+    let tokens = fixture("gpt2").join("tokens.u32");
+    let (steps, save_every) = (steps.to_string(), save_every.to_string());
+    [
+        "train",
+        "--data",
+        p(&tokens),
+        "--preset",
+        "llama",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--vocab",
+        "61",
+        "--context",
+        "16",
+        "--seq-len",
+        "8",
+        "--batch",
+        "2",
+        "--steps",
+        &steps,
+        "--warmup",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        &save_every,
+        "--dropout",
+        "0.1",
+        "--threads",
+        "1",
+        "--out",
+        p(out),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 #[test]
 fn resume_after_kill_9_ends_with_the_same_weights() {
     let w = tmp("kill");
-    let tokens = fixture("gpt2").join("tokens.u32");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--data",
-            p(&tokens),
-            "--preset",
-            "llama",
-            "--layers",
-            "1",
-            "--hidden",
-            "32",
-            "--heads",
-            "2",
-            "--vocab",
-            "61",
-            "--context",
-            "16",
-            "--seq-len",
-            "8",
-            "--batch",
-            "2",
-            "--steps",
-            "40",
-            "--warmup",
-            "2",
-            "--eval-every",
-            "0",
-            "--save-every",
-            "1",
-            "--dropout",
-            "0.1",
-            "--threads",
-            "1",
-            "--out",
-            p(out),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args = |out: &Path| tiny_run_args(out, 40, 1);
     let straight = w.join("straight");
     ok(&args(&straight)
         .iter()
@@ -510,4 +515,71 @@ fn resume_after_kill_9_ends_with_the_same_weights() {
     let a = std::fs::read(straight.join("model.safetensors")).unwrap();
     let b = std::fs::read(killed.join("model.safetensors")).unwrap();
     assert!(a == b, "weights differ after kill -9 and --resume");
+}
+
+/// Ctrl-C ends a run after the update in progress, with a checkpoint from which `--resume`
+/// continues exactly (no periodic checkpoints here: the interrupt writes it).
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let w = tmp("ctrl-c");
+    let steps = 1_000_000;
+    let interrupted = w.join("interrupted");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_camelid"))
+        .args(tiny_run_args(&interrupted, steps, 0))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run camelid train");
+    let log = interrupted.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |t| t.matches("\"loss\"").count()) < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no training steps logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let status = child.wait().expect("wait");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("checkpoint saved"), "{stderr}");
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(interrupted.join("checkpoint/trainer_state.json"))
+            .expect("the interrupt wrote a checkpoint"),
+    )
+    .expect("trainer state");
+    let step = state["trainer"]["step"].as_u64().expect("step");
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(
+        logged.matches("\"loss\"").count() as u64,
+        step,
+        "the checkpoint holds every logged update"
+    );
+
+    // Resumed to a few updates later, it ends where an uninterrupted run ends.
+    let until = (step + 3).to_string();
+    let mut resumed = tiny_run_args(&interrupted, steps, 0);
+    resumed.extend(["--resume".into(), "--stop-at".into(), until.clone()]);
+    ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    let straight = w.join("straight");
+    let mut plain = tiny_run_args(&straight, steps, 0);
+    plain.extend(["--stop-at".into(), until]);
+    ok(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = std::fs::read(straight.join("model.safetensors")).expect("straight weights");
+    let b = std::fs::read(interrupted.join("model.safetensors")).expect("resumed weights");
+    assert!(a == b, "weights differ after Ctrl-C and --resume");
 }
