@@ -54,12 +54,18 @@ fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 fn send(stream: &mut TcpStream, method: &str, path: &str, body: &str) {
-    let req = format!(
+    send_bytes(stream, method, path, body.as_bytes());
+}
+
+fn send_bytes(stream: &mut TcpStream, method: &str, path: &str, body: &[u8]) {
+    let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(req.as_bytes()).expect("write");
+    stream
+        .write_all(&[head.as_bytes(), body].concat())
+        .expect("write");
 }
 
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
@@ -79,8 +85,12 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 }
 
 fn request_to(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    request_bytes_to(addr, method, path, body.as_bytes())
+}
+
+fn request_bytes_to(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
     let mut s = connect(addr);
-    send(&mut s, method, path, body);
+    send_bytes(&mut s, method, path, body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
     let split = raw
@@ -600,6 +610,112 @@ fn malformed_requests_get_openai_errors_and_the_server_keeps_serving() {
 }
 
 /// Streams one greedy chat and returns its text.
+/// Each byte of three rich requests (chat, streamed chat with tools, completion) changed: to a
+/// digit, a quote and a byte that is not UTF-8. Every answer is a success or an error in
+/// OpenAI's shape below 500, from many clients at once, and afterwards the server runs no
+/// sequence and holds no KV block.
+#[test]
+fn every_byte_of_a_request_changed_gets_an_answer_and_leaks_nothing() {
+    let server = TestServer::start(SchedulerConfig::default());
+    let addr = server.addr;
+    let user =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters":
+        {"type": "object", "properties": {"a": {"type": "integer"}}}}}]);
+    let bases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "max_tokens": 3,
+                   "max_completion_tokens": 3, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
+                   "n": 2, "stop": ["x"], "seed": 1, "logprobs": true, "top_logprobs": 2,
+                   "presence_penalty": 0.1, "frequency_penalty": 0.1, "logit_bias": {"42": 1},
+                   "response_format": {"type": "json_object"}}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "max_tokens": 3,
+                   "max_completion_tokens": 3, "stream": true,
+                   "stream_options": {"include_usage": true}, "tools": tool,
+                   "tool_choice": "auto"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL_ID, "prompt": ["a b", "c"], "max_tokens": 3, "echo": true,
+                   "logprobs": 2, "min_p": 0.1, "repetition_penalty": 1.1}),
+        ),
+    ];
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (path, body) in &bases {
+        let good = body.to_string().into_bytes();
+        for at in 0..good.len() {
+            for b in [b'9', b'"', 0xff] {
+                let mut bytes = good.clone();
+                bytes[at] = b;
+                cases.push((path, bytes));
+            }
+        }
+    }
+    let total = cases.len();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    let statuses = std::sync::Mutex::new(std::collections::BTreeMap::<u16, usize>::new());
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((path, body)) = cases.get(i) else {
+                    break;
+                };
+                let r = request_bytes_to(addr, "POST", path, body);
+                *statuses.lock().unwrap().entry(r.status).or_default() += 1;
+                let shown = String::from_utf8_lossy(body);
+                let streamed = r.headers.contains("text/event-stream");
+                let well_formed = match r.status {
+                    200 if streamed => r.events().last().map(String::as_str) == Some("[DONE]"),
+                    200 => serde_json::from_str::<Value>(&r.body)
+                        .is_ok_and(|v| v["choices"].is_array()),
+                    400..=499 => serde_json::from_str::<Value>(&r.body).is_ok_and(|v| {
+                        v["error"]["message"]
+                            .as_str()
+                            .is_some_and(|m| !m.is_empty())
+                    }),
+                    _ => false,
+                };
+                if !well_formed {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{path} {shown}: {} {}", r.status, r.body));
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {total} answers were not a success or an OpenAI error:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let statuses = statuses.into_inner().unwrap();
+    eprintln!("{total} damaged requests, answered with {statuses:?}");
+    assert!(statuses.contains_key(&200) && statuses.contains_key(&400));
+    let start = Instant::now();
+    loop {
+        let m = metrics_of(addr);
+        if metric(&m, "camelid_running_sequences") == 0.0
+            && metric(&m, "camelid_kv_blocks_used") == 0.0
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "sequences or blocks left: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn stream_chat(addr: SocketAddr, user: &str, max_tokens: usize) -> String {
     let r = request_to(
         addr,
