@@ -254,6 +254,9 @@ pub fn open_hf_checkpoint(dir: &Path, device: &Device) -> Result<HfCheckpoint> {
         known: families::known_model_types(),
     })?;
     let spec = (family.from_config)(&config)?;
+    // Checked here, not only when the transformer loads: tools that copy the checkpoint (the
+    // quantizer) size their work from the spec too.
+    spec.validate().map_err(|m| config.err(m))?;
     let store =
         WeightStore::open_safetensors(dir, family.hf_tensor_names, family.hf_transposed, device)?;
     Ok(HfCheckpoint {
