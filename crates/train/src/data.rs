@@ -68,8 +68,12 @@ impl TokenData {
                     path.display()
                 );
             }
-            let want = HEADER_LEN as u64 + count as u64 * width as u64;
-            if want != bytes.len() as u64 {
+            // Checked: a damaged count must not wrap around to the file's size.
+            let want = (count as u64)
+                .checked_mul(width as u64)
+                .and_then(|b| b.checked_add(HEADER_LEN as u64));
+            if want != Some(bytes.len() as u64) {
+                let want = want.map_or("more than 2^64".into(), |w| w.to_string());
                 bail!(
                     "{}: shard header promises {count} tokens ({want} bytes) but the file has {} bytes",
                     path.display(),

@@ -227,6 +227,14 @@ fn bad_data_and_presets_are_clear_errors() {
     std::fs::write(&truncated, &std::fs::read(&good).unwrap()[..35]).unwrap();
     assert!(e(TokenData::open(&truncated)).contains("promises 3 tokens"));
 
+    // A count whose byte size wraps around to the header's own size (2^63 tokens × 2 bytes).
+    let empty_bytes = std::fs::read(&empty).unwrap();
+    let mut bytes = empty_bytes.clone();
+    bytes[24..32].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    let wraps = dir.join("wraps.bin");
+    std::fs::write(&wraps, &bytes).unwrap();
+    assert!(e(TokenData::open(&wraps)).contains("more than 2^64"));
+
     let text = dir.join("corpus.txt");
     std::fs::write(&text, "hello").unwrap();
     assert!(e(TokenData::open(&text)).contains("not a camelid token shard"));
