@@ -55,6 +55,44 @@ impl ApiError {
         }
     }
 
+    /// A request body that could not be read: over the size limit, or cut off.
+    pub fn unreadable_body(rejection: &axum::extract::rejection::BytesRejection) -> Self {
+        let too_large = rejection.status() == StatusCode::PAYLOAD_TOO_LARGE;
+        Self {
+            status: rejection.status(),
+            message: if too_large {
+                format!(
+                    "the request body is larger than the server's limit of {} MiB",
+                    crate::MAX_BODY_BYTES >> 20
+                )
+            } else {
+                format!(
+                    "the request body could not be read: {}",
+                    rejection.body_text()
+                )
+            },
+            kind: "invalid_request_error",
+            param: None,
+            code: Some(if too_large {
+                "request_too_large"
+            } else {
+                "unreadable_body"
+            }),
+            retry_after: None,
+        }
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{method} is not allowed on {path} (see the Allow header)"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed"),
+            retry_after: None,
+        }
+    }
+
     pub fn queue_full() -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,

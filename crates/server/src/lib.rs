@@ -91,6 +91,9 @@ pub async fn serve(
         .await
 }
 
+/// The largest request body read; a larger one is answered 413 in OpenAI's error shape.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(webui::index))
@@ -103,6 +106,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(openai::health))
         .route("/metrics", get(metrics::metrics))
         .fallback(openai::fallback)
+        .method_not_allowed_fallback(openai::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -5,6 +5,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::request::{prompts, Body, Common, Prompt, MAX_TOP_LOGPROBS};
 use crate::{unix_now, AppState};
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -81,6 +82,20 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn fallback(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
     record(&state, "other", Err(ApiError::not_found(uri.path())))
+}
+
+pub async fn method_not_allowed(
+    State(state): State<Arc<AppState>>,
+    method: axum::http::Method,
+    uri: Uri,
+) -> Response {
+    let e = ApiError::method_not_allowed(method.as_str(), uri.path());
+    record(&state, "other", Err(e))
+}
+
+/// The request's bytes, or the reason they could not be read in OpenAI's error shape.
+fn request_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| ApiError::unreadable_body(&e))
 }
 
 /// What a request turned into: one prompt per entry, each run `n` times.
@@ -349,14 +364,20 @@ fn echo_combined(state: &AppState, job: &Job, index: usize, c: &mut Choice) -> (
     (format!("{}{}", e.text, c.text), lp.take())
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = completions_inner(&state, &body).await;
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = completions_inner(&state, body).await;
     record(&state, "/v1/completions", r)
 }
 
-async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Response> {
+async fn completions_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     check_open(state)?;
-    let b = Body::parse(body)?;
+    let b = Body::parse(&request_body(body)?)?;
     let vocab = state.model.spec().vocab_size;
     let mut common = Common::parse(&b, state.max_n, vocab)?;
     check_model(state, &common.model)?;
@@ -510,14 +531,20 @@ fn messages(b: &Body) -> ApiResult<Vec<Message>> {
     Ok(out)
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = chat_inner(&state, &body).await;
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = chat_inner(&state, body).await;
     record(&state, "/v1/chat/completions", r)
 }
 
-async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Response> {
+async fn chat_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     check_open(state)?;
-    let b = Body::parse(body)?;
+    let b = Body::parse(&request_body(body)?)?;
     let vocab = state.model.spec().vocab_size;
     let mut common = Common::parse(&b, state.max_n, vocab)?;
     check_model(state, &common.model)?;
@@ -919,14 +946,20 @@ fn stream(state: Arc<AppState>, job: Job, rx: UnboundedReceiver<(usize, SeqEvent
         .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
 }
 
-pub async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = embeddings_inner(&state, &body).await;
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = embeddings_inner(&state, body).await;
     record(&state, "/v1/embeddings", r)
 }
 
-async fn embeddings_inner(state: &Arc<AppState>, body: &[u8]) -> ApiResult<Response> {
+async fn embeddings_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     check_open(state)?;
-    let b = Body::parse(body)?;
+    let b = Body::parse(&request_body(body)?)?;
     let model_name = b
         .get::<String>("model", "a string")?
         .ok_or_else(|| ApiError::invalid("`model` is required", Some("model")))?;

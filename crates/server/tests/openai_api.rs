@@ -602,6 +602,27 @@ fn malformed_requests_get_openai_errors_and_the_server_keeps_serving() {
         // Still serving.
         assert_eq!(get("/health").status, 200);
     }
+    // A body over the limit, and a method the route does not take: the same error shape. The
+    // body is one byte over, so the server answers only after reading all of it (a longer one
+    // may be answered while the client still writes, which then fails to write).
+    let shell = json!({"model": MODEL_ID, "prompt": ""}).to_string().len();
+    let huge = json!({"model": MODEL_ID, "prompt": "x".repeat((2 << 20) + 1 - shell)}).to_string();
+    assert_eq!(huge.len(), camelid_server::MAX_BODY_BYTES + 1);
+    let r = request_to(shared().addr, "POST", "/v1/completions", &huge);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "request_too_large");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 MiB"));
+    let r = request_to(shared().addr, "GET", "/v1/chat/completions", "");
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+    assert!(
+        r.headers.to_ascii_lowercase().contains("allow: post"),
+        "{}",
+        r.headers
+    );
     let ok = post(
         "/v1/completions",
         json!({"model": MODEL_ID, "prompt": "ok", "max_tokens": 2}),
