@@ -53,7 +53,12 @@ pub struct SamplingArgs {
     #[arg(short = 'n', long, default_value_t = 256, value_name = "N")]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy
-    #[arg(long, default_value_t = 0.8, value_name = "T")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 0.8,
+        value_name = "T"
+    )]
     pub temperature: f32,
     /// Keep only the K most likely tokens (0: off)
     #[arg(long, default_value_t = 40, value_name = "K")]
@@ -68,10 +73,20 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 1.0, value_name = "X")]
     pub repeat_penalty: f32,
     /// Subtracted once from any token already generated
-    #[arg(long, default_value_t = 0.0, value_name = "X")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 0.0,
+        value_name = "X"
+    )]
     pub presence_penalty: f32,
     /// Subtracted per occurrence of a token already generated
-    #[arg(long, default_value_t = 0.0, value_name = "X")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 0.0,
+        value_name = "X"
+    )]
     pub frequency_penalty: f32,
     /// Random seed: the same seed gives the same text
     #[arg(long, default_value_t = 42, value_name = "N")]

@@ -210,3 +210,33 @@ fn ctrl_c_stops_a_reply_at_a_terminal_and_the_chat_goes_on() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130), "{status}");
 }
+
+/// Negative numbers are values, not flags: penalties may be negative (as OpenAI allows), and a
+/// negative temperature reaches the range check instead of a parsing error.
+#[test]
+fn negative_sampling_values_are_read_as_numbers() {
+    let out = chat(
+        &[
+            "-n",
+            "4",
+            "--presence-penalty",
+            "-0.5",
+            "--frequency-penalty",
+            "-1",
+        ],
+        "Hi\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_camelid"))
+        .args(["run", "-m"])
+        .arg(default_model())
+        .args(["--temperature", "-1", "hi"])
+        .output()
+        .expect("run camelid run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("temperature must be >= 0, got -1"),
+        "{}",
+        text(&out.stderr)
+    );
+}
