@@ -1,17 +1,20 @@
 //! Damaged checkpoints: each byte of a GGUF or safetensors header changed, GGUF files cut at
 //! many lengths, and each field of a `config.json` given a wrong value. Every case must load as
-//! a clear error or as a model that runs three tokens; none may panic or abort the process (an
-//! abort, e.g. an allocation of terabytes, ends this test binary: that is a failure too).
+//! a clear error or as a model that runs three tokens, and (for some sweeps) quantize to an
+//! error or a written file; none may panic or abort the process (an abort, e.g. an allocation
+//! of terabytes, ends this test binary: that is a failure too).
 
 use camelid_engine::embed::embed_ids;
 use camelid_engine::generate::all_logits;
 use camelid_engine::seq2seq::decoder_logits;
 use camelid_model::Model;
-use candle_core::quantized::gguf_file;
+use camelid_quant::{quantize, QuantizeOptions};
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::Device;
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 fn fixtures(dir: &str) -> Vec<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -34,34 +37,16 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Loads the model at `path` and, when that works, runs three tokens through it (logits from
-/// the decoder, and the pooled embedding where there is no decoder of its own) and a text
-/// through its tokenizer: what happened, or the panic's message.
-fn outcome(path: &Path) -> Result<String, String> {
-    catch_unwind(AssertUnwindSafe(|| match Model::load(path, &Device::Cpu) {
-        Err(e) => format!("error: {e}"),
-        Ok(model) => {
-            let ids = [1, 2, 3];
-            let ran = if model.is_encoder_decoder() {
-                decoder_logits(&model, &ids, &[0, 1]).map(drop)
-            } else if model.spec().lm_head {
-                embed_ids(&model, &ids).and_then(|_| all_logits(&model, &ids).map(drop))
-            } else {
-                // An encoder (BERT) has no head: it gives embeddings only.
-                embed_ids(&model, &ids).map(drop)
-            };
-            // A damaged vocabulary shows when text goes through it.
-            let ran = ran.and_then(|()| match &model.tokenizer {
-                Some(tok) => {
-                    let ids = tok.encode("Hello world, 123 çé 😀 <s>\n\t", true)?;
-                    tok.decode(&ids, false).map(drop)
-                }
-                None => Ok(()),
-            });
-            match ran {
-                Ok(()) => "runs".to_string(),
-                Err(e) => format!("loads, then error: {e}"),
-            }
+/// What one action did with a damaged input: `Ok(true)` it worked, `Ok(false)` it was refused
+/// with an error (whose message is checked), `Err` the panic's message.
+type Outcome = Result<bool, String>;
+
+fn caught(action: impl FnOnce() -> Result<(), String>) -> Outcome {
+    catch_unwind(AssertUnwindSafe(|| match action() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(e.len() > 10, "an error without a message: {e}");
+            false
         }
     }))
     .map_err(|p| {
@@ -72,17 +57,60 @@ fn outcome(path: &Path) -> Result<String, String> {
     })
 }
 
-/// Runs every case; fails listing the ones that panicked. Also checks the sweep did reach
-/// both kinds of outcome, so that it cannot pass by loading nothing.
+/// Loads the model at `path` and, when that works, runs three tokens through it (logits from
+/// the decoder, and the pooled embedding where there is no decoder of its own) and a text
+/// through its tokenizer.
+fn loads(path: &Path) -> Result<(), String> {
+    let model = Model::load(path, &Device::Cpu).map_err(|e| e.to_string())?;
+    let ids = [1, 2, 3];
+    let ran = if model.is_encoder_decoder() {
+        decoder_logits(&model, &ids, &[0, 1]).map(drop)
+    } else if model.spec().lm_head {
+        embed_ids(&model, &ids).and_then(|_| all_logits(&model, &ids).map(drop))
+    } else {
+        // An encoder (BERT) has no head: it gives embeddings only.
+        embed_ids(&model, &ids).map(drop)
+    };
+    // A damaged vocabulary shows when text goes through it.
+    let ran = ran.and_then(|()| match &model.tokenizer {
+        Some(tok) => {
+            let ids = tok.encode("Hello world, 123 çé 😀 <s>\n\t", true)?;
+            tok.decode(&ids, false).map(drop)
+        }
+        None => Ok(()),
+    });
+    ran.map_err(|e| format!("loads, then: {e}"))
+}
+
+/// Quantizes the checkpoint at `path` to Q8_0, next to it.
+fn quantizes(path: &Path) -> Result<(), String> {
+    let opts = QuantizeOptions {
+        to: GgmlDType::Q8_0,
+        keep_output: false,
+        keep_embeddings: false,
+        mix: None,
+    };
+    let out = path.with_extension("q8_0.gguf");
+    quantize(path, &out, &opts, &AtomicBool::new(false), &mut |_| {})
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Loading, then quantizing: the outcome is loading's; either may not panic.
+fn loads_and_quantizes(path: &Path) -> Outcome {
+    let loaded = caught(|| loads(path))?;
+    caught(|| quantizes(path))?;
+    Ok(loaded)
+}
+
+/// Loads and quantizes every case; fails listing the ones that panicked. Also checks the sweep
+/// did reach both kinds of outcome, so that it cannot pass by loading nothing.
 fn sweep(what: &str, cases: impl Iterator<Item = (String, PathBuf)>) {
     let (mut errors, mut runs, mut panics) = (0, 0, Vec::new());
     for (case, path) in cases {
-        match outcome(&path) {
-            Ok(o) if o == "runs" => runs += 1,
-            Ok(o) => {
-                assert!(o.len() > 10, "{case}: an error without a message: {o}");
-                errors += 1
-            }
+        match loads_and_quantizes(&path) {
+            Ok(true) => runs += 1,
+            Ok(false) => errors += 1,
             Err(msg) => panics.push(format!("{case}: {msg}")),
         }
     }
@@ -266,10 +294,11 @@ fn a_field_of_the_wrong_type_is_named() {
             serde_json::from_slice(&std::fs::read(work.join("config.json")).unwrap()).unwrap();
         config[field] = value.clone();
         std::fs::write(work.join("config.json"), config.to_string()).unwrap();
-        let got = outcome(&work).expect("no panic");
+        let got = caught(|| loads(&work)).expect("no panic");
+        let message = loads(&work).expect_err("refused");
         assert!(
-            got.starts_with("error: ") && got.contains(field),
-            "{family} {field} = {value}: {got}"
+            !got && message.contains(field),
+            "{family} {field} = {value}: {message}"
         );
     }
 }

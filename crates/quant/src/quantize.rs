@@ -423,17 +423,19 @@ impl Layout {
         };
         match pat.as_str() {
             "blk.{i}.attn_qkv" => {
-                let order = qkv_order(a.qkv_packing, a.heads, a.kv_heads, a.head_dim);
-                if dims.first() != Some(&order.len()) {
+                // The rows the heads imply, checked before the row order of that length is built.
+                let rows = qkv_rows(a.qkv_packing, a.heads, a.kv_heads, a.head_dim);
+                if dims.first().copied() != rows {
                     return Err(QuantizeError::Input(format!(
                         "{name}: {} rows, but {} heads and {} kv heads of {} imply {}",
                         dims.first().copied().unwrap_or(0),
                         a.heads,
                         a.kv_heads,
                         a.head_dim,
-                        order.len()
+                        rows.map_or("more than can exist".into(), |r| r.to_string())
                     )));
                 }
+                let order = qkv_order(a.qkv_packing, a.heads, a.kv_heads, a.head_dim);
                 if !e.split_qkv {
                     let reorder = a.qkv_packing != camelid_model::spec::QkvPacking::Sequential;
                     return one(if reorder {
@@ -480,6 +482,22 @@ impl Layout {
 
 /// Rows of a fused QKV projection in `[q | k | v]` order: `order[new_row] = old_row` for a
 /// checkpoint packed per head (GPT-NeoX, BLOOM) or per kv group (Falcon-40B).
+/// How many rows [`qkv_order`] orders, without building it; `None` past `usize`.
+fn qkv_rows(
+    packing: camelid_model::spec::QkvPacking,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Option<usize> {
+    use camelid_model::spec::QkvPacking;
+    let per_head = match packing {
+        QkvPacking::Sequential => kv_heads.max(1).checked_mul(2)?.checked_add(heads)?,
+        QkvPacking::PerHead => heads.checked_mul(3)?,
+        QkvPacking::PerKvGroup => (heads / kv_heads.max(1) + 2).checked_mul(kv_heads)?,
+    };
+    per_head.checked_mul(head_dim)
+}
+
 fn qkv_order(
     packing: camelid_model::spec::QkvPacking,
     heads: usize,
@@ -848,6 +866,22 @@ fn set_general(meta: &mut Vec<(String, Value)>, to: GgmlDType, mix: Option<types
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qkv_rows_counts_what_qkv_order_orders() {
+        use camelid_model::spec::QkvPacking;
+        for packing in [
+            QkvPacking::Sequential,
+            QkvPacking::PerHead,
+            QkvPacking::PerKvGroup,
+        ] {
+            for (heads, kv) in [(4, 4), (6, 2), (8, 1), (3, 3)] {
+                let order = qkv_order(packing, heads, kv, 5);
+                assert_eq!(qkv_rows(packing, heads, kv, 5), Some(order.len()));
+            }
+        }
+        assert_eq!(qkv_rows(QkvPacking::Sequential, 4, 2, usize::MAX / 4), None);
+    }
 
     #[test]
     fn permutation_matches_llama_cpp_converter() {
