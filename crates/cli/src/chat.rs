@@ -1,6 +1,7 @@
 //! `camelid chat`: a conversation through the model's chat template. Lines starting with `/`
-//! that name a command (`/help`) steer the session; when the conversation outgrows the window,
-//! its oldest turns are dropped; Ctrl-C stops a reply without ending the chat.
+//! that name a command (`/help`) steer the session; a message of several lines goes between
+//! `"""` fences; when the conversation outgrows the window, its oldest turns are dropped;
+//! Ctrl-C stops a reply without ending the chat.
 
 use crate::commands::{options, print_stats, read_text};
 use crate::{interrupt, resolve, ModelArgs, SamplingArgs};
@@ -13,14 +14,20 @@ const HELP: &str = concat!(
     "  /clear   forget the conversation (the system prompt stays)\n",
     "  /exit    end the chat (also /quit, or Ctrl-D)\n",
     "  /help    this list\n",
+    "  \"\"\"      begins a message of several lines; a line ending in \"\"\" ends it\n",
     "Ctrl-C stops a reply; the part shown stays in the conversation.",
 );
+
+/// Opens and closes a message of several lines, as Ollama's prompt reads them.
+const FENCE: &str = "\"\"\"";
 
 /// What a line asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Line<'a> {
     Empty,
     Say(&'a str),
+    /// The first line of a fenced message.
+    Open,
     Clear,
     Exit,
     Help,
@@ -33,8 +40,35 @@ fn parse(line: &str) -> Line<'_> {
         "/clear" => Line::Clear,
         "/exit" | "/quit" => Line::Exit,
         "/help" | "/?" => Line::Help,
+        t if t.starts_with(FENCE) => Line::Open,
         _ => Line::Say(line),
     }
+}
+
+/// The message between `"""` fences: `first` is the opening line (text may follow the fence),
+/// `next_line` gives the lines after it (`None` at the end of input, which also closes the
+/// message). The line that ends with the fence is the last; lines are joined with newlines.
+fn fenced(first: &str, next_line: &mut dyn FnMut() -> Result<Option<String>>) -> Result<String> {
+    let opening = first.trim_start().trim_end_matches(['\n', '\r']);
+    let mut line = opening.strip_prefix(FENCE).unwrap_or(opening).to_string();
+    let mut parts: Vec<String> = Vec::new();
+    loop {
+        let closed = line.trim_end().strip_suffix(FENCE).map(str::to_string);
+        let last = closed.is_some();
+        let part = closed.unwrap_or(line);
+        // The fences' own lines count only when they carry text.
+        if !(part.trim().is_empty() && (parts.is_empty() || last)) {
+            parts.push(part);
+        }
+        if last {
+            break;
+        }
+        match next_line()? {
+            Some(l) => line = l.trim_end_matches(['\n', '\r']).to_string(),
+            None => break,
+        }
+    }
+    Ok(parts.join("\n"))
 }
 
 /// How the conversation was made to fit the window.
@@ -137,6 +171,17 @@ pub fn chat(
         let line = read_text("stdin", buf)?;
         let text = match parse(&line) {
             Line::Empty => continue,
+            Line::Open => fenced(&line, &mut || {
+                if interactive {
+                    eprint!("... ");
+                    std::io::stderr().flush().ok();
+                }
+                let mut buf = Vec::new();
+                match lines.read_until(b'\n', &mut buf).context("reading stdin")? {
+                    0 => Ok(None),
+                    _ => read_text("stdin", buf).map(Some),
+                }
+            })?,
             Line::Exit => break,
             Line::Help => {
                 eprintln!("{HELP}");
@@ -147,9 +192,12 @@ pub fn chat(
                 eprintln!("[the conversation is cleared]");
                 continue;
             }
-            Line::Say(text) => text,
+            Line::Say(text) => text.to_string(),
         };
-        messages.push(Message::new("user", text));
+        if text.trim().is_empty() {
+            continue;
+        }
+        messages.push(Message::new("user", &text));
         let prompt = match fit(&mut messages, keep, window, reserve, &mut prompt_of)? {
             Fit::Fits { prompt, dropped } => {
                 if dropped > 0 {
@@ -241,6 +289,27 @@ mod tests {
             Line::Say("/etc/hosts lists names")
         );
         assert_eq!(parse("  indented\n"), Line::Say("  indented"));
+    }
+
+    /// `fenced` over the given lines after `first`.
+    fn fence(first: &str, rest: &[&str]) -> String {
+        let mut rest = rest.iter().map(|l| format!("{l}\n"));
+        fenced(first, &mut || Ok(rest.next())).unwrap()
+    }
+
+    #[test]
+    fn a_fenced_message_keeps_its_lines() {
+        assert_eq!(parse("\"\"\"\n"), Line::Open);
+        assert_eq!(parse("  \"\"\"Dear camel,\n"), Line::Open);
+        assert_eq!(
+            fence("\"\"\"\n", &["a", "", "  b", "\"\"\"", "after"]),
+            "a\n\n  b"
+        );
+        assert_eq!(fence("\"\"\"first\n", &["second\"\"\""]), "first\nsecond");
+        assert_eq!(fence("\"\"\"one line\"\"\"\n", &["after"]), "one line");
+        // The end of input closes it.
+        assert_eq!(fence("\"\"\"\n", &["a", "b"]), "a\nb");
+        assert_eq!(fence("\"\"\"\n", &["\"\"\""]), "");
     }
 
     #[test]

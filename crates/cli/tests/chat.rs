@@ -240,3 +240,23 @@ fn negative_sampling_values_are_read_as_numbers() {
         text(&out.stderr)
     );
 }
+
+/// A message of several lines between `"""` fences is one message: the fence on its own lines
+/// and the fence around the text give the same reply, and it differs from sending the lines
+/// one by one.
+#[test]
+fn a_fenced_message_of_several_lines_is_one_turn() {
+    let alone = chat(
+        &["-n", "12"],
+        "\"\"\"\nName three colors,\nthen stop.\n\"\"\"\n/exit\n",
+    );
+    let inline = chat(
+        &["-n", "12"],
+        "\"\"\"Name three colors,\nthen stop.\"\"\"\n",
+    );
+    assert!(alone.status.success(), "{}", text(&alone.stderr));
+    assert!(inline.status.success(), "{}", text(&inline.stderr));
+    assert_eq!(text(&alone.stdout), text(&inline.stdout));
+    let split = chat(&["-n", "12"], "Name three colors,\nthen stop.\n");
+    assert_ne!(text(&split.stdout), text(&alone.stdout));
+}
