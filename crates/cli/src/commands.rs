@@ -296,6 +296,9 @@ pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -
     if reps == 0 {
         bail!("--reps must be at least 1");
     }
+    if pp == 0 && tg == 0 {
+        bail!("nothing to measure: -p and -n are both 0");
+    }
     let model = resolve::load(margs)?;
     let mut results = Vec::new();
     if pp > 0 {

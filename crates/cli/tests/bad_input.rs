@@ -179,3 +179,12 @@ fn malformed_ids() {
     let out = camelid(&["logits", "-m", "x", "--ids", "1,two"]);
     expect_error(&out, &["\"two\" is not a token id"]);
 }
+
+#[test]
+fn a_benchmark_of_nothing() {
+    let m = fixture("llama_mha_f32");
+    let out = camelid(&["bench", "-m", m.to_str().unwrap(), "-p", "0", "-n", "0"]);
+    expect_error(&out, &["nothing to measure"]);
+    let out = camelid(&["bench", "-m", m.to_str().unwrap(), "-r", "0"]);
+    expect_error(&out, &["--reps must be at least 1"]);
+}
