@@ -100,6 +100,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/style.css", get(webui::style))
         .route("/app.js", get(webui::script))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*id}", get(openai::model))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))

@@ -57,18 +57,29 @@ fn check_open(state: &AppState) -> ApiResult<()> {
     Ok(())
 }
 
+/// The served model as OpenAI describes a model.
+fn model_object(state: &AppState) -> Value {
+    json!({
+        "id": state.model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "camelid",
+        "max_model_len": state.context(),
+    })
+}
+
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
-    let body = json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_id,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "camelid",
-            "max_model_len": state.context(),
-        }]
-    });
+    let body = json!({"object": "list", "data": [model_object(&state)]});
     record(&state, "/v1/models", Ok(axum::Json(body).into_response()))
+}
+
+/// `GET /v1/models/{id}` (the openai client's `models.retrieve`); ids may hold slashes.
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let r = check_model(&state, &id).map(|()| axum::Json(model_object(&state)).into_response());
+    record(&state, "/v1/models", r)
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {

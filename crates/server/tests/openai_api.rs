@@ -166,6 +166,12 @@ fn models_health_and_metrics() {
     let m = get("/v1/models").json();
     assert_eq!(m["data"][0]["id"], MODEL_ID);
     assert_eq!(m["data"][0]["max_model_len"], 8192);
+    let one = get(&format!("/v1/models/{MODEL_ID}"));
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(one.json(), m["data"][0]);
+    let unknown = get("/v1/models/org/other-model");
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"]["code"], "model_not_found");
     assert_eq!(get("/health").status, 200);
     let text = get("/metrics").body;
     for name in [

@@ -27,6 +27,13 @@ def check(name, cond, detail=""):
 
 ids = [m.id for m in client.models.list().data]
 check("models.list", ids == [model], ids)
+one = client.models.retrieve(model)
+check("models.retrieve", one.id == model and one.object == "model", one)
+try:
+    client.models.retrieve("no-such-model")
+    check("models.retrieve of an unknown model fails", False)
+except openai.NotFoundError as e:
+    check("models.retrieve of an unknown model is NotFoundError", e.status_code == 404, e)
 
 c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
 check("completions", c.choices[0].text and c.usage.completion_tokens > 0, c)
