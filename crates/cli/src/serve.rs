@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// Model name clients pass as `model` (default: the -m value's name)
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every /v1/ request (default: $CAMELID_API_KEY,
+    /// which keeps the key out of the process list; unset, the API is open)
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
 }
 
 /// `512MiB`, `2GiB`, `1.5GB`, `4096` (bytes).
@@ -82,6 +86,11 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             bail!("{name} must be at least 1");
         }
     }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("CAMELID_API_KEY").ok())
+        .filter(|k| !k.is_empty());
     let model = Arc::new(resolve::load(&args.model)?);
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
         let m = args
@@ -104,6 +113,12 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             max_waiting: args.max_queue,
         },
         max_n: args.max_n,
+        api_key: api_key.clone(),
+    };
+    let guarded = if api_key.is_some() {
+        ", API key required"
+    } else {
+        ""
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -117,7 +132,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
         eprintln!(
-            "camelid: serving {model_id} on http://{local}/v1, chat page http://{local}/ (Ctrl-C or SIGTERM to stop)"
+            "camelid: serving {model_id} on http://{local}/v1{guarded}, chat page http://{local}/ (Ctrl-C or SIGTERM to stop)"
         );
         camelid_server::serve(listener, model, config, camelid_server::shutdown_signal())
             .await

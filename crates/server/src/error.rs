@@ -93,6 +93,21 @@ impl ApiError {
         }
     }
 
+    pub fn invalid_api_key(given: bool) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: if given {
+                "Incorrect API key provided".into()
+            } else {
+                "this server needs an API key: send `Authorization: Bearer <key>`".into()
+            },
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+            retry_after: None,
+        }
+    }
+
     pub fn queue_full() -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -139,6 +154,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);

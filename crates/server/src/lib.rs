@@ -35,6 +35,9 @@ pub struct ServerConfig {
     pub scheduler: SchedulerConfig,
     /// The largest `n` (choices per request) accepted.
     pub max_n: usize,
+    /// When set, every `/v1/` request must carry `Authorization: Bearer <key>`; the chat page,
+    /// `/health` and `/metrics` stay open.
+    pub api_key: Option<String>,
 }
 
 pub(crate) struct AppState {
@@ -43,6 +46,7 @@ pub(crate) struct AppState {
     pub model_id: String,
     pub created: u64,
     pub max_n: usize,
+    pub api_key: Option<String>,
     pub next_id: AtomicU64,
     pub metrics: Mutex<metrics::HttpMetrics>,
 }
@@ -74,6 +78,7 @@ pub async fn serve(
         model_id: config.model_id.clone(),
         created: unix_now(),
         max_n: config.max_n,
+        api_key: config.api_key.clone(),
         next_id: AtomicU64::new(1),
         metrics: Mutex::new(metrics::HttpMetrics::default()),
     });
@@ -109,6 +114,10 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(openai::fallback)
         .method_not_allowed_fallback(openai::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            openai::require_api_key,
+        ))
         .with_state(state)
 }
 

@@ -104,6 +104,38 @@ pub async fn method_not_allowed(
     record(&state, "other", Err(e))
 }
 
+/// With an API key set, `/v1/` requests pass only with `Authorization: Bearer <key>`.
+pub async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = state.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    if !request.uri().path().starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_secret(g.as_bytes(), key.as_bytes()) => next.run(request).await,
+        _ => record(
+            &state,
+            "other",
+            Err(ApiError::invalid_api_key(given.is_some())),
+        ),
+    }
+}
+
+/// Compares every byte, so the time taken does not tell how much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The request's bytes, or the reason they could not be read in OpenAI's error shape.
 fn request_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|e| ApiError::unreadable_body(&e))

@@ -1,7 +1,7 @@
 //! The chat page at `/` in headless Chromium, driven by Playwright (`tests/browser/chat_page.mjs`)
 //! against the server on loopback with the default model: the model picker, a streamed reply
 //! (growing, equal to the API's), the stop button cancelling a long generation on the server,
-//! the conversation surviving a reload, and clearing it.
+//! the conversation surviving a reload, clearing it, and a server that needs an API key.
 //!
 //! Needs `node`, Chromium (`$CAMELID_CHROMIUM`, else `/usr/bin/chromium`) and `npm ci` in
 //! `crates/server/tests/browser`. Without them the test says it skipped, unless
@@ -17,6 +17,9 @@ use std::process::Command;
 mod common;
 
 use common::{TestServer, MODEL_ID};
+
+/// The key of the second server, started with `--api-key`.
+const API_KEY: &str = "page-key";
 
 /// What is missing to run the browser, if anything.
 fn missing(browser_dir: &Path, chromium: &Path) -> Option<String> {
@@ -106,11 +109,14 @@ fn chat_page_streams_stops_and_keeps_the_conversation() {
 
     let mut server = TestServer::start(SchedulerConfig::default());
     let addr = server.addr;
+    let mut keyed = TestServer::start_with_key(SchedulerConfig::default(), Some(API_KEY));
 
     let out = Command::new("node")
         .arg("chat_page.mjs")
         .arg(format!("http://{addr}"))
         .arg(MODEL_ID)
+        .arg(format!("http://{}", keyed.addr))
+        .arg(API_KEY)
         .env("CHROMIUM", &chromium)
         .current_dir(&browser_dir)
         .output()
@@ -119,13 +125,14 @@ fn chat_page_streams_stops_and_keeps_the_conversation() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}{stderr}");
     server.begin_shutdown().join().expect("server thread");
+    keyed.begin_shutdown().join().expect("keyed server thread");
     assert!(
         out.status.success(),
         "the chat page test failed ({}):\n{stdout}{stderr}",
         out.status
     );
     assert!(
-        stdout.contains("ok: the cleared conversation stays cleared after a reload"),
+        stdout.contains("ok: with the key entered, the page lists the models and chats"),
         "the chat page test ended early:\n{stdout}"
     );
 }

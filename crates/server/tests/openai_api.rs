@@ -54,13 +54,14 @@ fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 fn send(stream: &mut TcpStream, method: &str, path: &str, body: &str) {
-    send_bytes(stream, method, path, body.as_bytes());
+    send_bytes(stream, method, path, "", body.as_bytes());
 }
 
-fn send_bytes(stream: &mut TcpStream, method: &str, path: &str, body: &[u8]) {
+/// `headers`: extra header lines, each ending in `\r\n`.
+fn send_bytes(stream: &mut TcpStream, method: &str, path: &str, headers: &str, body: &[u8]) {
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         {headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream
@@ -89,8 +90,12 @@ fn request_to(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
 }
 
 fn request_bytes_to(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    request_with(addr, method, path, "", body)
+}
+
+fn request_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &[u8]) -> Reply {
     let mut s = connect(addr);
-    send_bytes(&mut s, method, path, body);
+    send_bytes(&mut s, method, path, headers, body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
     let split = raw
@@ -741,6 +746,51 @@ fn every_byte_of_a_request_changed_gets_an_answer_and_leaks_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `--api-key`: the `/v1/` routes answer 401 in OpenAI's shape without the key or with another
+/// one, and serve with it; the chat page, `/health` and `/metrics` stay open.
+#[test]
+fn an_api_key_guards_the_api_and_nothing_else() {
+    let server = TestServer::start_with_key(SchedulerConfig::default(), Some("s3cret"));
+    let addr = server.addr;
+    let chat = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 2})
+    .to_string();
+    for (headers, given) in [
+        ("", false),
+        ("Authorization: Bearer wrong\r\n", true),
+        ("Authorization: Bearer s3cret0\r\n", true),
+        ("Authorization: s3cret\r\n", false),
+    ] {
+        for (method, path, body) in [
+            ("GET", "/v1/models", ""),
+            ("POST", "/v1/chat/completions", chat.as_str()),
+            ("GET", "/v1/nothing", ""),
+        ] {
+            let r = request_with(addr, method, path, headers, body.as_bytes());
+            assert_eq!(r.status, 401, "{path} with {headers:?}: {}", r.body);
+            let e = &r.json()["error"];
+            assert_eq!(e["code"], "invalid_api_key");
+            let says = e["message"].as_str().unwrap();
+            assert_eq!(says.starts_with("Incorrect"), given, "{says}");
+            assert!(r
+                .headers
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"));
+        }
+    }
+    let key = "Authorization: Bearer s3cret\r\n";
+    let r = request_with(addr, "GET", "/v1/models", key, b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = request_with(addr, "POST", "/v1/chat/completions", key, chat.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 2);
+    for path in ["/", "/app.js", "/health", "/metrics"] {
+        assert_eq!(request_to(addr, "GET", path, "").status, 200, "{path}");
+    }
+    let m = metrics_of(addr);
+    assert!(m.contains("status=\"401\""), "401s are counted: {m}");
 }
 
 fn stream_chat(addr: SocketAddr, user: &str, max_tokens: usize) -> String {

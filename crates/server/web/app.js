@@ -5,7 +5,7 @@
 const STORE = "camelid-chat";
 const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("input"), model = $("model"), temperature = $("temperature");
-const maxTokens = $("max-tokens"), system = $("system"), status = $("status");
+const maxTokens = $("max-tokens"), system = $("system"), status = $("status"), apiKey = $("api-key");
 const sendButton = $("send"), stopButton = $("stop"), clearButton = $("clear");
 
 let state = load();
@@ -21,9 +21,10 @@ function load() {
       temperature: typeof s.temperature === "string" ? s.temperature : temperature.value,
       maxTokens: typeof s.maxTokens === "string" ? s.maxTokens : maxTokens.value,
       model: typeof s.model === "string" ? s.model : "",
+      apiKey: typeof s.apiKey === "string" ? s.apiKey : "",
     };
   } catch {
-    return { messages: [], system: "", temperature: temperature.value, maxTokens: maxTokens.value, model: "" };
+    return { messages: [], system: "", temperature: temperature.value, maxTokens: maxTokens.value, model: "", apiKey: "" };
   }
 }
 
@@ -32,6 +33,7 @@ function save() {
   state.temperature = temperature.value;
   state.maxTokens = maxTokens.value;
   state.model = model.value || state.model;
+  state.apiKey = apiKey.value;
   try {
     localStorage.setItem(STORE, JSON.stringify(state));
   } catch (e) {
@@ -70,14 +72,25 @@ function busy(on) {
   model.disabled = on;
 }
 
+// Headers for the API: the key, when one is set (servers started with --api-key need it).
+function apiHeaders(extra = {}) {
+  const key = apiKey.value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
 async function loadModels() {
   try {
-    const r = await fetch("/v1/models");
+    const r = await fetch("/v1/models", { headers: apiHeaders() });
+    if (r.status === 401) {
+      model.replaceChildren();
+      setStatus(apiKey.value.trim() ? "the server refused this API key" : "this server needs an API key: enter it above");
+      return;
+    }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const ids = (await r.json()).data.map((m) => m.id);
     model.replaceChildren(...ids.map((id) => new Option(id, id)));
     if (ids.includes(state.model)) model.value = state.model;
-    if (ids.length === 0) setStatus("the server lists no models");
+    setStatus(ids.length === 0 ? "the server lists no models" : "");
   } catch (e) {
     setStatus(`could not list models: ${e.message}`);
   }
@@ -116,7 +129,7 @@ async function send(text) {
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: apiHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
       signal: controller.signal,
     });
@@ -202,8 +215,13 @@ clearButton.addEventListener("click", () => {
 });
 
 for (const el of [system, temperature, maxTokens, model]) el.addEventListener("change", save);
+apiKey.addEventListener("change", () => {
+  save();
+  loadModels();
+});
 
 system.value = state.system;
+apiKey.value = state.apiKey;
 temperature.value = state.temperature;
 maxTokens.value = state.maxTokens;
 render();

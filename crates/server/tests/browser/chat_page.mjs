@@ -1,14 +1,15 @@
 // Drives camelid's chat page in headless Chromium. Run by crates/server/tests/chat_page.rs:
-//   node chat_page.mjs BASE_URL MODEL_ID   (env CHROMIUM: the browser executable)
+//   node chat_page.mjs BASE_URL MODEL_ID KEYED_BASE_URL API_KEY   (env CHROMIUM: the browser)
+// KEYED_BASE_URL is a second server started with --api-key API_KEY.
 // Exits non-zero with a message on the first failed check.
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [base, modelId] = process.argv.slice(2);
-if (!base || !modelId) {
-  console.error("usage: node chat_page.mjs BASE_URL MODEL_ID");
+const [base, modelId, keyedBase, apiKey] = process.argv.slice(2);
+if (!base || !modelId || !keyedBase || !apiKey) {
+  console.error("usage: node chat_page.mjs BASE_URL MODEL_ID KEYED_BASE_URL API_KEY");
   process.exit(2);
 }
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -168,7 +169,38 @@ try {
   check((await messages()).length === 0, "the cleared conversation stays cleared after a reload");
 
   check(foreign.length === 0, `the page requests nothing outside the server (${foreign.join(", ")})`);
+
+  // 6. A server that needs an API key: the page says so, and works once the key is entered.
+  const keyed = await context.newPage();
+  keyed.on("pageerror", (e) => pageErrors.push(String(e)));
+  const auth = [];
+  keyed.on("request", (r) => {
+    if (r.url().includes("/v1/")) auth.push(r.headers()["authorization"] || "");
+  });
+  await keyed.goto(`${keyedBase}/`);
+  const keyedStatus = () => keyed.textContent("#status");
+  await until("the page to ask for a key", async () => (await keyedStatus()).includes("needs an API key"), 30_000);
+  check((await keyed.$$("#model option")).length === 0, "without the key the model picker stays empty");
+  await keyed.fill("#api-key", "wrong");
+  await keyed.dispatchEvent("#api-key", "change");
+  await until("the page to refuse the wrong key", async () => (await keyedStatus()).includes("refused"), 30_000);
+  await keyed.fill("#api-key", apiKey);
+  await keyed.dispatchEvent("#api-key", "change");
+  await keyed.waitForFunction(() => document.querySelectorAll("#model option").length > 0, null, { timeout: 30_000 });
+  await keyed.fill("#max-tokens", "4");
+  await keyed.fill("#input", "Hi");
+  await keyed.press("#input", "Enter");
+  const keyedReply = () =>
+    keyed.evaluate(() => {
+      const all = document.querySelectorAll("#log .msg.assistant .content");
+      return all.length ? all[all.length - 1].textContent : "";
+    });
+  await until("the keyed reply", async () =>
+    (await keyed.evaluate(() => !document.getElementById("send").disabled)) && (await keyedReply()).length > 0);
+  check(auth[auth.length - 1] === `Bearer ${apiKey}`, `the chat request carries the key (${auth.join(" | ")})`);
+  console.log("ok: with the key entered, the page lists the models and chats");
   check(pageErrors.length === 0, `no script errors (${pageErrors.join("; ")})`);
+
 } catch (e) {
   failed = true;
   console.error(e.stack || String(e));

@@ -30,6 +30,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(scheduler: SchedulerConfig) -> Self {
+        Self::start_with_key(scheduler, None)
+    }
+
+    /// A server whose `/v1/` routes need `Authorization: Bearer <api_key>` when it is given.
+    pub fn start_with_key(scheduler: SchedulerConfig, api_key: Option<&str>) -> Self {
+        let api_key = api_key.map(str::to_string);
         let model = model();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -50,6 +56,7 @@ impl TestServer {
                     model_id: MODEL_ID.into(),
                     scheduler,
                     max_n: 8,
+                    api_key,
                 };
                 camelid_server::serve(listener, model, config, async {
                     let _ = stop_rx.await;
