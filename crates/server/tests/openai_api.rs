@@ -166,6 +166,28 @@ fn metrics_of(addr: SocketAddr) -> String {
     request_to(addr, "GET", "/metrics", "").body
 }
 
+/// Polls `/metrics` until `ready` holds for its text, which it returns; fails saying `what`
+/// after `seconds`.
+fn wait_for_metrics(
+    addr: SocketAddr,
+    what: &str,
+    seconds: u64,
+    ready: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let m = metrics_of(addr);
+        if ready(&m) {
+            return m;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(seconds),
+            "{what}: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn models_health_and_metrics() {
     let m = get("/v1/models").json();
@@ -732,20 +754,9 @@ fn every_byte_of_a_request_changed_gets_an_answer_and_leaks_nothing() {
     let statuses = statuses.into_inner().unwrap();
     eprintln!("{total} damaged requests, answered with {statuses:?}");
     assert!(statuses.contains_key(&200) && statuses.contains_key(&400));
-    let start = Instant::now();
-    loop {
-        let m = metrics_of(addr);
-        if metric(&m, "camelid_running_sequences") == 0.0
-            && metric(&m, "camelid_kv_blocks_used") == 0.0
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "sequences or blocks left: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metrics(addr, "sequences or blocks left", 30, |m| {
+        metric(m, "camelid_running_sequences") == 0.0 && metric(m, "camelid_kv_blocks_used") == 0.0
+    });
 }
 
 /// `--api-key`: the `/v1/` routes answer 401 in OpenAI's shape without the key or with another
@@ -884,21 +895,12 @@ fn a_client_that_disconnects_frees_its_sequence() {
     );
     std::thread::sleep(Duration::from_millis(500));
     drop(s);
-    let start = Instant::now();
-    loop {
-        let m = metrics_of(server.addr);
-        if metric(&m, "camelid_sequences_cancelled_total") >= 2.0 {
-            assert_eq!(metric(&m, "camelid_kv_blocks_used"), 0.0);
-            assert_eq!(metric(&m, "camelid_running_sequences"), 0.0);
-            assert!(metric(&m, "camelid_generation_tokens_total") < 4000.0);
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "not cancelled: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let m = wait_for_metrics(server.addr, "not cancelled", 60, |m| {
+        metric(m, "camelid_sequences_cancelled_total") >= 2.0
+    });
+    assert_eq!(metric(&m, "camelid_kv_blocks_used"), 0.0);
+    assert_eq!(metric(&m, "camelid_running_sequences"), 0.0);
+    assert!(metric(&m, "camelid_generation_tokens_total") < 4000.0);
 }
 
 #[test]
@@ -956,11 +958,9 @@ fn shutdown_drains_running_requests_and_refuses_new_ones() {
         )
     });
     // Wait until it runs.
-    let start = Instant::now();
-    while metric(&metrics_of(addr), "camelid_running_sequences") < 1.0 {
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_metrics(addr, "the request never ran", 60, |m| {
+        metric(m, "camelid_running_sequences") >= 1.0
+    });
     let thread = server.begin_shutdown();
     let refused = request_to(
         addr,
