@@ -1,5 +1,6 @@
 //! Beam search on `camelid run` (`--beams N`), for decoder-only and encoder-decoder models.
 
+use crate::commands::emit;
 use anyhow::{bail, Result};
 use camelid_engine::beam::{beam_search, BeamOptions, EarlyStopping};
 use camelid_model::Model;
@@ -61,9 +62,9 @@ pub fn run(model: &Model, ids: &[u32], args: &BeamArgs, max_tokens: usize) -> Re
             .collect();
         let text = tok.decode(&tokens, true)?;
         if args.n_best > 1 {
-            println!("{:.6}\t{text}", h.score);
+            emit(&format!("{:.6}\t{text}", h.score))?;
         } else {
-            println!("{text}");
+            emit(&text)?;
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! `"""` fences; when the conversation outgrows the window, its oldest turns are dropped;
 //! Ctrl-C stops a reply without ending the chat.
 
-use crate::commands::{options, print_stats, read_text};
+use crate::commands::{emit, options, print_stats, read_text};
 use crate::{interrupt, resolve, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use camelid_engine::generate::{generate, FinishReason};
@@ -225,16 +225,20 @@ pub fn chat(
         opts.max_tokens = opts.max_tokens.min(window - prompt.len());
         interrupt::take();
         interrupt::arm(interactive);
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        let result = generate(&model, &prompt, &opts, &mut |piece| {
-            // A closed pipe (e.g. `| head`) or Ctrl-C ends the reply quietly.
-            out.write_all(piece.as_bytes()).is_ok()
-                && out.flush().is_ok()
-                && !interrupt::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
-        });
+        let mut closed = false;
+        let result = {
+            let mut out = std::io::stdout().lock();
+            generate(&model, &prompt, &opts, &mut |piece| {
+                // A closed pipe (e.g. `| head`) ends the chat, Ctrl-C the reply, quietly.
+                closed = out.write_all(piece.as_bytes()).is_err() || out.flush().is_err();
+                !closed && !interrupt::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+            })
+        };
         interrupt::arm(false);
-        println!();
+        if closed {
+            break;
+        }
+        emit("")?;
         let g = match result {
             Ok(g) => g,
             Err(e) if interactive => {

@@ -59,7 +59,7 @@ fn parse_ids(list: &str) -> Result<Vec<u32>> {
 }
 
 /// Writes one line to stdout; a reader that went away (`| head`) is not an error.
-fn emit(line: &str) -> Result<()> {
+pub(crate) fn emit(line: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{line}").and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -113,7 +113,7 @@ pub fn run(
     }
     let opts = options(sargs);
     let g = stream_to_stdout(&model, &ids, &opts)?;
-    println!();
+    emit("")?;
     if sargs.stats {
         print_stats(&g);
     }
@@ -204,12 +204,12 @@ pub fn pull(name: &str) -> Result<()> {
         bail!("{name}: not in the catalog (see `camelid list`)");
     };
     let path = catalog::pull(entry, &mut |line| eprintln!("camelid: {line}"))?;
-    println!("{}", path.display());
+    emit(&format!("{}", path.display()))?;
     Ok(())
 }
 
 pub fn list() -> Result<()> {
-    println!("{:<24} {:<10} DESCRIPTION", "NAME", "STATUS");
+    emit(&format!("{:<24} {:<10} DESCRIPTION", "NAME", "STATUS"))?;
     for e in catalog::CATALOG {
         let status = if catalog::is_pulled(e) { "pulled" } else { "-" };
         let default = if e.name == catalog::DEFAULT_MODEL {
@@ -217,20 +217,26 @@ pub fn list() -> Result<()> {
         } else {
             ""
         };
-        println!("{:<24} {:<10} {}{}", e.name, status, e.description, default);
+        emit(&format!(
+            "{:<24} {:<10} {}{}",
+            e.name, status, e.description, default
+        ))?;
     }
-    println!("\nModels are cached in {}", catalog::home().display());
+    emit(&format!(
+        "\nModels are cached in {}",
+        catalog::home().display()
+    ))?;
     Ok(())
 }
 
 pub fn presets() -> Result<()> {
-    println!(
+    emit(&format!(
         "{:<18} {:<26} {:>12} {:>11} {:>7}  SOURCE",
         "NAME", "DESIGN", "COMPUTED", "PUBLISHED", "DIFF"
-    );
+    ))?;
     for p in camelid_model::presets::PRESETS {
         let billions = (p.build)().parameter_count() as f64 / 1e9;
-        println!(
+        emit(&format!(
             "{:<18} {:<26} {:>11.2}B {:>10}B {:>+6.2}%  {}",
             p.name,
             p.title,
@@ -238,7 +244,7 @@ pub fn presets() -> Result<()> {
             p.published_billions,
             (billions / p.published_billions - 1.0) * 100.0,
             p.source
-        );
+        ))?;
     }
     Ok(())
 }
@@ -312,12 +318,12 @@ pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -
     }
     let size = weight_bytes(&model.path) as f64 / (1u64 << 20) as f64;
     let params = model.spec().parameter_count() as f64 / 1e6;
-    println!(
-        "| model | size | params | type | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | --- | ---: | --- | ---: |"
-    );
+    emit(
+        "| model | size | params | type | backend | threads | test | t/s |\n| --- | ---: | ---: | --- | --- | ---: | --- | ---: |",
+    )?;
     let wtype = weight_type(&model.path);
     for r in &results {
-        println!(
+        emit(&format!(
             "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {} | {:.2} ± {:.2} |",
             model.name,
             size,
@@ -328,7 +334,7 @@ pub fn bench(margs: &ModelArgs, pp: usize, tg: usize, reps: usize, json: bool) -
             r.test,
             r.tokens_per_s,
             r.stddev
-        );
+        ))?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `camelid quantize` and `camelid perplexity`.
 
+use crate::commands::emit;
 use crate::interrupt::{self, INTERRUPTED};
 use crate::resolve;
 use crate::ModelArgs;
@@ -65,12 +66,12 @@ pub fn quantize(
         }
     }
     let summary: Vec<String> = counts.iter().map(|(n, c)| format!("{c} {n}")).collect();
-    println!(
+    emit(&format!(
         "wrote {} ({:.1} MiB; tensors: {})",
         report.output.display(),
         report.bytes as f64 / (1024.0 * 1024.0),
         summary.join(", ")
-    );
+    ))?;
     Ok(())
 }
 
@@ -121,19 +122,19 @@ pub fn perplexity(
         Method::Sliding { stride } => format!("sliding window, stride {stride}"),
     };
     if json {
-        println!(
+        emit(&format!(
             "{}",
             serde_json::json!({
                 "ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "mean_nll": r.mean_nll,
                 "scored_tokens": r.scored, "windows": r.windows, "ctx": ctx,
                 "method": method_name,
             })
-        );
+        ))?;
     } else {
-        println!(
+        emit(&format!(
             "perplexity: {:.4} +/- {:.5} ({} tokens scored in {} windows of {ctx}, {method_name})",
             r.ppl, r.ppl_stderr, r.scored, r.windows
-        );
+        ))?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `camelid train`, `camelid tokenizer train` and `camelid data prepare`: argument handling,
 //! progress bars and logs around the camelid-train crate.
 
+use crate::commands::emit;
 use anyhow::{anyhow, bail, Context, Result};
 use camelid_model::tokenizer::Tokenizer;
 use camelid_train::amp::Precision;
@@ -189,10 +190,10 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
             spinner.enable_steady_tick(std::time::Duration::from_millis(120));
             let n = corpus::train_tokenizer(&files, vocab, &out)?;
             spinner.finish_and_clear();
-            println!(
+            emit(&format!(
                 "wrote {} ({n} tokens)",
                 out.join("tokenizer.json").display()
-            );
+            ))?;
             Ok(())
         }
     }
@@ -224,7 +225,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 },
             )?;
             bar.finish_and_clear();
-            println!(
+            emit(&format!(
                 "wrote {} ({} tokens) and {} ({} tokens): u{} tokens, vocabulary {}",
                 out.join("train.bin").display(),
                 p.train_tokens,
@@ -232,7 +233,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 p.val_tokens,
                 p.width * 8,
                 p.vocab
-            );
+            ))?;
             Ok(())
         }
     }
@@ -613,11 +614,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let val_text = final_val
         .map(|v| format!(", validation loss {v:.4} (perplexity {:.2})", v.exp()))
         .unwrap_or_default();
-    println!(
+    emit(&format!(
         "trained {} steps in {:.1}s: training loss {last}{val_text}; model in {}",
         trainer.state.step,
         start.elapsed().as_secs_f64(),
         a.out.display()
-    );
+    ))?;
     Ok(())
 }

@@ -260,3 +260,48 @@ fn a_fenced_message_of_several_lines_is_one_turn() {
     let split = chat(&["-n", "12"], "Name three colors,\nthen stop.\n");
     assert_ne!(text(&split.stdout), text(&alone.stdout));
 }
+
+/// A reader that goes away (`| head -c 5`) ends `run` and `chat` quietly: exit 0, no panic,
+/// and chat stops taking turns.
+#[test]
+fn a_closed_stdout_ends_run_and_chat_quietly() {
+    use std::io::Read;
+    for (args, input) in [
+        (
+            vec!["run", "--ignore-eos", "-n", "200", "Once upon a time"],
+            "",
+        ),
+        (
+            vec!["chat", "--ignore-eos", "-n", "200", "--stats"],
+            "Hi\nHello\nHey\n",
+        ),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_camelid"))
+            .args(&args)
+            .arg("-m")
+            .arg(default_model())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run camelid");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 5];
+        stdout.read_exact(&mut first).expect("the first bytes");
+        drop(stdout);
+        let out = child.wait_with_output().expect("wait");
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {}\n{stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            stderr.matches("[prompt:").count() <= 1,
+            "chat went on after its reader left: {stderr}"
+        );
+    }
+}
